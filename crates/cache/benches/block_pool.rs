@@ -8,11 +8,19 @@ const BS: usize = 16;
 const TOKENS: usize = 4096;
 
 fn manager() -> KvCacheManager {
-    KvCacheManager::new(CacheConfig { block_size: BS, num_blocks: 1024 }, BlockHasher::with_seed(1))
+    KvCacheManager::new(
+        CacheConfig {
+            block_size: BS,
+            num_blocks: 1024,
+        },
+        BlockHasher::with_seed(1),
+    )
 }
 
 fn prompt() -> Vec<u32> {
-    (0..TOKENS as u32 + 1).map(|i| i.wrapping_mul(2_654_435_761) % 49_152).collect()
+    (0..TOKENS as u32 + 1)
+        .map(|i| i.wrapping_mul(2_654_435_761) % 49_152)
+        .collect()
 }
 
 fn bench(c: &mut Criterion) {
@@ -41,7 +49,10 @@ fn bench(c: &mut Criterion) {
             || {
                 // A fresh salt per iteration: every admission misses and evicts, the worst case.
                 salt += 1;
-                RequestKey { cache_salt: Some(salt.to_string()), ..RequestKey::base() }
+                RequestKey {
+                    cache_salt: Some(salt.to_string()),
+                    ..RequestKey::base()
+                }
             },
             |key| {
                 let hit = m.lookup(&tokens, &key);

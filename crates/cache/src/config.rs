@@ -35,7 +35,10 @@ impl CacheConfig {
     ) -> Self {
         let per_block =
             Self::bytes_per_block(block_size, num_layers, num_kv_heads, head_dim, dtype_bytes);
-        CacheConfig { block_size, num_blocks: budget_bytes / per_block.max(1) }
+        CacheConfig {
+            block_size,
+            num_blocks: budget_bytes / per_block.max(1),
+        }
     }
 }
 

@@ -48,7 +48,10 @@ pub enum AdapterKey {
     /// A plain LoRA adapts every token.
     Lora(AdapterDigest),
     /// An aLoRA adapts tokens at absolute positions `>= activation_start`.
-    ALora { digest: AdapterDigest, activation_start: usize },
+    ALora {
+        digest: AdapterDigest,
+        activation_start: usize,
+    },
 }
 
 /// Everything besides the token ids that decides a request's KV.
@@ -62,7 +65,10 @@ pub struct RequestKey {
 impl RequestKey {
     /// A base-model request without salt.
     pub fn base() -> Self {
-        RequestKey { adapter: AdapterKey::Base, cache_salt: None }
+        RequestKey {
+            adapter: AdapterKey::Base,
+            cache_salt: None,
+        }
     }
 
     /// The extra key of block `block_index` (tokens `[block_index * bs, (block_index + 1) * bs)`).
@@ -74,10 +80,19 @@ impl RequestKey {
             AdapterKey::Base => None,
             AdapterKey::Lora(d) => Some((d, None)),
             // A block that ends at or before s holds only base-model KV.
-            AdapterKey::ALora { activation_start, .. } if block_end <= activation_start => None,
-            AdapterKey::ALora { digest, activation_start } => Some((digest, Some(activation_start))),
+            AdapterKey::ALora {
+                activation_start, ..
+            } if block_end <= activation_start => None,
+            AdapterKey::ALora {
+                digest,
+                activation_start,
+            } => Some((digest, Some(activation_start))),
         };
-        let salt = if block_index == 0 { self.cache_salt.as_deref() } else { None };
+        let salt = if block_index == 0 {
+            self.cache_salt.as_deref()
+        } else {
+            None
+        };
         ExtraKey { adapter, salt }
     }
 }
@@ -148,7 +163,9 @@ impl BlockHasher {
                 .unwrap_or(0x9e37_79b9_7f4a_7c15);
             b = t.to_le_bytes();
         }
-        BlockHasher { seed: u64::from_le_bytes(b) }
+        BlockHasher {
+            seed: u64::from_le_bytes(b),
+        }
     }
 
     /// `hash(parent, tokens, extra)`; `parent` is `None` for the first block.
@@ -175,7 +192,12 @@ impl BlockHasher {
     }
 
     /// Hashes of every full block of `tokens` under `key`.
-    pub fn hash_blocks(&self, tokens: &[u32], key: &RequestKey, block_size: usize) -> Vec<BlockHash> {
+    pub fn hash_blocks(
+        &self,
+        tokens: &[u32],
+        key: &RequestKey,
+        block_size: usize,
+    ) -> Vec<BlockHash> {
         let mut out = Vec::with_capacity(tokens.len() / block_size);
         let mut parent = None;
         for (i, chunk) in tokens.chunks_exact(block_size).enumerate() {
@@ -200,15 +222,32 @@ mod tests {
     fn extra_key_table() {
         let bs = 4;
         let alora = |s| RequestKey {
-            adapter: AdapterKey::ALora { digest: d(1), activation_start: s },
+            adapter: AdapterKey::ALora {
+                digest: d(1),
+                activation_start: s,
+            },
             cache_salt: None,
         };
         // (key, block index, expected adapter part)
         let cases: Vec<(RequestKey, usize, Option<(AdapterDigest, Option<usize>)>)> = vec![
             (RequestKey::base(), 0, None),
             (RequestKey::base(), 5, None),
-            (RequestKey { adapter: AdapterKey::Lora(d(2)), cache_salt: None }, 0, Some((d(2), None))),
-            (RequestKey { adapter: AdapterKey::Lora(d(2)), cache_salt: None }, 3, Some((d(2), None))),
+            (
+                RequestKey {
+                    adapter: AdapterKey::Lora(d(2)),
+                    cache_salt: None,
+                },
+                0,
+                Some((d(2), None)),
+            ),
+            (
+                RequestKey {
+                    adapter: AdapterKey::Lora(d(2)),
+                    cache_salt: None,
+                },
+                3,
+                Some((d(2), None)),
+            ),
             // s = 8: blocks [0,4) and [4,8) end at or before s.
             (alora(8), 0, None),
             (alora(8), 1, None),
@@ -232,7 +271,10 @@ mod tests {
         let plain = h.hash_blocks(&toks, &RequestKey::base(), 4);
         let salted = h.hash_blocks(
             &toks,
-            &RequestKey { adapter: AdapterKey::Base, cache_salt: Some("tenant-a".into()) },
+            &RequestKey {
+                adapter: AdapterKey::Base,
+                cache_salt: Some("tenant-a".into()),
+            },
             4,
         );
         assert_eq!(RequestKey::base().extra_key(1, 4).salt, None);

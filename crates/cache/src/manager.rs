@@ -122,7 +122,10 @@ impl KvCacheManager {
     }
 
     pub fn stats(&self) -> CacheStats {
-        CacheStats { evictions: self.pool.num_evictions(), ..self.stats }
+        CacheStats {
+            evictions: self.pool.num_evictions(),
+            ..self.stats
+        }
     }
 
     /// Fraction of blocks held by requests (free cached blocks count as free).
@@ -158,7 +161,9 @@ impl KvCacheManager {
         for (i, chunk) in tokens.chunks_exact(bs).take(max_blocks).enumerate() {
             let extra = key.extra_key(i, bs);
             let h = self.hasher.hash_block(parent, chunk, &extra);
-            let Some(id) = self.pool.get_cached(h, parent, chunk, &extra) else { break };
+            let Some(id) = self.pool.get_cached(h, parent, chunk, &extra) else {
+                break;
+            };
             hit.blocks.push(id);
             hit.hashes.push(h);
             if extra.is_base() {
@@ -172,7 +177,12 @@ impl KvCacheManager {
 
     /// Takes the hit's blocks and enough new ones to hold `num_tokens` positions in all, or
     /// returns `None` and changes nothing when the pool cannot (the caller waits or preempts).
-    pub fn allocate(&mut self, hit: PrefixHit, key: RequestKey, num_tokens: usize) -> Option<SeqBlocks> {
+    pub fn allocate(
+        &mut self,
+        hit: PrefixHit,
+        key: RequestKey,
+        num_tokens: usize,
+    ) -> Option<SeqBlocks> {
         self.drain_released();
         let bs = self.pool.block_size();
         let need = num_tokens.div_ceil(bs).saturating_sub(hit.blocks.len());
@@ -202,7 +212,9 @@ impl KvCacheManager {
     /// Grows `seq` to hold `num_tokens` positions. False (and no change) when the pool cannot.
     pub fn grow(&mut self, seq: &mut SeqBlocks, num_tokens: usize) -> bool {
         self.drain_released();
-        let need = num_tokens.div_ceil(self.pool.block_size()).saturating_sub(seq.blocks.len());
+        let need = num_tokens
+            .div_ceil(self.pool.block_size())
+            .saturating_sub(seq.blocks.len());
         match self.pool.allocate(need) {
             Some(new) => {
                 seq.blocks.extend(new);
@@ -222,7 +234,8 @@ impl KvCacheManager {
             let parent = seq.hashes.last().copied();
             let extra = seq.key.extra_key(i, bs);
             let h = self.hasher.hash_block(parent, chunk, &extra);
-            self.pool.register(seq.blocks[i], StoredKey::new(h, parent, chunk, &extra));
+            self.pool
+                .register(seq.blocks[i], StoredKey::new(h, parent, chunk, &extra));
             seq.hashes.push(h);
         }
     }
@@ -241,7 +254,10 @@ impl KvCacheManager {
         self.pool.check_invariants(holders)?;
         for i in 0..self.pool.num_blocks() {
             if let Some(k) = self.pool.stored_key(BlockId(i as u32)) {
-                let extra = crate::hash::ExtraKey { adapter: k.adapter, salt: k.salt.as_deref() };
+                let extra = crate::hash::ExtraKey {
+                    adapter: k.adapter,
+                    salt: k.salt.as_deref(),
+                };
                 if self.hasher.hash_block(k.parent, &k.tokens, &extra) != k.hash {
                     return Err(format!("block {i}: stored key does not hash to its hash"));
                 }

@@ -235,7 +235,11 @@ impl BlockPool {
     pub fn check_invariants(&self, holders: &[u32]) -> Result<(), String> {
         let queue = self.free_queue();
         if queue.len() != self.num_free {
-            return Err(format!("queue walk {} != num_free {}", queue.len(), self.num_free));
+            return Err(format!(
+                "queue walk {} != num_free {}",
+                queue.len(),
+                self.num_free
+            ));
         }
         let mut seen = vec![false; self.blocks.len()];
         for id in &queue {
@@ -245,13 +249,22 @@ impl BlockPool {
         }
         for (i, b) in self.blocks.iter().enumerate() {
             if b.in_free != seen[i] {
-                return Err(format!("block {i}: in_free flag {} but queued {}", b.in_free, seen[i]));
+                return Err(format!(
+                    "block {i}: in_free flag {} but queued {}",
+                    b.in_free, seen[i]
+                ));
             }
             if b.in_free != (b.ref_cnt == 0) {
-                return Err(format!("block {i}: free {} with ref_cnt {}", b.in_free, b.ref_cnt));
+                return Err(format!(
+                    "block {i}: free {} with ref_cnt {}",
+                    b.in_free, b.ref_cnt
+                ));
             }
             if b.ref_cnt != holders[i] {
-                return Err(format!("block {i}: ref_cnt {} but {} holders", b.ref_cnt, holders[i]));
+                return Err(format!(
+                    "block {i}: ref_cnt {} but {} holders",
+                    b.ref_cnt, holders[i]
+                ));
             }
             if let Some(k) = &b.key {
                 if self.cached.get(&k.hash) != Some(&BlockId(i as u32)) {
@@ -356,7 +369,10 @@ mod tests {
     fn unhashed_free_blocks_go_first() {
         let mut p = BlockPool::new(4, 2);
         let b = p.allocate(4).unwrap();
-        let extra = ExtraKey { adapter: None, salt: None };
+        let extra = ExtraKey {
+            adapter: None,
+            salt: None,
+        };
         assert!(p.register(b[1], StoredKey::new(BlockHash(11), None, &[1, 2], &extra)));
         // Freed tail first: 3 (unhashed) -> head, 1 (hashed) -> tail, 0 (unhashed) -> head.
         p.free([b[3], b[1], b[0]]);

@@ -27,7 +27,10 @@ fn random_key(rng: &mut StdRng, len: usize) -> RequestKey {
         },
     };
     let cache_salt = rng.random_bool(0.1).then(|| "tenant".to_string());
-    RequestKey { adapter, cache_salt }
+    RequestKey {
+        adapter,
+        cache_salt,
+    }
 }
 
 /// Prompts are drawn as a prefix of a few shared "conversations" plus a random tail, so hits,
@@ -52,7 +55,12 @@ fn check(m: &mut KvCacheManager, live: &[Live]) {
         for (i, b) in l.seq.blocks().iter().enumerate() {
             if let Some(t) = m.pool().cached_tokens(*b) {
                 if (i + 1) * BS <= l.tokens.len() {
-                    assert_eq!(t, &l.tokens[i * BS..(i + 1) * BS], "block {} of a request", b.0);
+                    assert_eq!(
+                        t,
+                        &l.tokens[i * BS..(i + 1) * BS],
+                        "block {} of a request",
+                        b.0
+                    );
                 }
             }
         }
@@ -65,10 +73,16 @@ fn check(m: &mut KvCacheManager, live: &[Live]) {
 #[test]
 fn random_walk_keeps_invariants() {
     let mut rng = StdRng::seed_from_u64(0xA10A);
-    let mut m =
-        KvCacheManager::new(CacheConfig { block_size: BS, num_blocks: NUM_BLOCKS }, BlockHasher::with_seed(3));
-    let convs: Vec<Vec<u32>> =
-        (0..4).map(|_| (0..40).map(|_| rng.random_range(0..5)).collect()).collect();
+    let mut m = KvCacheManager::new(
+        CacheConfig {
+            block_size: BS,
+            num_blocks: NUM_BLOCKS,
+        },
+        BlockHasher::with_seed(3),
+    );
+    let convs: Vec<Vec<u32>> = (0..4)
+        .map(|_| (0..40).map(|_| rng.random_range(0..5)).collect())
+        .collect();
     let mut live: Vec<Live> = Vec::new();
     let (mut admitted, mut refused, mut hits) = (0u32, 0u32, 0u64);
     for _ in 0..100_000 {
@@ -80,7 +94,10 @@ fn random_walk_keeps_invariants() {
                 assert!(hit.num_computed_tokens < tokens.len());
                 // A hit is content: the found blocks hold exactly these tokens.
                 for (i, b) in hit.blocks.iter().enumerate() {
-                    assert_eq!(m.pool().cached_tokens(*b).unwrap(), &tokens[i * BS..(i + 1) * BS]);
+                    assert_eq!(
+                        m.pool().cached_tokens(*b).unwrap(),
+                        &tokens[i * BS..(i + 1) * BS]
+                    );
                 }
                 hits += hit.num_computed_tokens as u64;
                 match m.allocate(hit, key, tokens.len()) {
@@ -118,8 +135,14 @@ fn random_walk_keeps_invariants() {
         }
         check(&mut m, &live);
     }
-    assert!(admitted > 10_000 && refused > 100, "walk must exercise both: {admitted} {refused}");
-    assert!(hits > 0 && m.stats().evictions > 1_000, "walk must hit and evict");
+    assert!(
+        admitted > 10_000 && refused > 100,
+        "walk must exercise both: {admitted} {refused}"
+    );
+    assert!(
+        hits > 0 && m.stats().evictions > 1_000,
+        "walk must hit and evict"
+    );
     live.clear();
     assert_eq!(m.num_used_blocks(), 0);
 }

@@ -9,7 +9,13 @@ use alora_cache::{
 const BS: usize = 4;
 
 fn manager(num_blocks: usize) -> KvCacheManager {
-    KvCacheManager::new(CacheConfig { block_size: BS, num_blocks }, BlockHasher::with_seed(42))
+    KvCacheManager::new(
+        CacheConfig {
+            block_size: BS,
+            num_blocks,
+        },
+        BlockHasher::with_seed(42),
+    )
 }
 
 /// Admits `tokens` under `key`, pretends the model computed all of them, registers the full
@@ -17,7 +23,9 @@ fn manager(num_blocks: usize) -> KvCacheManager {
 fn serve(m: &mut KvCacheManager, tokens: &[u32], key: &RequestKey) -> (SeqBlocks, usize) {
     let hit = m.lookup(tokens, key);
     let cached = hit.num_computed_tokens;
-    let mut seq = m.allocate(hit, key.clone(), tokens.len()).expect("pool too small for scenario");
+    let mut seq = m
+        .allocate(hit, key.clone(), tokens.len())
+        .expect("pool too small for scenario");
     m.commit(&mut seq, tokens);
     (seq, cached)
 }
@@ -31,11 +39,20 @@ fn digest(x: u8) -> AdapterDigest {
 }
 
 fn alora(x: u8, s: usize) -> RequestKey {
-    RequestKey { adapter: AdapterKey::ALora { digest: digest(x), activation_start: s }, cache_salt: None }
+    RequestKey {
+        adapter: AdapterKey::ALora {
+            digest: digest(x),
+            activation_start: s,
+        },
+        cache_salt: None,
+    }
 }
 
 fn lora(x: u8) -> RequestKey {
-    RequestKey { adapter: AdapterKey::Lora(digest(x)), cache_salt: None }
+    RequestKey {
+        adapter: AdapterKey::Lora(digest(x)),
+        cache_salt: None,
+    }
 }
 
 /// 18 tokens of conversation, then a 2-token invocation at s = 18, then 2 more tokens.
@@ -60,24 +77,96 @@ fn keying_rule_table() {
     // second invocation further on (s is the LAST occurrence), so its KV differs after s.
     let mut shifted = inv_a.clone();
     shifted.truncate(24);
-    let base_salt_b = RequestKey { adapter: AdapterKey::Base, cache_salt: Some("b".into()) };
-    let base_salt_a = RequestKey { adapter: AdapterKey::Base, cache_salt: Some("a".into()) };
+    let base_salt_b = RequestKey {
+        adapter: AdapterKey::Base,
+        cache_salt: Some("b".into()),
+    };
+    let base_salt_a = RequestKey {
+        adapter: AdapterKey::Base,
+        cache_salt: Some("a".into()),
+    };
 
     // (case, first request, second request, cached tokens seen by the second)
     let cases: Vec<(&str, (Vec<u32>, RequestKey), (Vec<u32>, RequestKey), usize)> = vec![
         // s = 18: blocks [0,4) .. [12,16) end before s; [16,20) straddles it.
-        ("base then aLoRA: every full block before s", (conv.clone(), RequestKey::base()), (inv_a.clone(), alora(1, s)), 16),
-        ("aLoRA then same aLoRA: hits past s too", (inv_a.clone(), alora(1, s)), (inv_a.clone(), alora(1, s)), 20),
-        ("aLoRA A then aLoRA B: only the base part", (inv_a.clone(), alora(1, s)), (inv_b.clone(), alora(2, s)), 16),
-        ("same invocation tokens, other adapter digest", (inv_a.clone(), alora(1, s)), (inv_a.clone(), alora(2, s)), 16),
-        ("plain LoRA after base: nothing", (conv.clone(), RequestKey::base()), (inv_a.clone(), lora(1)), 0),
-        ("LoRA then same LoRA: everything but the last token's block", (inv_a.clone(), lora(1)), (inv_a.clone(), lora(1)), 20),
-        ("aLoRA then base: the base part serves base requests", (inv_a.clone(), alora(1, s)), (conv.clone(), RequestKey::base()), 16),
-        ("block straddling s is adapted KV: base cannot use it", (inv_a.clone(), alora(1, s)), (inv_a.clone(), RequestKey::base()), 16),
-        ("same tokens, different s: no hit on adapted blocks", (inv_a.clone(), alora(1, s)), (shifted.clone(), alora(1, 21)), 16),
-        ("different cache_salt: nothing", (conv.clone(), base_salt_a.clone()), (conv.clone(), base_salt_b), 0),
-        ("same cache_salt: hits", (conv.clone(), base_salt_a.clone()), (conv.clone(), base_salt_a), 16),
-        ("salted vs unsalted: nothing", (conv.clone(), RequestKey::base()), (conv.clone(), RequestKey { adapter: AdapterKey::Base, cache_salt: Some("a".into()) }), 0),
+        (
+            "base then aLoRA: every full block before s",
+            (conv.clone(), RequestKey::base()),
+            (inv_a.clone(), alora(1, s)),
+            16,
+        ),
+        (
+            "aLoRA then same aLoRA: hits past s too",
+            (inv_a.clone(), alora(1, s)),
+            (inv_a.clone(), alora(1, s)),
+            20,
+        ),
+        (
+            "aLoRA A then aLoRA B: only the base part",
+            (inv_a.clone(), alora(1, s)),
+            (inv_b.clone(), alora(2, s)),
+            16,
+        ),
+        (
+            "same invocation tokens, other adapter digest",
+            (inv_a.clone(), alora(1, s)),
+            (inv_a.clone(), alora(2, s)),
+            16,
+        ),
+        (
+            "plain LoRA after base: nothing",
+            (conv.clone(), RequestKey::base()),
+            (inv_a.clone(), lora(1)),
+            0,
+        ),
+        (
+            "LoRA then same LoRA: everything but the last token's block",
+            (inv_a.clone(), lora(1)),
+            (inv_a.clone(), lora(1)),
+            20,
+        ),
+        (
+            "aLoRA then base: the base part serves base requests",
+            (inv_a.clone(), alora(1, s)),
+            (conv.clone(), RequestKey::base()),
+            16,
+        ),
+        (
+            "block straddling s is adapted KV: base cannot use it",
+            (inv_a.clone(), alora(1, s)),
+            (inv_a.clone(), RequestKey::base()),
+            16,
+        ),
+        (
+            "same tokens, different s: no hit on adapted blocks",
+            (inv_a.clone(), alora(1, s)),
+            (shifted.clone(), alora(1, 21)),
+            16,
+        ),
+        (
+            "different cache_salt: nothing",
+            (conv.clone(), base_salt_a.clone()),
+            (conv.clone(), base_salt_b),
+            0,
+        ),
+        (
+            "same cache_salt: hits",
+            (conv.clone(), base_salt_a.clone()),
+            (conv.clone(), base_salt_a),
+            16,
+        ),
+        (
+            "salted vs unsalted: nothing",
+            (conv.clone(), RequestKey::base()),
+            (
+                conv.clone(),
+                RequestKey {
+                    adapter: AdapterKey::Base,
+                    cache_salt: Some("a".into()),
+                },
+            ),
+            0,
+        ),
     ];
     for (name, (t1, k1), (t2, k2), want) in cases {
         let mut m = manager(64);
@@ -112,7 +201,14 @@ fn base_turn_then_alora_exact_blocks() {
     // Hits 0..=3, then two fresh blocks from the head of the free queue.
     assert_eq!(al.blocks(), &ids(&[0, 1, 2, 3, 4, 5])[..]);
     let st = m.stats();
-    assert_eq!((st.query_tokens, st.hit_tokens, st.adapter_hit_tokens_from_base), (18 + 22, 16, 16));
+    assert_eq!(
+        (
+            st.query_tokens,
+            st.hit_tokens,
+            st.adapter_hit_tokens_from_base
+        ),
+        (18 + 22, 16, 16)
+    );
     assert_eq!(m.num_used_blocks(), 6);
     m.free(al);
     m.check_invariants(&[0; 16]).unwrap();
@@ -129,7 +225,10 @@ fn lookup_never_covers_the_last_prompt_token() {
     // One more token: all four blocks count.
     let mut longer = toks.clone();
     longer.push(99);
-    assert_eq!(m.lookup(&longer, &RequestKey::base()).num_computed_tokens, 16);
+    assert_eq!(
+        m.lookup(&longer, &RequestKey::base()).num_computed_tokens,
+        16
+    );
 }
 
 #[test]
@@ -177,7 +276,11 @@ fn allocation_failure_changes_nothing() {
     assert_eq!(hit.num_computed_tokens, 8);
     assert!(m.allocate(hit, RequestKey::base(), long.len()).is_none());
     assert_eq!(m.pool().free_queue(), before);
-    assert_eq!(m.stats().query_tokens, 8, "a failed admission is not a query");
+    assert_eq!(
+        m.stats().query_tokens,
+        8,
+        "a failed admission is not a query"
+    );
 }
 
 #[test]

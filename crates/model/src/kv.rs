@@ -1,0 +1,94 @@
+//! KV storage: per-layer K and V pools addressed by the cache crate's block ids.
+//!
+//! ```text
+//!   pool (one per layer, K and V alike): [num_blocks * block_size, kv_heads, head_dim]
+//!   slot of position p in a sequence with block table T:  T[p / bs] * bs + p % bs
+//! ```
+//!
+//! New K/V rows are scattered into their slots in place (`Tensor::scatter_set`); attention
+//! reads a sequence's context by gathering its slots (`index_select`), one copy of the live
+//! context per layer per step. BENCHMARKS.md records what that gather costs.
+//!
+//! **Invariant:** only the engine thread that owns the model touches a `KvStore`; the block
+//! manager (cache crate) decides which slots a sequence may write.
+
+use alora_cache::BlockId;
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::ModelConfig;
+use crate::error::Result;
+
+#[derive(Debug)]
+pub struct KvStore {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    block_size: usize,
+    num_blocks: usize,
+}
+
+impl KvStore {
+    pub fn new(
+        cfg: &ModelConfig,
+        num_blocks: usize,
+        block_size: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim);
+        let mut k = Vec::with_capacity(cfg.num_layers);
+        let mut v = Vec::with_capacity(cfg.num_layers);
+        for _ in 0..cfg.num_layers {
+            k.push(Tensor::zeros(shape, dtype, device)?);
+            v.push(Tensor::zeros(shape, dtype, device)?);
+        }
+        Ok(KvStore {
+            k,
+            v,
+            block_size,
+            num_blocks,
+        })
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.k[0].dtype()
+    }
+
+    /// The slot of absolute position `pos` in a sequence with `table`.
+    pub fn slot(&self, table: &[BlockId], pos: usize) -> Option<u32> {
+        let b = table.get(pos / self.block_size)?;
+        if b.index() >= self.num_blocks {
+            return None;
+        }
+        Some((b.index() * self.block_size + pos % self.block_size) as u32)
+    }
+
+    /// Writes rows `k`, `v` ([N, kv_heads, head_dim]) of layer `layer` into `slots`
+    /// (expanded to [N, kv_heads, head_dim] u32 by the caller, once per step).
+    pub(crate) fn write(&self, layer: usize, slots: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
+        self.k[layer].scatter_set(slots, &k.contiguous()?, 0)?;
+        self.v[layer].scatter_set(slots, &v.contiguous()?, 0)?;
+        Ok(())
+    }
+
+    /// K and V of `slots` ([T] u32): [T, kv_heads, head_dim] each.
+    pub(crate) fn gather(&self, layer: usize, slots: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.k[layer].index_select(slots, 0)?,
+            self.v[layer].index_select(slots, 0)?,
+        ))
+    }
+
+    /// Raw K/V rows of one layer at the given slots; for tests that compare cache contents.
+    pub fn read_slots(&self, layer: usize, slots: &[u32]) -> Result<(Tensor, Tensor)> {
+        let idx = Tensor::new(slots, self.k[layer].device())?;
+        self.gather(layer, &idx)
+    }
+}

@@ -1,0 +1,446 @@
+//! PEFT LoRA and aLoRA adapters: loading, validation, identity, and the activation rule.
+//!
+//! Per targeted linear layer (PEFT `LoraLayer` / `ALoraLinearVariant`):
+//!
+//! ```text
+//!   y = x W^T                                   every token
+//!   y += ((x A^T) B^T) * scaling                adapted tokens only, computed in f32
+//!   scaling = alpha / r, or alpha / sqrt(r) with use_rslora   (per module via the patterns)
+//! ```
+//!
+//! An aLoRA adapts absolute positions `p >= s`, s being the start of the LAST occurrence of its
+//! invocation tokens in the prompt ([`find_activation_start`]); a plain LoRA adapts everything.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use alora_cache::AdapterDigest;
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::config::ModelConfig;
+use crate::error::{io_err, ModelError, Result};
+
+/// The projections an adapter may target, in checkpoint names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Module {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Module {
+    pub const ALL: [Module; 7] = [
+        Module::Q,
+        Module::K,
+        Module::V,
+        Module::O,
+        Module::Gate,
+        Module::Up,
+        Module::Down,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Module::Q => "q_proj",
+            Module::K => "k_proj",
+            Module::V => "v_proj",
+            Module::O => "o_proj",
+            Module::Gate => "gate_proj",
+            Module::Up => "up_proj",
+            Module::Down => "down_proj",
+        }
+    }
+
+    fn parent(self) -> &'static str {
+        match self {
+            Module::Q | Module::K | Module::V | Module::O => "self_attn",
+            _ => "mlp",
+        }
+    }
+
+    fn from_name(s: &str) -> Option<Module> {
+        Module::ALL.into_iter().find(|m| m.name() == s)
+    }
+
+    /// (in, out) features of this projection in `cfg`.
+    pub fn dims(self, cfg: &ModelConfig) -> (usize, usize) {
+        let (h, q, kv, i) = (
+            cfg.hidden_size,
+            cfg.num_heads * cfg.head_dim,
+            cfg.num_kv_heads * cfg.head_dim,
+            cfg.intermediate_size,
+        );
+        match self {
+            Module::Q => (h, q),
+            Module::K | Module::V => (h, kv),
+            Module::O => (q, h),
+            Module::Gate | Module::Up => (h, i),
+            Module::Down => (i, h),
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Whether an adapter adapts every token or only from its invocation on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdapterKind {
+    Lora,
+    ALora { invocation_tokens: Vec<u32> },
+}
+
+/// One targeted projection's factors, kept in f32 as PEFT keeps them.
+#[derive(Debug, Clone)]
+pub struct LoraPair {
+    /// A^T: [in, r]
+    pub a_t: Tensor,
+    /// B^T: [r, out]
+    pub b_t: Tensor,
+    pub scaling: f64,
+}
+
+/// A loaded adapter. Cheap to share (`Arc`); immutable once loaded.
+#[derive(Debug)]
+pub struct LoraAdapter {
+    pub name: String,
+    pub kind: AdapterKind,
+    /// SHA-256 of `adapter_config.json` and the weights file: the cache keys on this.
+    pub digest: AdapterDigest,
+    pub rank: usize,
+    pub targets: Vec<Module>,
+    pairs: Vec<Option<LoraPair>>,
+}
+
+/// Start of the last occurrence of `inv` in `ids` (overlapping matches count), as PEFT's
+/// `calculate_alora_offsets`.
+pub fn find_activation_start(ids: &[u32], inv: &[u32]) -> Option<usize> {
+    if inv.is_empty() || inv.len() > ids.len() {
+        return None;
+    }
+    (0..=ids.len() - inv.len())
+        .rev()
+        .find(|&i| &ids[i..i + inv.len()] == inv)
+}
+
+fn adapter_err(dir: &Path, msg: impl Into<String>) -> ModelError {
+    ModelError::Adapter {
+        path: dir.display().to_string(),
+        msg: msg.into(),
+    }
+}
+
+/// PEFT's pattern lookup (`get_pattern_key`): a key matches a module whose dotted name equals
+/// it or ends with `.key`. Regex keys are not supported and are refused at load.
+fn pattern_value(patterns: &HashMap<String, Value>, full_name: &str) -> Option<f64> {
+    patterns
+        .iter()
+        .find(|(k, _)| full_name == k.as_str() || full_name.ends_with(&format!(".{k}")))
+        .and_then(|(_, v)| v.as_f64())
+}
+
+fn object(cfg: &Value, key: &str) -> HashMap<String, Value> {
+    cfg.get(key)
+        .and_then(|v| v.as_object())
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default()
+}
+
+/// Turns an IBM-style `invocation_string` into token ids; the loader passes the model's
+/// tokenizer encode (`add_special_tokens = false`).
+pub type EncodeFn<'a> = &'a dyn Fn(&str) -> Result<Vec<u32>>;
+
+impl LoraAdapter {
+    /// Loads a PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
+    pub fn load(
+        name: &str,
+        dir: &Path,
+        model: &ModelConfig,
+        device: &Device,
+        encode: Option<EncodeFn<'_>>,
+    ) -> Result<Self> {
+        let cfg_path = dir.join("adapter_config.json");
+        let cfg_bytes = std::fs::read(&cfg_path).map_err(io_err(&cfg_path))?;
+        let cfg: Value = serde_json::from_slice(&cfg_bytes)
+            .map_err(|e| adapter_err(dir, format!("adapter_config.json: {e}")))?;
+        Self::check_supported(dir, &cfg)?;
+        let kind = Self::kind(dir, &cfg, encode)?;
+        let w_path = dir.join("adapter_model.safetensors");
+        let w_bytes = std::fs::read(&w_path).map_err(io_err(&w_path))?;
+        let digest = {
+            let mut h = Sha256::new();
+            h.update((cfg_bytes.len() as u64).to_le_bytes());
+            h.update(&cfg_bytes);
+            h.update(&w_bytes);
+            if let AdapterKind::ALora { invocation_tokens } = &kind {
+                for t in invocation_tokens {
+                    h.update(t.to_le_bytes());
+                }
+            }
+            AdapterDigest(h.finalize().into())
+        };
+        let tensors = candle_core::safetensors::load_buffer(&w_bytes, device)
+            .map_err(|e| adapter_err(dir, format!("adapter_model.safetensors: {e}")))?;
+        let (pairs, rank, targets) = Self::pairs(dir, &cfg, tensors, model)?;
+        Ok(LoraAdapter {
+            name: name.to_string(),
+            kind,
+            digest,
+            rank,
+            targets,
+            pairs,
+        })
+    }
+
+    fn check_supported(dir: &Path, cfg: &Value) -> Result<()> {
+        let peft_type = cfg.get("peft_type").and_then(|v| v.as_str()).unwrap_or("");
+        if peft_type != "LORA" {
+            return Err(adapter_err(
+                dir,
+                format!("peft_type `{peft_type}` is not LORA"),
+            ));
+        }
+        let truthy = |k: &str| cfg.get(k).is_some_and(|v| v.as_bool() == Some(true));
+        for k in [
+            "use_dora",
+            "use_qalora",
+            "lora_bias",
+            "fan_in_fan_out",
+            "use_bdlora",
+        ] {
+            if truthy(k) {
+                return Err(adapter_err(dir, format!("`{k}` is not supported")));
+            }
+        }
+        if cfg
+            .get("bias")
+            .and_then(|v| v.as_str())
+            .is_some_and(|b| b != "none")
+        {
+            return Err(adapter_err(
+                dir,
+                "`bias` other than \"none\" is not supported",
+            ));
+        }
+        for k in [
+            "modules_to_save",
+            "trainable_token_indices",
+            "layer_replication",
+        ] {
+            if cfg
+                .get(k)
+                .is_some_and(|v| !v.is_null() && v != &Value::Array(vec![]))
+            {
+                return Err(adapter_err(dir, format!("`{k}` is not supported")));
+            }
+        }
+        for k in ["rank_pattern", "alpha_pattern"] {
+            if let Some(bad) = object(cfg, k)
+                .keys()
+                .find(|p| p.contains(['*', '(', '[', '\\', '^', '$', '|', '+', '?']))
+            {
+                return Err(adapter_err(
+                    dir,
+                    format!("`{k}` key `{bad}` is a regex; only module names are supported"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn kind(dir: &Path, cfg: &Value, encode: Option<EncodeFn<'_>>) -> Result<AdapterKind> {
+        if let Some(v) = cfg.get("alora_invocation_tokens").filter(|v| !v.is_null()) {
+            let toks: Vec<u32> = serde_json::from_value(v.clone())
+                .map_err(|e| adapter_err(dir, format!("alora_invocation_tokens: {e}")))?;
+            if toks.is_empty() {
+                return Err(adapter_err(dir, "alora_invocation_tokens is empty"));
+            }
+            return Ok(AdapterKind::ALora {
+                invocation_tokens: toks,
+            });
+        }
+        // IBM's format: a string. PEFT would drop it and run a plain LoRA; we convert it.
+        if let Some(s) = cfg.get("invocation_string").and_then(|v| v.as_str()) {
+            let encode = encode.ok_or_else(|| {
+                adapter_err(
+                    dir,
+                    "`invocation_string` needs the model's tokenizer to convert",
+                )
+            })?;
+            let toks = encode(s)?;
+            if toks.is_empty() {
+                return Err(adapter_err(dir, "invocation_string encodes to no tokens"));
+            }
+            return Ok(AdapterKind::ALora {
+                invocation_tokens: toks,
+            });
+        }
+        Ok(AdapterKind::Lora)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn pairs(
+        dir: &Path,
+        cfg: &Value,
+        mut tensors: HashMap<String, Tensor>,
+        model: &ModelConfig,
+    ) -> Result<(Vec<Option<LoraPair>>, usize, Vec<Module>)> {
+        let r_default = cfg
+            .get("r")
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| adapter_err(dir, "no `r`"))?;
+        let alpha_default = cfg
+            .get("lora_alpha")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(r_default as f64);
+        let rslora = cfg
+            .get("use_rslora")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        let rank_pattern = object(cfg, "rank_pattern");
+        let alpha_pattern = object(cfg, "alpha_pattern");
+
+        // Keys: base_model.model.model.layers.{L}.{self_attn|mlp}.{module}.lora_{A|B}.weight
+        let mut found: HashMap<(usize, Module), ()> = HashMap::new();
+        for key in tensors.keys() {
+            let rest = key
+                .strip_prefix("base_model.model.model.layers.")
+                .ok_or_else(|| {
+                    adapter_err(
+                        dir,
+                        format!("unexpected tensor `{key}` (only layer projections are supported)"),
+                    )
+                })?;
+            let parts: Vec<&str> = rest.split('.').collect();
+            let parsed = match parts.as_slice() {
+                [l, _parent, m, ab, "weight"] if *ab == "lora_A" || *ab == "lora_B" => {
+                    l.parse::<usize>().ok().zip(Module::from_name(m))
+                }
+                _ => None,
+            };
+            let (layer, module) = parsed.ok_or_else(|| {
+                adapter_err(
+                    dir,
+                    format!("unsupported tensor `{key}` (targets among q/k/v/o/gate/up/down only)"),
+                )
+            })?;
+            if layer >= model.num_layers {
+                return Err(adapter_err(
+                    dir,
+                    format!("`{key}`: the model has {} layers", model.num_layers),
+                ));
+            }
+            found.insert((layer, module), ());
+        }
+        if found.is_empty() {
+            return Err(adapter_err(dir, "no LoRA weights found"));
+        }
+        let mut pairs = vec![None; model.num_layers * Module::ALL.len()];
+        let mut targets = Vec::new();
+        let mut max_rank = 0;
+        for (&(layer, module), ()) in &found {
+            let prefix = format!(
+                "base_model.model.model.layers.{layer}.{}.{}",
+                module.parent(),
+                module.name()
+            );
+            let full_name = format!("model.layers.{layer}.{}.{}", module.parent(), module.name());
+            let mut take = |ab: &str| {
+                let k = format!("{prefix}.lora_{ab}.weight");
+                tensors
+                    .remove(&k)
+                    .ok_or_else(|| adapter_err(dir, format!("`{k}` is missing")))
+            };
+            let a = take("A")?.to_dtype(DType::F32)?;
+            let b = take("B")?.to_dtype(DType::F32)?;
+            let (inp, out) = module.dims(model);
+            let r = pattern_value(&rank_pattern, &full_name)
+                .map(|x| x as usize)
+                .unwrap_or(r_default as usize);
+            if a.dims() != [r, inp] || b.dims() != [out, r] {
+                return Err(adapter_err(
+                    dir,
+                    format!(
+                        "{full_name}: lora_A {:?} / lora_B {:?}, expected [{r}, {inp}] / [{out}, {r}]",
+                        a.dims(),
+                        b.dims()
+                    ),
+                ));
+            }
+            let alpha = pattern_value(&alpha_pattern, &full_name).unwrap_or(alpha_default);
+            let scaling = if rslora {
+                alpha / (r as f64).sqrt()
+            } else {
+                alpha / r as f64
+            };
+            max_rank = max_rank.max(r);
+            if !targets.contains(&module) {
+                targets.push(module);
+            }
+            pairs[layer * Module::ALL.len() + module.index()] = Some(LoraPair {
+                a_t: a.t()?.contiguous()?,
+                b_t: b.t()?.contiguous()?,
+                scaling,
+            });
+        }
+        targets.sort_by_key(|m| m.index());
+        Ok((pairs, max_rank, targets))
+    }
+
+    /// The factors for one projection, if the adapter targets it.
+    pub fn pair(&self, layer: usize, module: Module) -> Option<&LoraPair> {
+        self.pairs
+            .get(layer * Module::ALL.len() + module.index())?
+            .as_ref()
+    }
+
+    /// The invocation tokens of an aLoRA.
+    pub fn invocation_tokens(&self) -> Option<&[u32]> {
+        match &self.kind {
+            AdapterKind::ALora { invocation_tokens } => Some(invocation_tokens),
+            AdapterKind::Lora => None,
+        }
+    }
+
+    /// The first adapted position for a prompt: 0 for a LoRA, s for an aLoRA whose invocation
+    /// occurs, `None` (run the base model) when it does not.
+    pub fn activation_start(&self, prompt: &[u32]) -> Option<usize> {
+        match &self.kind {
+            AdapterKind::Lora => Some(0),
+            AdapterKind::ALora { invocation_tokens } => {
+                find_activation_start(prompt, invocation_tokens)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// PEFT's own test cases (tests/test_lora_variants.py), as quoted in ALORA.md.
+    #[test]
+    fn activation_start_matches_peft_cases() {
+        let cases: &[(&[u32], &[u32], Option<usize>)] = &[
+            (&[0, 1, 2, 3], &[1, 2], Some(1)),
+            (&[0, 4, 5, 6], &[1, 2], None),
+            (&[1, 2, 1, 2], &[1, 2], Some(2)),
+            (&[0, 4, 1, 2], &[1, 2], Some(2)),
+            (&[1, 2, 3, 4], &[1, 2], Some(0)),
+            (&[0, 4, 1, 4], &[1, 2], None),
+            // Overlapping: the last start wins.
+            (&[7, 7, 7], &[7, 7], Some(1)),
+            (&[1], &[1, 2], None),
+        ];
+        for (ids, inv, want) in cases {
+            assert_eq!(find_activation_start(ids, inv), *want, "{ids:?} {inv:?}");
+        }
+    }
+}

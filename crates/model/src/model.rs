@@ -1,0 +1,465 @@
+//! The aLoRA-aware decoder (Llama and Granite 3.x) over a ragged batch with paged KV.
+//!
+//! One step runs every token of every sequence through embeddings, norms, projections and MLP
+//! at once ([N, hidden] rows); attention runs per sequence over its cached and new KV; the LoRA
+//! delta touches only the rows at or past each sequence's activation start, grouped by adapter.
+//!
+//! ```text
+//!   rows:  | seq 0: 5 prefill tokens (base) | seq 1: 1 decode token (aLoRA, adapted) | seq 2: ...
+//!   q/k/v = x W^T for all rows;  += LoRA delta on rows of seq 1 (and any row p >= s)
+//!   RoPE by absolute position -> write K/V to slots -> gather each sequence's slots -> attention
+//! ```
+//!
+//! **Invariant:** rows before a sequence's activation start never see an adapter, so their K/V
+//! is bit-for-bit what the base model writes for the same batch (tested).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::batch::{Prepared, SeqStep, StepLogits};
+use crate::config::{Architecture, ModelConfig};
+use crate::error::{read_json, ModelError, Result};
+use crate::kv::KvStore;
+use crate::lora::{LoraAdapter, Module};
+use crate::rope::Rope;
+use crate::weights::{lm_head_is_tied, LinearWeight, Permute, QuantPolicy, WeightSource};
+
+/// Which attention kernel a step uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionImpl {
+    /// candle's fused varlen CPU flash attention where it applies (CPU, f32/f16), else reference.
+    Auto,
+    /// Per-sequence matmul + mask + softmax: any device and dtype.
+    Reference,
+}
+
+/// A projection with its base weight; LoRA factors come from the step's adapters.
+#[derive(Debug)]
+pub struct Proj {
+    pub weight: LinearWeight,
+    layer: usize,
+    module: Module,
+}
+
+impl Proj {
+    /// `x W^T`, plus each adapter's delta on the rows it adapts.
+    fn forward(&self, x: &Tensor, groups: &[(Arc<LoraAdapter>, Tensor)]) -> Result<Tensor> {
+        let mut y = self.weight.forward(x)?;
+        for (adapter, rows) in groups {
+            let Some(p) = adapter.pair(self.layer, self.module) else {
+                continue;
+            };
+            // PEFT computes the delta in f32 and adds it to the base output.
+            let xs = x.index_select(rows, 0)?.to_dtype(DType::F32)?;
+            let delta = xs.matmul(&p.a_t)?.matmul(&p.b_t)?.affine(p.scaling, 0.0)?;
+            y = if y.dtype() == DType::F32 {
+                y.index_add(rows, &delta, 0)?
+            } else {
+                let sum = (y.index_select(rows, 0)?.to_dtype(DType::F32)? + delta)?;
+                let sum = sum.to_dtype(y.dtype())?;
+                let old = y.index_select(rows, 0)?;
+                y.index_add(rows, &(sum - old)?, 0)?
+            };
+        }
+        Ok(y)
+    }
+}
+
+#[derive(Debug)]
+struct Attention {
+    q_proj: Proj,
+    k_proj: Proj,
+    v_proj: Proj,
+    o_proj: Proj,
+}
+
+#[derive(Debug)]
+struct Mlp {
+    gate_proj: Proj,
+    up_proj: Proj,
+    down_proj: Proj,
+}
+
+#[derive(Debug)]
+struct Layer {
+    input_layernorm: Tensor,
+    self_attn: Attention,
+    post_attention_layernorm: Tensor,
+    mlp: Mlp,
+}
+
+/// A causal LM whose KV lives in a [`KvStore`] outside it.
+#[derive(Debug)]
+pub struct CausalLm {
+    cfg: ModelConfig,
+    embed_tokens: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: LinearWeight,
+    rope: Rope,
+    device: Device,
+    dtype: DType,
+    attention: AttentionImpl,
+}
+
+/// The step context every layer reads.
+struct StepCtx<'a> {
+    prep: &'a Prepared,
+    cos: Tensor,
+    sin: Tensor,
+    /// Write slots expanded to [N, kv_heads, head_dim].
+    write_idx: Tensor,
+    kv: &'a KvStore,
+}
+
+impl CausalLm {
+    /// Loads an HF model directory (`config.json` + safetensors).
+    pub fn load_hf(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let text = std::fs::read_to_string(dir.join("config.json"))
+            .map_err(crate::error::io_err(&dir.join("config.json")))?;
+        let cfg = ModelConfig::from_hf_json(&text)?;
+        let src = WeightSource::safetensors(dir)?;
+        Self::from_source(cfg, &src, dtype, device, false)
+    }
+
+    /// Loads a GGUF file; returns the metadata too (tokenizer, chat template).
+    pub fn load_gguf(
+        path: &Path,
+        policy: QuantPolicy,
+        device: &Device,
+    ) -> Result<(Self, candle_core::quantized::gguf_file::Content)> {
+        let src = WeightSource::gguf(path, policy)?;
+        let cfg = ModelConfig::from_gguf(src.gguf_content().expect("gguf source"))?;
+        let model = Self::from_source(cfg, &src, DType::F32, device, true)?;
+        let WeightSource::Gguf { content, .. } = src else {
+            unreachable!()
+        };
+        Ok((model, content))
+    }
+
+    fn from_source(
+        cfg: ModelConfig,
+        src: &WeightSource,
+        dtype: DType,
+        device: &Device,
+        gguf: bool,
+    ) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let dense =
+            |name: &str, shape: &[usize]| src.dense(name, shape, dtype, device, Permute::None);
+        let proj = |layer: usize, module: Module, permute: Permute| -> Result<Proj> {
+            let (inp, out) = module.dims(&cfg);
+            let parent = match module {
+                Module::Q | Module::K | Module::V | Module::O => "self_attn",
+                _ => "mlp",
+            };
+            let name = format!("model.layers.{layer}.{parent}.{}.weight", module.name());
+            Ok(Proj {
+                weight: src.linear(&name, out, inp, dtype, device, permute)?,
+                layer,
+                module,
+            })
+        };
+        let (qp, kp) = if gguf {
+            (
+                Permute::Heads(cfg.num_heads),
+                Permute::Heads(cfg.num_kv_heads),
+            )
+        } else {
+            (Permute::None, Permute::None)
+        };
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let _span = tracing::debug_span!("load_layer", l).entered();
+            layers.push(Layer {
+                input_layernorm: dense(&format!("model.layers.{l}.input_layernorm.weight"), &[h])?,
+                post_attention_layernorm: dense(
+                    &format!("model.layers.{l}.post_attention_layernorm.weight"),
+                    &[h],
+                )?,
+                self_attn: Attention {
+                    q_proj: proj(l, Module::Q, qp)?,
+                    k_proj: proj(l, Module::K, kp)?,
+                    v_proj: proj(l, Module::V, Permute::None)?,
+                    o_proj: proj(l, Module::O, Permute::None)?,
+                },
+                mlp: Mlp {
+                    gate_proj: proj(l, Module::Gate, Permute::None)?,
+                    up_proj: proj(l, Module::Up, Permute::None)?,
+                    down_proj: proj(l, Module::Down, Permute::None)?,
+                },
+            });
+        }
+        let embed_tokens = dense("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let lm_head = if lm_head_is_tied(&cfg, src) {
+            match src.linear(
+                "model.embed_tokens.weight",
+                cfg.vocab_size,
+                h,
+                dtype,
+                device,
+                Permute::None,
+            )? {
+                // Share the embedding's memory when both are dense.
+                LinearWeight::Dense(_) => LinearWeight::Dense(embed_tokens.clone()),
+                q => q,
+            }
+        } else {
+            src.linear(
+                "lm_head.weight",
+                cfg.vocab_size,
+                h,
+                dtype,
+                device,
+                Permute::None,
+            )?
+        };
+        let norm = dense("model.norm.weight", &[h])?;
+        let rope = Rope::new(&cfg, dtype, device)?;
+        Ok(CausalLm {
+            cfg,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            device: device.clone(),
+            dtype,
+            attention: AttentionImpl::Auto,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn set_attention(&mut self, a: AttentionImpl) {
+        self.attention = a;
+    }
+
+    /// Positions the model can address (the RoPE table's length).
+    pub fn max_positions(&self) -> usize {
+        self.rope.max_positions()
+    }
+
+    /// A KV store sized for this model.
+    pub fn new_kv_store(&self, num_blocks: usize, block_size: usize) -> Result<KvStore> {
+        KvStore::new(&self.cfg, num_blocks, block_size, self.dtype, &self.device)
+    }
+
+    /// One step over a ragged batch: writes the new tokens' K/V into their slots and returns
+    /// logits (f32) for each sequence's last token, or all its new tokens when asked.
+    pub fn forward(&self, seqs: &[SeqStep<'_>], kv: &KvStore) -> Result<StepLogits> {
+        if seqs.is_empty() {
+            return Err(ModelError::Batch("empty batch".into()));
+        }
+        if kv.dtype() != self.dtype {
+            return Err(ModelError::Batch(format!(
+                "KV store is {:?}, model is {:?}",
+                kv.dtype(),
+                self.dtype
+            )));
+        }
+        let prep = Prepared::new(seqs, kv, self.rope.max_positions(), &self.device)?;
+        let (cos, sin) = self.rope.gather(&prep.positions)?;
+        let kv_shape = (prep.num_tokens, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let write_idx = prep
+            .write_slots
+            .reshape((prep.num_tokens, 1, 1))?
+            .broadcast_as(kv_shape)?
+            .contiguous()?;
+        let ctx = StepCtx {
+            prep: &prep,
+            cos,
+            sin,
+            write_idx,
+            kv,
+        };
+
+        let mut x = self.embed_tokens.index_select(&prep.ids, 0)?;
+        if self.cfg.architecture == Architecture::Granite {
+            x = x.affine(self.cfg.embedding_multiplier, 0.0)?;
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            let _span = tracing::trace_span!("layer", l).entered();
+            x = self.layer_forward(l, layer, &x, &ctx)?;
+        }
+        let x = x.index_select(&prep.logit_rows, 0)?;
+        let x = self.rms_norm(&x, &self.norm)?;
+        let mut logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        if self.cfg.logits_scaling != 1.0 {
+            logits = logits.affine(1.0 / self.cfg.logits_scaling, 0.0)?;
+        }
+        Ok(StepLogits {
+            logits,
+            rows: prep.rows.clone(),
+        })
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(
+            &x.contiguous()?,
+            w,
+            self.cfg.rms_norm_eps as f32,
+        )?)
+    }
+
+    fn residual(&self, x: &Tensor, branch: Tensor) -> Result<Tensor> {
+        let r = self.cfg.residual_multiplier;
+        Ok(if r == 1.0 {
+            (x + branch)?
+        } else {
+            (x + branch.affine(r, 0.0)?)?
+        })
+    }
+
+    fn layer_forward(
+        &self,
+        l: usize,
+        layer: &Layer,
+        x: &Tensor,
+        ctx: &StepCtx<'_>,
+    ) -> Result<Tensor> {
+        let groups = &ctx.prep.lora_groups;
+        let h = self.rms_norm(x, &layer.input_layernorm)?;
+        let a = self.attention_forward(l, &layer.self_attn, &h, ctx)?;
+        let x = self.residual(x, a)?;
+        let h = self.rms_norm(&x, &layer.post_attention_layernorm)?;
+        let m = &layer.mlp;
+        let gate = candle_nn::ops::silu(&m.gate_proj.forward(&h, groups)?)?;
+        let up = m.up_proj.forward(&h, groups)?;
+        let mlp = m.down_proj.forward(&(gate * up)?, groups)?;
+        self.residual(&x, mlp)
+    }
+
+    fn attention_forward(
+        &self,
+        l: usize,
+        a: &Attention,
+        h: &Tensor,
+        ctx: &StepCtx<'_>,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let n = ctx.prep.num_tokens;
+        let groups = &ctx.prep.lora_groups;
+        let q = a
+            .q_proj
+            .forward(h, groups)?
+            .reshape((1, n, c.num_heads, c.head_dim))?;
+        let k = a
+            .k_proj
+            .forward(h, groups)?
+            .reshape((1, n, c.num_kv_heads, c.head_dim))?;
+        let v = a
+            .v_proj
+            .forward(h, groups)?
+            .reshape((n, c.num_kv_heads, c.head_dim))?;
+        let q = Rope::apply(&q, &ctx.cos, &ctx.sin)?.squeeze(0)?;
+        let k = Rope::apply(&k, &ctx.cos, &ctx.sin)?.squeeze(0)?;
+        ctx.kv.write(l, &ctx.write_idx, &k, &v)?;
+        let (kc, vc) = ctx.kv.gather(l, &ctx.prep.gather_slots)?;
+        let use_flash = self.attention == AttentionImpl::Auto
+            && self.device.is_cpu()
+            && matches!(self.dtype, DType::F32 | DType::F16);
+        let out = if use_flash {
+            let p = ctx.prep;
+            let sq: Vec<u32> = p.seqlens_q.iter().map(|&x| x as u32).collect();
+            let sk: Vec<u32> = p.seqlens_k.iter().map(|&x| x as u32).collect();
+            candle_nn::attention::flash_attn_varlen_cpu(
+                &q,
+                &kc,
+                &vc,
+                None,
+                &Tensor::new(sq.as_slice(), &self.device)?,
+                &Tensor::new(sk.as_slice(), &self.device)?,
+                p.seqlens_q.iter().copied().max().unwrap_or(0),
+                p.seqlens_k.iter().copied().max().unwrap_or(0),
+                c.attention_scale as f32,
+                true,
+                None,
+                None,
+            )?
+        } else {
+            self.reference_attention(&q, &kc, &vc, ctx.prep)?
+        };
+        let out = out.reshape((n, c.num_heads * c.head_dim))?;
+        a.o_proj.forward(&out, groups)
+    }
+
+    /// Causal attention per sequence with plain ops; q [N, Hq, D], k/v [T, Hk, D].
+    fn reference_attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        p: &Prepared,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let g = c.num_heads / c.num_kv_heads;
+        let (mut qo, mut ko) = (0, 0);
+        let mut outs = Vec::with_capacity(p.seqlens_q.len());
+        for (i, (&nq, &nk)) in p.seqlens_q.iter().zip(&p.seqlens_k).enumerate() {
+            let start = p.start_pos[i];
+            // [Hq, nq, D] -> [Hk, g * nq, D]: query head h reads KV head h / g (HF repeat_kv).
+            let qi = q.narrow(0, qo, nq)?.transpose(0, 1)?.contiguous()?;
+            let qi = qi
+                .reshape((c.num_kv_heads, g * nq, c.head_dim))?
+                .to_dtype(DType::F32)?;
+            let ki = k
+                .narrow(0, ko, nk)?
+                .transpose(0, 1)?
+                .contiguous()?
+                .to_dtype(DType::F32)?;
+            let vi = v
+                .narrow(0, ko, nk)?
+                .transpose(0, 1)?
+                .contiguous()?
+                .to_dtype(DType::F32)?;
+            let scores = (qi.matmul(&ki.t()?)? * c.attention_scale)?;
+            // Query j (position start + j) sees keys 0 ..= start + j.
+            let mask: Vec<f32> = (0..nq)
+                .flat_map(|j| {
+                    (0..nk).map(move |t| {
+                        if t <= start + j {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (nq, nk), &self.device)?;
+            let mask = mask.unsqueeze(0)?.repeat((g, 1))?.unsqueeze(0)?;
+            let scores = scores
+                .reshape((c.num_kv_heads, g * nq, nk))?
+                .broadcast_add(&mask.reshape((1, g * nq, nk))?)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let o = probs.matmul(&vi)?; // [Hk, g*nq, D]
+            let o = o
+                .reshape((c.num_heads, nq, c.head_dim))?
+                .transpose(0, 1)?
+                .to_dtype(self.dtype)?;
+            outs.push(o);
+            qo += nq;
+            ko += nk;
+        }
+        let _ = D::Minus1;
+        Ok(Tensor::cat(&outs, 0)?.contiguous()?)
+    }
+}
+
+/// Reads `config.json` of an HF model directory without loading weights.
+pub fn read_hf_config(dir: &Path) -> Result<ModelConfig> {
+    let v: serde_json::Value = read_json(&dir.join("config.json"))?;
+    ModelConfig::from_hf_json(&v.to_string())
+}

@@ -1,0 +1,352 @@
+//! Where weights come from: HF safetensors (single or sharded) or a GGUF file, behind one
+//! lookup by HF tensor name, and the dense-or-quantized linear weight the projections use.
+//!
+//! GGUF specifics handled here:
+//! - names: `blk.{i}.attn_q.weight` etc. are mapped from the HF names;
+//! - RoPE: llama.cpp's converter permutes the rows of Q and K for interleaved RoPE,
+//!   `(heads, 2, d/2, in) -> (heads, d/2, 2, in)`; we apply the inverse so the HF half-split
+//!   RoPE and HF-trained LoRA factors line up (see `rope.rs`). Rows are independent in GGML
+//!   quantized formats, so the inverse is a byte-level row shuffle even for kept weights.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::{DType, Device, Module as _, Tensor};
+
+use crate::config::ModelConfig;
+use crate::error::{io_err, read_json, ModelError, Result};
+
+/// How to hold GGUF weights in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantPolicy {
+    /// Dequantize to the model dtype (f32 on CPU): exact against transformers' GGUF loading,
+    /// fastest prefill, most memory traffic per decoded token.
+    Dequantize,
+    /// Keep the file's quantization.
+    Keep,
+    /// Dequantize then quantize to this format (e.g. Q8_0, Q4K have fast x86 kernels).
+    Requantize(GgmlDType),
+}
+
+impl std::str::FromStr for QuantPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "dequantize" | "f32" | "dense" => QuantPolicy::Dequantize,
+            "keep" => QuantPolicy::Keep,
+            "q8_0" => QuantPolicy::Requantize(GgmlDType::Q8_0),
+            "q4_0" => QuantPolicy::Requantize(GgmlDType::Q4_0),
+            "q4k" | "q4_k" => QuantPolicy::Requantize(GgmlDType::Q4K),
+            "q6k" | "q6_k" => QuantPolicy::Requantize(GgmlDType::Q6K),
+            _ => {
+                return Err(format!(
+                    "unknown weight format `{s}` (dense, keep, q8_0, q4_0, q4k, q6k)"
+                ))
+            }
+        })
+    }
+}
+
+/// A projection's base weight, [out, in].
+#[derive(Debug, Clone)]
+pub enum LinearWeight {
+    Dense(Tensor),
+    Quant(QMatMul),
+}
+
+impl LinearWeight {
+    /// `x W^T` for x [N, in].
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
+            LinearWeight::Quant(q) => {
+                let dt = x.dtype();
+                q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dt)?
+            }
+        })
+    }
+
+    /// The dense weight (dequantized if needed), for training.
+    pub fn dense(&self) -> Result<Tensor> {
+        Ok(match self {
+            LinearWeight::Dense(w) => w.clone(),
+            LinearWeight::Quant(QMatMul::QTensor(q)) => q.dequantize(&q.device())?,
+            LinearWeight::Quant(QMatMul::Tensor(t))
+            | LinearWeight::Quant(QMatMul::TensorF16(t)) => t.to_dtype(DType::F32)?,
+        })
+    }
+}
+
+pub(crate) enum WeightSource {
+    Safetensors(candle_core::safetensors::MmapedSafetensors),
+    Gguf {
+        content: gguf_file::Content,
+        file: RefCell<File>,
+        policy: QuantPolicy,
+    },
+}
+
+/// Which heads count to use when undoing llama.cpp's Q/K row permutation.
+#[derive(Clone, Copy)]
+pub(crate) enum Permute {
+    None,
+    Heads(usize),
+}
+
+fn gguf_name(hf: &str) -> Option<String> {
+    if hf == "model.embed_tokens.weight" {
+        return Some("token_embd.weight".into());
+    }
+    if hf == "model.norm.weight" {
+        return Some("output_norm.weight".into());
+    }
+    if hf == "lm_head.weight" {
+        return Some("output.weight".into());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let short = match rest {
+        "input_layernorm.weight" => "attn_norm",
+        "post_attention_layernorm.weight" => "ffn_norm",
+        "self_attn.q_proj.weight" => "attn_q",
+        "self_attn.k_proj.weight" => "attn_k",
+        "self_attn.v_proj.weight" => "attn_v",
+        "self_attn.o_proj.weight" => "attn_output",
+        "mlp.gate_proj.weight" => "ffn_gate",
+        "mlp.up_proj.weight" => "ffn_up",
+        "mlp.down_proj.weight" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{short}.weight"))
+}
+
+/// Row order that undoes the permutation: output row r takes input row `perm[r]`.
+fn unpermute_rows(rows: usize, heads: usize) -> Vec<u32> {
+    let hd = rows / heads;
+    let half = hd / 2;
+    let mut perm = vec![0u32; rows];
+    for h in 0..heads {
+        for c in 0..2 {
+            for i in 0..half {
+                perm[h * hd + c * half + i] = (h * hd + 2 * i + c) as u32;
+            }
+        }
+    }
+    perm
+}
+
+impl WeightSource {
+    /// Opens an HF model directory's safetensors (sharded through the index when present).
+    pub fn safetensors(dir: &Path) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index.exists() {
+            #[derive(serde::Deserialize)]
+            struct Index {
+                weight_map: std::collections::BTreeMap<String, String>,
+            }
+            let idx: Index = read_json(&index)?;
+            let mut f: Vec<PathBuf> = idx.weight_map.values().map(|v| dir.join(v)).collect();
+            f.sort();
+            f.dedup();
+            f
+        } else {
+            vec![dir.join("model.safetensors")]
+        };
+        for f in &files {
+            if !f.exists() {
+                return Err(ModelError::Io {
+                    path: f.display().to_string(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "weights file missing",
+                    ),
+                });
+            }
+        }
+        // SAFETY: the files are mapped read-only; alora does not modify model files while
+        // serving, and a concurrent external truncation is outside what any mmap loader guards.
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files)? };
+        Ok(WeightSource::Safetensors(st))
+    }
+
+    pub fn gguf(path: &Path, policy: QuantPolicy) -> Result<Self> {
+        let mut file = File::open(path).map_err(io_err(path))?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| {
+            ModelError::Config(format!("{}: not a readable GGUF file: {e}", path.display()))
+        })?;
+        if content.tensor_infos.contains_key("rope_freqs.weight") {
+            return Err(ModelError::Config(
+                "GGUF with `rope_freqs` (Llama 3.1 rope scaling) is not supported; use the HF checkpoint".into(),
+            ));
+        }
+        Ok(WeightSource::Gguf {
+            content,
+            file: RefCell::new(file),
+            policy,
+        })
+    }
+
+    /// The GGUF metadata, when the source is a GGUF file.
+    pub fn gguf_content(&self) -> Option<&gguf_file::Content> {
+        match self {
+            WeightSource::Gguf { content, .. } => Some(content),
+            WeightSource::Safetensors(_) => None,
+        }
+    }
+
+    pub fn contains(&self, hf: &str) -> bool {
+        match self {
+            WeightSource::Safetensors(st) => st.get(hf).is_ok(),
+            WeightSource::Gguf { content, .. } => {
+                gguf_name(hf).is_some_and(|n| content.tensor_infos.contains_key(&n))
+            }
+        }
+    }
+
+    fn qtensor(&self, hf: &str, device: &Device) -> Result<QTensor> {
+        let WeightSource::Gguf { content, file, .. } = self else {
+            unreachable!("gguf only")
+        };
+        let name = gguf_name(hf).ok_or_else(|| ModelError::Weight {
+            key: hf.into(),
+            msg: "no GGUF equivalent".into(),
+        })?;
+        let mut f = file.borrow_mut();
+        content
+            .tensor(&mut *f, &name, device)
+            .map_err(|e| ModelError::Weight {
+                key: name.clone(),
+                msg: e.to_string(),
+            })
+    }
+
+    /// A dense tensor of `shape` in `dtype`.
+    pub fn dense(
+        &self,
+        hf: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+        permute: Permute,
+    ) -> Result<Tensor> {
+        let t = match self {
+            WeightSource::Safetensors(st) => {
+                st.load(hf, device).map_err(|e| ModelError::Weight {
+                    key: hf.into(),
+                    msg: e.to_string(),
+                })?
+            }
+            WeightSource::Gguf { .. } => {
+                let t = self.qtensor(hf, device)?.dequantize(device)?;
+                match permute {
+                    Permute::None => t,
+                    Permute::Heads(h) => {
+                        let perm = Tensor::new(unpermute_rows(t.dim(0)?, h).as_slice(), device)?;
+                        t.index_select(&perm, 0)?
+                    }
+                }
+            }
+        };
+        if t.dims() != shape {
+            return Err(ModelError::Weight {
+                key: hf.into(),
+                msg: format!("shape {:?}, expected {shape:?}", t.dims()),
+            });
+        }
+        Ok(t.to_dtype(dtype)?)
+    }
+
+    /// A projection weight [out, in]: dense from safetensors, per policy from GGUF.
+    pub fn linear(
+        &self,
+        hf: &str,
+        out: usize,
+        inp: usize,
+        dtype: DType,
+        device: &Device,
+        permute: Permute,
+    ) -> Result<LinearWeight> {
+        let policy = match self {
+            WeightSource::Safetensors(_) => QuantPolicy::Dequantize,
+            WeightSource::Gguf { policy, .. } => *policy,
+        };
+        match policy {
+            QuantPolicy::Dequantize => Ok(LinearWeight::Dense(self.dense(
+                hf,
+                &[out, inp],
+                dtype,
+                device,
+                permute,
+            )?)),
+            QuantPolicy::Requantize(q) => {
+                let t = self.dense(hf, &[out, inp], DType::F32, device, permute)?;
+                let qt = if inp % q.block_size() == 0 {
+                    QTensor::quantize(&t, q)?
+                } else {
+                    QTensor::quantize(&t, GgmlDType::F32)?
+                };
+                Ok(LinearWeight::Quant(QMatMul::from_qtensor(qt)?))
+            }
+            QuantPolicy::Keep => {
+                let qt = self.qtensor(hf, device)?;
+                if qt.shape().dims() != [out, inp] {
+                    return Err(ModelError::Weight {
+                        key: hf.into(),
+                        msg: format!("shape {:?}, expected [{out}, {inp}]", qt.shape().dims()),
+                    });
+                }
+                let qt = match permute {
+                    Permute::None => qt,
+                    Permute::Heads(h) => {
+                        let data = qt.data()?;
+                        let row = data.len() / out;
+                        let mut shuffled = Vec::with_capacity(data.len());
+                        for r in unpermute_rows(out, h) {
+                            let r = r as usize;
+                            shuffled.extend_from_slice(&data[r * row..(r + 1) * row]);
+                        }
+                        let storage = QStorage::from_data(
+                            std::borrow::Cow::Owned(shuffled),
+                            device,
+                            qt.dtype(),
+                        )?;
+                        QTensor::new(storage, (out, inp))?
+                    }
+                };
+                Ok(LinearWeight::Quant(QMatMul::from_qtensor(qt)?))
+            }
+        }
+    }
+}
+
+/// Checks the config against the weights' presence for tied embeddings (some HF configs say
+/// untied yet ship no `lm_head`).
+pub(crate) fn lm_head_is_tied(cfg: &ModelConfig, src: &WeightSource) -> bool {
+    cfg.tie_word_embeddings || !src.contains("lm_head.weight")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Permuting as llama.cpp's converter does and then applying our inverse is the identity.
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() {
+        let (heads, hd) = (3, 8);
+        let rows = heads * hd;
+        // llama.cpp: reshape(heads, 2, hd/2) -> swap(1, 2): gguf row h*hd + 2i + c holds hf row h*hd + c*hd/2 + i.
+        let mut gguf_holds = vec![0usize; rows];
+        for h in 0..heads {
+            for i in 0..hd / 2 {
+                for c in 0..2 {
+                    gguf_holds[h * hd + 2 * i + c] = h * hd + c * hd / 2 + i;
+                }
+            }
+        }
+        let perm = unpermute_rows(rows, heads);
+        let restored: Vec<usize> = perm.iter().map(|&g| gguf_holds[g as usize]).collect();
+        assert_eq!(restored, (0..rows).collect::<Vec<_>>());
+    }
+}
