@@ -1,1 +1,129 @@
-fn main() {}
+//! The `alora` command: `generate` (try a model and adapter from the terminal). `serve` and
+//! `train` join as their crates land.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use alora_model::{
+    generate, ChatMessage, GenerateOptions, LoadOptions, LoadedModel, LoraAdapter, QuantPolicy, SamplingParams,
+};
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+/// Where `scripts/fetch-model.sh` puts the default model.
+const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Parser)]
+#[command(name = "alora", version, about = "Activated LoRA inference server and tools")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a continuation of a prompt or a reply to a chat message, streamed to stdout.
+    Generate(GenerateArgs),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// HF model directory or GGUF file.
+    #[arg(long, env = "ALORA_MODEL", default_value = DEFAULT_MODEL)]
+    model: PathBuf,
+    /// PEFT LoRA or aLoRA adapter directory.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Raw prompt text (no chat template).
+    #[arg(long, conflicts_with = "chat")]
+    prompt: Option<String>,
+    /// A user message, rendered with the model's chat template.
+    #[arg(long)]
+    chat: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// GGUF weights in memory: dense (f32), keep, q8_0, q4_0, q4k, q6k.
+    #[arg(long, env = "ALORA_WEIGHTS", default_value = "dense")]
+    weights: QuantPolicy,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Generate(a) => run_generate(a),
+    }
+}
+
+fn run_generate(a: GenerateArgs) -> Result<()> {
+    if !a.model.exists() {
+        bail!(
+            "model {} not found; run scripts/fetch-model.sh for the default model or pass --model",
+            a.model.display()
+        );
+    }
+    let opts = LoadOptions { quant: a.weights, ..Default::default() };
+    let m = LoadedModel::load(&a.model, &opts).with_context(|| format!("loading {}", a.model.display()))?;
+    let adapter = match &a.adapter {
+        Some(dir) => {
+            let tok = m.tokenizer.clone();
+            let encode = move |s: &str| tok.encode(s);
+            let ad = LoraAdapter::load("cli", dir, m.model.config(), m.model.device(), Some(&encode))
+                .with_context(|| format!("loading adapter {}", dir.display()))?;
+            Some(Arc::new(ad))
+        }
+        None => None,
+    };
+    let mut prompt_ids = match (&a.prompt, &a.chat) {
+        (Some(p), None) => m.tokenizer.encode(p)?,
+        (None, Some(c)) => {
+            // An aLoRA continues the conversation after its invocation, not after an
+            // assistant header.
+            let is_alora = adapter.as_ref().is_some_and(|ad| ad.invocation_tokens().is_some());
+            let text = m.template.render(&[ChatMessage::new("user", c)], !is_alora)?;
+            m.tokenizer.encode(&text)?
+        }
+        _ => bail!("pass exactly one of --prompt or --chat"),
+    };
+    if let Some(inv) = adapter.as_ref().and_then(|ad| ad.invocation_tokens()) {
+        if !prompt_ids.ends_with(inv) {
+            prompt_ids.extend_from_slice(inv);
+        }
+    }
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        seed: a.seed,
+        ..Default::default()
+    };
+    let gen_opts = GenerateOptions { max_tokens: a.max_tokens, sampling, ..Default::default() };
+    let mut out = std::io::stdout().lock();
+    let started = std::time::Instant::now();
+    let g = generate(&m.model, &m.tokenizer, &prompt_ids, adapter, &gen_opts, |t| {
+        let _ = out.write_all(t.as_bytes());
+        let _ = out.flush();
+    })?;
+    let secs = started.elapsed().as_secs_f64();
+    writeln!(out)?;
+    eprintln!(
+        "[{} prompt tokens, {} generated in {:.2}s, finish: {:?}]",
+        prompt_ids.len(),
+        g.ids.len(),
+        secs,
+        g.finish_reason
+    );
+    Ok(())
+}

@@ -4,15 +4,22 @@
 //!
 //! Modules: [`config`] (HF / GGUF config), [`weights`] (safetensors, GGUF, quantization),
 //! [`rope`], [`lora`] (PEFT adapters, activation rule), [`kv`] (K/V pools), [`batch`] (a step's
-//! inputs and outputs), [`model`] (the forward).
+//! inputs and outputs), [`model`] (the forward), [`sampling`], [`tokenizer`] (with incremental
+//! detokenization), [`chat`] (templates), [`loader`] (path -> model + tokenizer + template),
+//! [`generate`] (one-sequence generation).
 
 pub mod batch;
+pub mod chat;
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod kv;
+pub mod loader;
 pub mod lora;
 pub mod model;
 pub mod rope;
+pub mod sampling;
+pub mod tokenizer;
 pub mod weights;
 
 pub use batch::{ActiveAdapter, SeqStep, StepLogits};
@@ -22,3 +29,8 @@ pub use kv::KvStore;
 pub use lora::{find_activation_start, AdapterKind, LoraAdapter, Module};
 pub use model::{AttentionImpl, CausalLm};
 pub use weights::{LinearWeight, QuantPolicy};
+pub use chat::{ChatMessage, ChatTemplate};
+pub use generate::{generate, FinishReason, GenerateOptions, Generation};
+pub use loader::{LoadOptions, LoadedModel};
+pub use sampling::{Sampled, Sampler, SamplingParams, StopCheck, StopStrings};
+pub use tokenizer::{IncrementalDecoder, Tokenizer};

@@ -1,0 +1,332 @@
+//! Sampling from logits: penalties, logit bias, greedy or temperature with top-k / top-p /
+//! min-p, seeded reproducible draws, and log-probabilities with top alternatives.
+//!
+//! Order, as vLLM applies it: logit_bias, then repetition (prompt and output), presence and
+//! frequency (output) penalties, then temperature, top-k, top-p, min-p, then the draw.
+//! Reported log-probabilities are of the raw model distribution (vLLM's default
+//! `raw_logprobs`), so they do not change with sampling settings.
+
+use std::collections::HashMap;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Validated sampling settings of one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 0 means off.
+    pub top_k: usize,
+    pub top_p: f32,
+    pub min_p: f32,
+    pub seed: Option<u64>,
+    /// 1 means off; > 1 discourages tokens seen in prompt or output (divides positive logits).
+    pub repetition_penalty: f32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    pub logit_bias: HashMap<u32, f32>,
+    /// Return this many top alternatives with each token's log-probability (None: none).
+    pub logprobs: Option<usize>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: None,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: HashMap::new(),
+            logprobs: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        SamplingParams { temperature: 0.0, ..Default::default() }
+    }
+}
+
+/// One sampled token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    /// Raw log-probability of `token`, when asked.
+    pub logprob: Option<f32>,
+    /// Top alternatives (token, raw log-probability), best first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Per-request sampler state: the RNG and output token counts for penalties.
+#[derive(Debug)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+    output_counts: HashMap<u32, u32>,
+    prompt_tokens: std::collections::HashSet<u32>,
+}
+
+fn log_softmax(x: &[f32]) -> Vec<f32> {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = x.iter().map(|v| (v - max).exp()).sum();
+    let lse = max + sum.ln();
+    x.iter().map(|v| v - lse).collect()
+}
+
+fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in x.iter().enumerate() {
+        if *v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams, prompt: &[u32]) -> Self {
+        let rng = match params.seed {
+            Some(s) => StdRng::seed_from_u64(s),
+            None => StdRng::from_os_rng(),
+        };
+        Sampler { params, rng, output_counts: HashMap::new(), prompt_tokens: prompt.iter().copied().collect() }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token from `logits` ([vocab], f32) and records it for penalties.
+    pub fn sample(&mut self, logits: &[f32]) -> Sampled {
+        let p = &self.params;
+        let (logprob_src, top) = match p.logprobs {
+            Some(k) => {
+                let lp = log_softmax(logits);
+                let mut idx: Vec<u32> = (0..lp.len() as u32).collect();
+                let k = k.min(idx.len());
+                if k > 0 {
+                    idx.select_nth_unstable_by(k - 1, |a, b| lp[*b as usize].total_cmp(&lp[*a as usize]));
+                }
+                let mut top: Vec<(u32, f32)> = idx[..k].iter().map(|&i| (i, lp[i as usize])).collect();
+                top.sort_by(|a, b| b.1.total_cmp(&a.1));
+                (Some(lp), top)
+            }
+            None => (None, vec![]),
+        };
+        let mut x = logits.to_vec();
+        for (&t, &b) in &p.logit_bias {
+            if let Some(v) = x.get_mut(t as usize) {
+                *v += b;
+            }
+        }
+        if p.repetition_penalty != 1.0 {
+            let seen = self.prompt_tokens.iter().chain(self.output_counts.keys());
+            for &t in seen {
+                if let Some(v) = x.get_mut(t as usize) {
+                    *v = if *v > 0.0 { *v / p.repetition_penalty } else { *v * p.repetition_penalty };
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&t, &c) in &self.output_counts {
+                if let Some(v) = x.get_mut(t as usize) {
+                    *v -= p.presence_penalty + p.frequency_penalty * c as f32;
+                }
+            }
+        }
+        let token = if p.temperature <= 0.0 { argmax(&x) } else { self.draw(x) };
+        *self.output_counts.entry(token).or_insert(0) += 1;
+        Sampled { token, logprob: logprob_src.map(|lp| lp[token as usize]), top }
+    }
+
+    fn draw(&mut self, mut x: Vec<f32>) -> u32 {
+        let p = &self.params;
+        for v in x.iter_mut() {
+            *v /= p.temperature;
+        }
+        // Candidates sorted by logit, best first; filters cut the tail.
+        let mut idx: Vec<u32> = (0..x.len() as u32).filter(|&i| x[i as usize].is_finite()).collect();
+        if idx.is_empty() {
+            return argmax(&x);
+        }
+        idx.sort_unstable_by(|a, b| x[*b as usize].total_cmp(&x[*a as usize]));
+        if p.top_k > 0 && p.top_k < idx.len() {
+            idx.truncate(p.top_k);
+        }
+        let max = x[idx[0] as usize];
+        let mut probs: Vec<f32> = idx.iter().map(|&i| (x[i as usize] - max).exp()).collect();
+        let sum: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= sum);
+        if p.top_p < 1.0 {
+            let mut cum = 0.0;
+            let mut keep = probs.len();
+            for (j, q) in probs.iter().enumerate() {
+                cum += q;
+                if cum >= p.top_p {
+                    keep = j + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+            idx.truncate(keep);
+        }
+        if p.min_p > 0.0 {
+            let floor = probs[0] * p.min_p;
+            let keep = probs.iter().take_while(|q| **q >= floor).count().max(1);
+            probs.truncate(keep);
+            idx.truncate(keep);
+        }
+        let total: f32 = probs.iter().sum();
+        let mut r = self.rng.random::<f32>() * total;
+        for (j, q) in probs.iter().enumerate() {
+            r -= q;
+            if r <= 0.0 {
+                return idx[j];
+            }
+        }
+        idx[idx.len() - 1]
+    }
+}
+
+/// Finds stop strings in streamed text and holds back what could still become one.
+#[derive(Debug, Clone, Default)]
+pub struct StopStrings {
+    stops: Vec<String>,
+    text: String,
+    emitted: usize,
+}
+
+/// What the caller may send after a piece of text arrives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopCheck {
+    /// Text safe to send now (may be empty).
+    Continue(String),
+    /// A stop string matched: send this last text (the stop string excluded) and finish.
+    Stopped(String),
+}
+
+impl StopStrings {
+    pub fn new(stops: Vec<String>) -> Self {
+        StopStrings { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), ..Default::default() }
+    }
+
+    pub fn push(&mut self, piece: &str) -> StopCheck {
+        self.text.push_str(piece);
+        let search_from = self.emitted.saturating_sub(self.stops.iter().map(|s| s.len()).max().unwrap_or(0));
+        let search_from = (0..=search_from).rev().find(|&i| self.text.is_char_boundary(i)).unwrap_or(0);
+        let hit = self
+            .stops
+            .iter()
+            .filter_map(|s| self.text[search_from..].find(s.as_str()).map(|i| search_from + i))
+            .min();
+        if let Some(at) = hit {
+            let out = self.text[self.emitted.min(at)..at].to_string();
+            self.emitted = at;
+            return StopCheck::Stopped(out);
+        }
+        // Hold back the longest suffix that is a proper prefix of some stop string.
+        let mut safe = self.text.len();
+        for s in &self.stops {
+            for k in (1..s.len()).rev() {
+                if self.text.len() >= k && s.is_char_boundary(k) && self.text.is_char_boundary(self.text.len() - k)
+                    && self.text.ends_with(&s[..k])
+                {
+                    safe = safe.min(self.text.len() - k);
+                    break;
+                }
+            }
+        }
+        let safe = safe.max(self.emitted);
+        let out = self.text[self.emitted..safe].to_string();
+        self.emitted = safe;
+        StopCheck::Continue(out)
+    }
+
+    /// The held-back tail, at the end of generation.
+    pub fn flush(&mut self) -> String {
+        let out = self.text[self.emitted..].to_string();
+        self.emitted = self.text.len();
+        out
+    }
+
+    /// All text passed so far, stop strings excluded.
+    pub fn text_so_far(&self) -> &str {
+        &self.text[..self.emitted]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_bias_and_penalties() {
+        let logits = [1.0, 3.0, 2.0];
+        let mut s = Sampler::new(SamplingParams::greedy(), &[]);
+        assert_eq!(s.sample(&logits).token, 1);
+        let mut bias = SamplingParams::greedy();
+        bias.logit_bias.insert(2, 5.0);
+        assert_eq!(Sampler::new(bias, &[]).sample(&logits).token, 2);
+        // Repetition penalty 4 on a prompt token 1: 3 / 4 < 2.
+        let rep = SamplingParams { repetition_penalty: 4.0, ..SamplingParams::greedy() };
+        assert_eq!(Sampler::new(rep, &[1]).sample(&logits).token, 2);
+        // Frequency penalty: after emitting 1 twice it falls below 2.
+        let freq = SamplingParams { frequency_penalty: 0.6, ..SamplingParams::greedy() };
+        let mut s = Sampler::new(freq, &[]);
+        let toks: Vec<u32> = (0..3).map(|_| s.sample(&logits).token).collect();
+        assert_eq!(toks, vec![1, 1, 2]);
+    }
+
+    #[test]
+    fn seeded_sampling_is_reproducible_and_filters_hold() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let params = SamplingParams { temperature: 0.9, top_k: 5, seed: Some(7), ..Default::default() };
+        let run = |p: SamplingParams| {
+            let mut s = Sampler::new(p, &[]);
+            (0..64).map(|_| s.sample(&logits).token).collect::<Vec<_>>()
+        };
+        let a = run(params.clone());
+        assert_eq!(a, run(params.clone()));
+        let mut order: Vec<u32> = (0..50).collect();
+        order.sort_by(|x, y| logits[*y as usize].total_cmp(&logits[*x as usize]));
+        assert!(a.iter().all(|t| order[..5].contains(t)), "top_k respected");
+        assert!(a.iter().collect::<std::collections::HashSet<_>>().len() > 1, "it does sample");
+        let other = run(SamplingParams { seed: Some(8), ..params.clone() });
+        assert_ne!(a, other);
+        // min_p 1.0 keeps only the best token.
+        let only = run(SamplingParams { min_p: 1.0, ..params.clone() });
+        assert!(only.iter().all(|t| *t == order[0]));
+        // top_p tiny keeps only the best token.
+        let only = run(SamplingParams { top_p: 1e-6, ..params });
+        assert!(only.iter().all(|t| *t == order[0]));
+    }
+
+    #[test]
+    fn logprobs_are_raw_and_sorted() {
+        let logits = [0.0f32, 1.0, 2.0];
+        let p = SamplingParams { logprobs: Some(2), ..SamplingParams::greedy() };
+        let s = Sampler::new(p, &[]).sample(&logits);
+        let lse = (1.0f32 + 1f32.exp() + 2f32.exp()).ln();
+        assert!((s.logprob.unwrap() - (2.0 - lse)).abs() < 1e-6);
+        assert_eq!(s.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![2, 1]);
+    }
+
+    #[test]
+    fn stop_strings_hold_back_and_cut() {
+        let mut s = StopStrings::new(vec!["</end>".into()]);
+        assert_eq!(s.push("Hello </"), StopCheck::Continue("Hello ".into()));
+        assert_eq!(s.push("en"), StopCheck::Continue("".into()));
+        assert_eq!(s.push("d> more"), StopCheck::Stopped("".into()));
+        assert_eq!(s.text_so_far(), "Hello ");
+        let mut s = StopStrings::new(vec!["ab".into()]);
+        assert_eq!(s.push("xa"), StopCheck::Continue("x".into()));
+        assert_eq!(s.push("c"), StopCheck::Continue("ac".into()));
+        assert_eq!(s.flush(), "");
+    }
+}
