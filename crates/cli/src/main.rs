@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use alora_model::{
-    generate, ChatMessage, GenerateOptions, LoadOptions, LoadedModel, LoraAdapter, QuantPolicy, SamplingParams,
+    generate, ChatMessage, GenerateOptions, LoadOptions, LoadedModel, LoraAdapter, QuantPolicy,
+    SamplingParams,
 };
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -15,7 +16,11 @@ use clap::{Parser, Subcommand};
 const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 #[derive(Parser)]
-#[command(name = "alora", version, about = "Activated LoRA inference server and tools")]
+#[command(
+    name = "alora",
+    version,
+    about = "Activated LoRA inference server and tools"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -74,14 +79,24 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             a.model.display()
         );
     }
-    let opts = LoadOptions { quant: a.weights, ..Default::default() };
-    let m = LoadedModel::load(&a.model, &opts).with_context(|| format!("loading {}", a.model.display()))?;
+    let opts = LoadOptions {
+        quant: a.weights,
+        ..Default::default()
+    };
+    let m = LoadedModel::load(&a.model, &opts)
+        .with_context(|| format!("loading {}", a.model.display()))?;
     let adapter = match &a.adapter {
         Some(dir) => {
             let tok = m.tokenizer.clone();
             let encode = move |s: &str| tok.encode(s);
-            let ad = LoraAdapter::load("cli", dir, m.model.config(), m.model.device(), Some(&encode))
-                .with_context(|| format!("loading adapter {}", dir.display()))?;
+            let ad = LoraAdapter::load(
+                "cli",
+                dir,
+                m.model.config(),
+                m.model.device(),
+                Some(&encode),
+            )
+            .with_context(|| format!("loading adapter {}", dir.display()))?;
             Some(Arc::new(ad))
         }
         None => None,
@@ -91,8 +106,12 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         (None, Some(c)) => {
             // An aLoRA continues the conversation after its invocation, not after an
             // assistant header.
-            let is_alora = adapter.as_ref().is_some_and(|ad| ad.invocation_tokens().is_some());
-            let text = m.template.render(&[ChatMessage::new("user", c)], !is_alora)?;
+            let is_alora = adapter
+                .as_ref()
+                .is_some_and(|ad| ad.invocation_tokens().is_some());
+            let text = m
+                .template
+                .render(&[ChatMessage::new("user", c)], !is_alora)?;
             m.tokenizer.encode(&text)?
         }
         _ => bail!("pass exactly one of --prompt or --chat"),
@@ -109,13 +128,24 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         seed: a.seed,
         ..Default::default()
     };
-    let gen_opts = GenerateOptions { max_tokens: a.max_tokens, sampling, ..Default::default() };
+    let gen_opts = GenerateOptions {
+        max_tokens: a.max_tokens,
+        sampling,
+        ..Default::default()
+    };
     let mut out = std::io::stdout().lock();
     let started = std::time::Instant::now();
-    let g = generate(&m.model, &m.tokenizer, &prompt_ids, adapter, &gen_opts, |t| {
-        let _ = out.write_all(t.as_bytes());
-        let _ = out.flush();
-    })?;
+    let g = generate(
+        &m.model,
+        &m.tokenizer,
+        &prompt_ids,
+        adapter,
+        &gen_opts,
+        |t| {
+            let _ = out.write_all(t.as_bytes());
+            let _ = out.flush();
+        },
+    )?;
     let secs = started.elapsed().as_secs_f64();
     writeln!(out)?;
     eprintln!(

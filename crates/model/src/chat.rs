@@ -21,7 +21,10 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: &str, content: &str) -> Self {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -35,7 +38,9 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate").field("is_fallback", &self.is_fallback).finish()
+        f.debug_struct("ChatTemplate")
+            .field("is_fallback", &self.is_fallback)
+            .finish()
     }
 }
 
@@ -44,7 +49,11 @@ fn raise_exception(msg: String) -> std::result::Result<String, minijinja::Error>
 }
 
 impl ChatTemplate {
-    pub fn new(template: Option<&str>, bos_token: Option<&str>, eos_token: Option<&str>) -> Result<Self> {
+    pub fn new(
+        template: Option<&str>,
+        bos_token: Option<&str>,
+        eos_token: Option<&str>,
+    ) -> Result<Self> {
         let mut env = Environment::new();
         // transformers renders with trim_blocks and lstrip_blocks.
         let syntax = minijinja::syntax::SyntaxConfig::builder()
@@ -57,7 +66,8 @@ impl ChatTemplate {
         minijinja_contrib::add_to_environment(&mut env);
         env.add_function("raise_exception", raise_exception);
         let src = template.unwrap_or(CHATML_FALLBACK).to_string();
-        env.add_template_owned("chat", src).map_err(|e| ModelError::Template(e.to_string()))?;
+        env.add_template_owned("chat", src)
+            .map_err(|e| ModelError::Template(e.to_string()))?;
         Ok(ChatTemplate {
             env,
             bos_token: bos_token.unwrap_or("").into(),
@@ -68,7 +78,10 @@ impl ChatTemplate {
 
     /// Renders `messages`; `add_generation_prompt` opens an assistant turn.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        let t = self.env.get_template("chat").map_err(|e| ModelError::Template(e.to_string()))?;
+        let t = self
+            .env
+            .get_template("chat")
+            .map_err(|e| ModelError::Template(e.to_string()))?;
         t.render(minijinja::context! {
             messages => minijinja::Value::from(minijinja::value::Serde(messages)),
             add_generation_prompt => add_generation_prompt,
@@ -102,8 +115,15 @@ mod tests {
     fn pycompat_methods_and_raise_exception() {
         let tpl = "{% for m in messages %}{% if m.role not in ['user', 'assistant'] %}{{ raise_exception('bad role') }}{% endif %}{{ m.content.strip().upper() }}{% endfor %}";
         let t = ChatTemplate::new(Some(tpl), None, None).unwrap();
-        assert_eq!(t.render(&[ChatMessage::new("user", "  hi ")], false).unwrap(), "HI");
-        let err = t.render(&[ChatMessage::new("tool", "x")], false).unwrap_err().to_string();
+        assert_eq!(
+            t.render(&[ChatMessage::new("user", "  hi ")], false)
+                .unwrap(),
+            "HI"
+        );
+        let err = t
+            .render(&[ChatMessage::new("tool", "x")], false)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("bad role"), "{err}");
     }
 
@@ -112,6 +132,9 @@ mod tests {
         let t = ChatTemplate::new(None, None, None).unwrap();
         assert!(t.is_fallback);
         let out = t.render(&[ChatMessage::new("user", "Hi")], true).unwrap();
-        assert_eq!(out, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            out,
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 }

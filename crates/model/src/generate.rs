@@ -69,7 +69,11 @@ pub fn generate(
     let kv = model.new_kv_store(nblocks, BLOCK)?;
     let table: Vec<BlockId> = (0..nblocks as u32).map(BlockId).collect();
     let active = adapter.and_then(|a| {
-        a.activation_start(prompt).map(|activation_start| ActiveAdapter { adapter: a, activation_start })
+        a.activation_start(prompt)
+            .map(|activation_start| ActiveAdapter {
+                adapter: a,
+                activation_start,
+            })
     });
     let mut sampler = Sampler::new(opts.sampling.clone(), prompt);
     let mut decoder = IncrementalDecoder::new(true);
@@ -79,7 +83,11 @@ pub fn generate(
     let mut pos = 0;
     let mut finish = FinishReason::Length;
     while out.len() < opts.max_tokens && ids.len() < total + 1 {
-        let end = if pos < prompt.len() { (pos + opts.chunk).min(prompt.len()) } else { ids.len() };
+        let end = if pos < prompt.len() {
+            (pos + opts.chunk).min(prompt.len())
+        } else {
+            ids.len()
+        };
         let step = SeqStep {
             tokens: &ids[pos..end],
             start_pos: pos,
@@ -122,5 +130,9 @@ pub fn generate(
         }
         on_text(&stops.flush());
     }
-    Ok(Generation { ids: out, text: stops.text_so_far().to_string(), finish_reason: finish })
+    Ok(Generation {
+        ids: out,
+        text: stops.text_so_far().to_string(),
+        finish_reason: finish,
+    })
 }

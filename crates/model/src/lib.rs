@@ -23,14 +23,14 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use batch::{ActiveAdapter, SeqStep, StepLogits};
+pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig};
 pub use error::{ModelError, Result};
+pub use generate::{generate, FinishReason, GenerateOptions, Generation};
 pub use kv::KvStore;
+pub use loader::{LoadOptions, LoadedModel};
 pub use lora::{find_activation_start, AdapterKind, LoraAdapter, Module};
 pub use model::{AttentionImpl, CausalLm};
-pub use weights::{LinearWeight, QuantPolicy};
-pub use chat::{ChatMessage, ChatTemplate};
-pub use generate::{generate, FinishReason, GenerateOptions, Generation};
-pub use loader::{LoadOptions, LoadedModel};
 pub use sampling::{Sampled, Sampler, SamplingParams, StopCheck, StopStrings};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};
+pub use weights::{LinearWeight, QuantPolicy};

@@ -23,7 +23,11 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { dtype: DType::F32, device: Device::Cpu, quant: QuantPolicy::Dequantize }
+        LoadOptions {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            quant: QuantPolicy::Dequantize,
+        }
     }
 }
 
@@ -38,7 +42,10 @@ pub struct LoadedModel {
 
 impl LoadedModel {
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into());
         let (model, tokenizer) = if path.is_dir() {
             let model = CausalLm::load_hf(path, opts.dtype, &opts.device)?;
             let tok = Tokenizer::from_hf_dir(path, &model.config().eos_token_ids)?;
@@ -57,6 +64,11 @@ impl LoadedModel {
             tokenizer.bos_token.as_deref(),
             tokenizer.eos_token.as_deref(),
         )?;
-        Ok(LoadedModel { model, tokenizer, template, name })
+        Ok(LoadedModel {
+            model,
+            tokenizer,
+            template,
+            name,
+        })
     }
 }

@@ -49,7 +49,10 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     pub fn greedy() -> Self {
-        SamplingParams { temperature: 0.0, ..Default::default() }
+        SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        }
     }
 }
 
@@ -95,7 +98,12 @@ impl Sampler {
             Some(s) => StdRng::seed_from_u64(s),
             None => StdRng::from_os_rng(),
         };
-        Sampler { params, rng, output_counts: HashMap::new(), prompt_tokens: prompt.iter().copied().collect() }
+        Sampler {
+            params,
+            rng,
+            output_counts: HashMap::new(),
+            prompt_tokens: prompt.iter().copied().collect(),
+        }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -111,9 +119,12 @@ impl Sampler {
                 let mut idx: Vec<u32> = (0..lp.len() as u32).collect();
                 let k = k.min(idx.len());
                 if k > 0 {
-                    idx.select_nth_unstable_by(k - 1, |a, b| lp[*b as usize].total_cmp(&lp[*a as usize]));
+                    idx.select_nth_unstable_by(k - 1, |a, b| {
+                        lp[*b as usize].total_cmp(&lp[*a as usize])
+                    });
                 }
-                let mut top: Vec<(u32, f32)> = idx[..k].iter().map(|&i| (i, lp[i as usize])).collect();
+                let mut top: Vec<(u32, f32)> =
+                    idx[..k].iter().map(|&i| (i, lp[i as usize])).collect();
                 top.sort_by(|a, b| b.1.total_cmp(&a.1));
                 (Some(lp), top)
             }
@@ -129,7 +140,11 @@ impl Sampler {
             let seen = self.prompt_tokens.iter().chain(self.output_counts.keys());
             for &t in seen {
                 if let Some(v) = x.get_mut(t as usize) {
-                    *v = if *v > 0.0 { *v / p.repetition_penalty } else { *v * p.repetition_penalty };
+                    *v = if *v > 0.0 {
+                        *v / p.repetition_penalty
+                    } else {
+                        *v * p.repetition_penalty
+                    };
                 }
             }
         }
@@ -140,9 +155,17 @@ impl Sampler {
                 }
             }
         }
-        let token = if p.temperature <= 0.0 { argmax(&x) } else { self.draw(x) };
+        let token = if p.temperature <= 0.0 {
+            argmax(&x)
+        } else {
+            self.draw(x)
+        };
         *self.output_counts.entry(token).or_insert(0) += 1;
-        Sampled { token, logprob: logprob_src.map(|lp| lp[token as usize]), top }
+        Sampled {
+            token,
+            logprob: logprob_src.map(|lp| lp[token as usize]),
+            top,
+        }
     }
 
     fn draw(&mut self, mut x: Vec<f32>) -> u32 {
@@ -151,7 +174,9 @@ impl Sampler {
             *v /= p.temperature;
         }
         // Candidates sorted by logit, best first; filters cut the tail.
-        let mut idx: Vec<u32> = (0..x.len() as u32).filter(|&i| x[i as usize].is_finite()).collect();
+        let mut idx: Vec<u32> = (0..x.len() as u32)
+            .filter(|&i| x[i as usize].is_finite())
+            .collect();
         if idx.is_empty() {
             return argmax(&x);
         }
@@ -213,17 +238,29 @@ pub enum StopCheck {
 
 impl StopStrings {
     pub fn new(stops: Vec<String>) -> Self {
-        StopStrings { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), ..Default::default() }
+        StopStrings {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            ..Default::default()
+        }
     }
 
     pub fn push(&mut self, piece: &str) -> StopCheck {
         self.text.push_str(piece);
-        let search_from = self.emitted.saturating_sub(self.stops.iter().map(|s| s.len()).max().unwrap_or(0));
-        let search_from = (0..=search_from).rev().find(|&i| self.text.is_char_boundary(i)).unwrap_or(0);
+        let search_from = self
+            .emitted
+            .saturating_sub(self.stops.iter().map(|s| s.len()).max().unwrap_or(0));
+        let search_from = (0..=search_from)
+            .rev()
+            .find(|&i| self.text.is_char_boundary(i))
+            .unwrap_or(0);
         let hit = self
             .stops
             .iter()
-            .filter_map(|s| self.text[search_from..].find(s.as_str()).map(|i| search_from + i))
+            .filter_map(|s| {
+                self.text[search_from..]
+                    .find(s.as_str())
+                    .map(|i| search_from + i)
+            })
             .min();
         if let Some(at) = hit {
             let out = self.text[self.emitted.min(at)..at].to_string();
@@ -234,7 +271,9 @@ impl StopStrings {
         let mut safe = self.text.len();
         for s in &self.stops {
             for k in (1..s.len()).rev() {
-                if self.text.len() >= k && s.is_char_boundary(k) && self.text.is_char_boundary(self.text.len() - k)
+                if self.text.len() >= k
+                    && s.is_char_boundary(k)
+                    && self.text.is_char_boundary(self.text.len() - k)
                     && self.text.ends_with(&s[..k])
                 {
                     safe = safe.min(self.text.len() - k);
@@ -274,10 +313,16 @@ mod tests {
         bias.logit_bias.insert(2, 5.0);
         assert_eq!(Sampler::new(bias, &[]).sample(&logits).token, 2);
         // Repetition penalty 4 on a prompt token 1: 3 / 4 < 2.
-        let rep = SamplingParams { repetition_penalty: 4.0, ..SamplingParams::greedy() };
+        let rep = SamplingParams {
+            repetition_penalty: 4.0,
+            ..SamplingParams::greedy()
+        };
         assert_eq!(Sampler::new(rep, &[1]).sample(&logits).token, 2);
         // Frequency penalty: after emitting 1 twice it falls below 2.
-        let freq = SamplingParams { frequency_penalty: 0.6, ..SamplingParams::greedy() };
+        let freq = SamplingParams {
+            frequency_penalty: 0.6,
+            ..SamplingParams::greedy()
+        };
         let mut s = Sampler::new(freq, &[]);
         let toks: Vec<u32> = (0..3).map(|_| s.sample(&logits).token).collect();
         assert_eq!(toks, vec![1, 1, 2]);
@@ -286,7 +331,12 @@ mod tests {
     #[test]
     fn seeded_sampling_is_reproducible_and_filters_hold() {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
-        let params = SamplingParams { temperature: 0.9, top_k: 5, seed: Some(7), ..Default::default() };
+        let params = SamplingParams {
+            temperature: 0.9,
+            top_k: 5,
+            seed: Some(7),
+            ..Default::default()
+        };
         let run = |p: SamplingParams| {
             let mut s = Sampler::new(p, &[]);
             (0..64).map(|_| s.sample(&logits).token).collect::<Vec<_>>()
@@ -296,21 +346,36 @@ mod tests {
         let mut order: Vec<u32> = (0..50).collect();
         order.sort_by(|x, y| logits[*y as usize].total_cmp(&logits[*x as usize]));
         assert!(a.iter().all(|t| order[..5].contains(t)), "top_k respected");
-        assert!(a.iter().collect::<std::collections::HashSet<_>>().len() > 1, "it does sample");
-        let other = run(SamplingParams { seed: Some(8), ..params.clone() });
+        assert!(
+            a.iter().collect::<std::collections::HashSet<_>>().len() > 1,
+            "it does sample"
+        );
+        let other = run(SamplingParams {
+            seed: Some(8),
+            ..params.clone()
+        });
         assert_ne!(a, other);
         // min_p 1.0 keeps only the best token.
-        let only = run(SamplingParams { min_p: 1.0, ..params.clone() });
+        let only = run(SamplingParams {
+            min_p: 1.0,
+            ..params.clone()
+        });
         assert!(only.iter().all(|t| *t == order[0]));
         // top_p tiny keeps only the best token.
-        let only = run(SamplingParams { top_p: 1e-6, ..params });
+        let only = run(SamplingParams {
+            top_p: 1e-6,
+            ..params
+        });
         assert!(only.iter().all(|t| *t == order[0]));
     }
 
     #[test]
     fn logprobs_are_raw_and_sorted() {
         let logits = [0.0f32, 1.0, 2.0];
-        let p = SamplingParams { logprobs: Some(2), ..SamplingParams::greedy() };
+        let p = SamplingParams {
+            logprobs: Some(2),
+            ..SamplingParams::greedy()
+        };
         let s = Sampler::new(p, &[]).sample(&logits);
         let lse = (1.0f32 + 1f32.exp() + 2f32.exp()).ln();
         assert!((s.logprob.unwrap() - (2.0 - lse)).abs() < 1e-6);

