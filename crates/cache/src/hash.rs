@@ -229,7 +229,8 @@ mod tests {
             cache_salt: None,
         };
         // (key, block index, expected adapter part)
-        let cases: Vec<(RequestKey, usize, Option<(AdapterDigest, Option<usize>)>)> = vec![
+        type AdapterPart = Option<(AdapterDigest, Option<usize>)>;
+        let cases: Vec<(RequestKey, usize, AdapterPart)> = vec![
             (RequestKey::base(), 0, None),
             (RequestKey::base(), 5, None),
             (

@@ -87,7 +87,8 @@ fn keying_rule_table() {
     };
 
     // (case, first request, second request, cached tokens seen by the second)
-    let cases: Vec<(&str, (Vec<u32>, RequestKey), (Vec<u32>, RequestKey), usize)> = vec![
+    type Request = (Vec<u32>, RequestKey);
+    let cases: Vec<(&str, Request, Request, usize)> = vec![
         // s = 18: blocks [0,4) .. [12,16) end before s; [16,20) straddles it.
         (
             "base then aLoRA: every full block before s",

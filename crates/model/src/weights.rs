@@ -282,7 +282,7 @@ impl WeightSource {
             )?)),
             QuantPolicy::Requantize(q) => {
                 let t = self.dense(hf, &[out, inp], DType::F32, device, permute)?;
-                let qt = if inp % q.block_size() == 0 {
+                let qt = if inp.is_multiple_of(q.block_size()) {
                     QTensor::quantize(&t, q)?
                 } else {
                     QTensor::quantize(&t, GgmlDType::F32)?
