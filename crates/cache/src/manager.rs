@@ -247,6 +247,12 @@ impl KvCacheManager {
         self.drain_released();
     }
 
+    /// Empties the prefix cache of blocks no request holds (vLLM's `reset_prefix_cache`).
+    pub fn reset_prefix_cache(&mut self) -> usize {
+        self.drain_released();
+        self.pool.evict_free_cached()
+    }
+
     /// Checks the pool's invariants plus that every hashed block's stored key re-hashes to its
     /// hash; for tests.
     pub fn check_invariants(&mut self, holders: &[u32]) -> Result<(), String> {

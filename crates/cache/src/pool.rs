@@ -219,6 +219,19 @@ impl BlockPool {
         true
     }
 
+    /// Forgets the hash of every free block (held blocks keep theirs): the prefix cache is
+    /// emptied of everything no request is using. Returns how many blocks were forgotten.
+    pub fn evict_free_cached(&mut self) -> usize {
+        let mut n = 0;
+        for b in self.blocks.iter_mut().filter(|b| b.in_free) {
+            if let Some(k) = b.key.take() {
+                self.cached.remove(&k.hash);
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// The free queue from head (next to be evicted) to tail.
     pub fn free_queue(&self) -> Vec<BlockId> {
         let mut out = Vec::with_capacity(self.num_free);

@@ -315,3 +315,22 @@ fn decode_growth_registers_blocks_as_they_fill() {
     toks.push(77);
     assert_eq!(m.lookup(&toks, &RequestKey::base()).num_computed_tokens, 8);
 }
+
+#[test]
+fn reset_prefix_cache_forgets_free_blocks_only() {
+    let mut m = manager(8);
+    let a: Vec<u32> = (0..9).collect();
+    let (held, _) = serve(&mut m, &a, &RequestKey::base());
+    let b: Vec<u32> = (50..59).collect();
+    let (freed, _) = serve(&mut m, &b, &RequestKey::base());
+    m.free(freed);
+    assert_eq!(m.reset_prefix_cache(), 2);
+    assert_eq!(m.lookup(&b, &RequestKey::base()).num_computed_tokens, 0);
+    assert_eq!(
+        m.lookup(&a, &RequestKey::base()).num_computed_tokens,
+        8,
+        "held blocks stay cached"
+    );
+    m.free(held);
+    m.check_invariants(&[0; 8]).unwrap();
+}

@@ -1,5 +1,5 @@
-//! The `alora` command: `generate` (try a model and adapter from the terminal). `serve` and
-//! `train` join as their crates land.
+//! The `alora` command: `generate` (try a model and adapter from the terminal) and `serve`
+//! (the HTTP API). `train` joins with the trainer crate.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -12,8 +12,10 @@ use alora_model::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod serve;
+
 /// Where `scripts/fetch-model.sh` puts the default model.
-const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+pub(crate) const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 #[derive(Parser)]
 #[command(
@@ -30,6 +32,8 @@ struct Cli {
 enum Command {
     /// Generate a continuation of a prompt or a reply to a chat message, streamed to stdout.
     Generate(GenerateArgs),
+    /// Serve the OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
 }
 
 #[derive(clap::Args)]
@@ -69,6 +73,7 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Generate(a) => run_generate(a),
+        Command::Serve(a) => serve::run(a),
     }
 }
 

@@ -306,7 +306,9 @@ impl ModelConfig {
 
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(ModelError::Config(m));
-        if self.num_heads == 0 || self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads)
+        if self.num_heads == 0
+            || self.num_kv_heads == 0
+            || !self.num_heads.is_multiple_of(self.num_kv_heads)
         {
             return bad(format!(
                 "num_attention_heads {} must be a positive multiple of num_key_value_heads {}",

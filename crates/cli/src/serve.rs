@@ -1,0 +1,172 @@
+//! `alora serve`: flags (each with an env var) -> server configuration -> run.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use alora_model::{LoadOptions, LoadedModel, QuantPolicy};
+use alora_server::{EngineConfig, HttpConfig, ServeConfig};
+use anyhow::{bail, Context, Result};
+
+use crate::DEFAULT_MODEL;
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// HF model directory or GGUF file.
+    #[arg(long, env = "ALORA_MODEL", default_value = DEFAULT_MODEL)]
+    model: PathBuf,
+    /// An adapter to serve, NAME=PATH (repeatable; env: comma-separated).
+    #[arg(long = "adapter", env = "ALORA_ADAPTERS", value_delimiter = ',')]
+    adapters: Vec<String>,
+    #[arg(long, env = "ALORA_HOST", default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, env = "ALORA_PORT", default_value_t = 8000)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on the API.
+    #[arg(long, env = "ALORA_API_KEY")]
+    api_key: Option<String>,
+    /// Name the base model is served under (default: the file or directory name).
+    #[arg(long, env = "ALORA_SERVED_MODEL_NAME")]
+    served_model_name: Option<String>,
+    /// KV cache budget, e.g. 512MiB, 2GiB, or bytes.
+    #[arg(long, env = "ALORA_KV_CACHE_MEMORY", default_value = "1GiB")]
+    kv_cache_memory: String,
+    /// Tokens per KV block.
+    #[arg(long, env = "ALORA_BLOCK_SIZE", default_value_t = 16)]
+    block_size: usize,
+    #[arg(long, env = "ALORA_MAX_NUM_SEQS", default_value_t = 64)]
+    max_num_seqs: usize,
+    /// Token budget of one engine step (prefill chunks + decode tokens).
+    #[arg(long, env = "ALORA_MAX_NUM_BATCHED_TOKENS", default_value_t = 2048)]
+    max_num_batched_tokens: usize,
+    /// Waiting requests beyond which new ones get 429.
+    #[arg(long, env = "ALORA_MAX_QUEUE", default_value_t = 256)]
+    max_queue: usize,
+    /// Waiting prompt tokens beyond which new requests get 429.
+    #[arg(long, env = "ALORA_MAX_QUEUE_TOKENS", default_value_t = 1 << 20)]
+    max_queue_tokens: usize,
+    /// Request body limit in bytes.
+    #[arg(long, env = "ALORA_MAX_BODY_BYTES", default_value_t = 4 << 20)]
+    max_body_bytes: usize,
+    /// Per-request time limit in seconds (0: none).
+    #[arg(long, env = "ALORA_REQUEST_TIMEOUT", default_value_t = 0)]
+    request_timeout: u64,
+    /// Enable /v1/load_lora_adapter and /v1/unload_lora_adapter, confined to --adapter-dir.
+    #[arg(long, env = "ALORA_ENABLE_ADAPTER_LOADING")]
+    enable_adapter_loading: bool,
+    #[arg(long, env = "ALORA_ADAPTER_DIR")]
+    adapter_dir: Option<PathBuf>,
+    /// GGUF weights in memory: dense (f32), keep, q8_0, q4_0, q4k, q6k.
+    #[arg(long, env = "ALORA_WEIGHTS", default_value = "dense")]
+    weights: QuantPolicy,
+    /// Log prompts and outputs (off by default: prompts are user data).
+    #[arg(long, env = "ALORA_LOG_PROMPTS")]
+    log_prompts: bool,
+}
+
+/// Parses sizes like `512MiB`, `2GiB`, `1.5GB`, `1000000`.
+pub fn parse_bytes(s: &str) -> Result<usize> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .with_context(|| format!("`{s}` is not a size"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "kib" | "k" => 1024.0,
+        "mb" => 1e6,
+        "mib" | "m" => 1024.0 * 1024.0,
+        "gb" => 1e9,
+        "gib" | "g" => 1024.0 * 1024.0 * 1024.0,
+        u => bail!("unknown size unit `{u}` in `{s}`"),
+    };
+    Ok((n * mult) as usize)
+}
+
+pub fn run(a: ServeArgs) -> Result<()> {
+    if !a.model.exists() {
+        bail!(
+            "model {} not found; run scripts/fetch-model.sh for the default model or pass --model",
+            a.model.display()
+        );
+    }
+    let adapters: Vec<(String, PathBuf)> = a
+        .adapters
+        .iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.split_once('=')
+                .map(|(n, p)| (n.to_string(), PathBuf::from(p)))
+                .with_context(|| format!("--adapter `{s}` must be NAME=PATH"))
+        })
+        .collect::<Result<_>>()?;
+    if a.enable_adapter_loading && a.adapter_dir.is_none() {
+        bail!("--enable-adapter-loading needs --adapter-dir to confine adapter paths");
+    }
+    let cfg = ServeConfig {
+        engine: EngineConfig {
+            block_size: a.block_size,
+            kv_cache_bytes: parse_bytes(&a.kv_cache_memory)?,
+            max_num_seqs: a.max_num_seqs,
+            max_num_batched_tokens: a.max_num_batched_tokens,
+            max_queue_requests: a.max_queue,
+            max_queue_tokens: a.max_queue_tokens,
+        },
+        http: HttpConfig {
+            served_model_name: a.served_model_name.clone(),
+            api_key: a.api_key.clone(),
+            enable_adapter_loading: a.enable_adapter_loading,
+            adapter_dir: a.adapter_dir.clone(),
+            max_body_bytes: a.max_body_bytes,
+            request_timeout: (a.request_timeout > 0)
+                .then(|| Duration::from_secs(a.request_timeout)),
+            log_prompts: a.log_prompts,
+        },
+        adapters: adapters.clone(),
+    };
+    let addr: SocketAddr = format!("{}:{}", a.host, a.port)
+        .parse()
+        .with_context(|| "bad --host/--port")?;
+    let model_path = a.model.clone();
+    let opts = LoadOptions {
+        quant: a.weights,
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = alora_server::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        tracing::info!(
+            "listening on http://{addr} (model loading; /health answers 503 until ready)"
+        );
+        let state = alora_server::start(cfg, move || LoadedModel::load(&model_path, &opts));
+        let server = tokio::spawn(alora_server::serve(state.clone(), listener));
+        if let Err(e) = alora_server::wait_ready(&state, &adapters).await {
+            bail!(e);
+        }
+        tracing::info!("ready");
+        server.await??;
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_bytes("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("1.5GB").unwrap(), 1_500_000_000);
+        assert_eq!(parse_bytes("1000").unwrap(), 1000);
+        assert!(parse_bytes("12 parsecs").is_err());
+    }
+}

@@ -1,0 +1,117 @@
+//! Non-OpenAI endpoints: tokenize, detokenize, health, metrics, prefix-cache reset.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::engine::LoadState;
+use crate::error::ApiError;
+use crate::openai::common::{parse_body, resolve_adapter};
+use crate::openai::types::ChatMessageIn;
+use crate::state::AppState;
+
+#[derive(Deserialize)]
+struct TokenizeReq {
+    model: Option<String>,
+    prompt: Option<String>,
+    messages: Option<Vec<ChatMessageIn>>,
+    add_generation_prompt: Option<bool>,
+}
+
+pub async fn tokenize(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let req: TokenizeReq = parse_body(
+        &body,
+        &["model", "prompt", "messages", "add_generation_prompt"],
+    )?;
+    let info = state.info()?;
+    resolve_adapter(&state, &info, req.model.as_deref(), None)?;
+    let text = match (req.prompt, req.messages) {
+        (Some(p), None) => p,
+        (None, Some(m)) => {
+            let msgs: Vec<alora_model::ChatMessage> = m
+                .into_iter()
+                .map(|m| alora_model::ChatMessage {
+                    role: m.role,
+                    content: match m.content {
+                        Some(crate::openai::types::MessageContent::Text(t)) => t,
+                        _ => String::new(),
+                    },
+                })
+                .collect();
+            info.template
+                .render(&msgs, req.add_generation_prompt.unwrap_or(true))
+                .map_err(|e| ApiError::invalid("messages", e.to_string()))?
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "pass exactly one of `prompt` or `messages`",
+            ))
+        }
+    };
+    let tokens = info
+        .tokenizer
+        .encode(&text)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(
+        Json(json!({"count": tokens.len(), "max_model_len": info.max_model_len, "tokens": tokens}))
+            .into_response(),
+    )
+}
+
+#[derive(Deserialize)]
+struct DetokenizeReq {
+    #[allow(dead_code)]
+    model: Option<String>,
+    tokens: Vec<i64>,
+}
+
+pub async fn detokenize(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let req: DetokenizeReq = parse_body(&body, &["model", "tokens"])?;
+    let info = state.info()?;
+    let vocab = info.config.vocab_size;
+    if let Some(bad) = req.tokens.iter().find(|t| **t < 0 || **t as usize >= vocab) {
+        return Err(ApiError::invalid(
+            "tokens",
+            format!("token id {bad} is not in [0, {vocab})"),
+        ));
+    }
+    let ids: Vec<u32> = req.tokens.iter().map(|t| *t as u32).collect();
+    let prompt = info
+        .tokenizer
+        .decode(&ids, false)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Json(json!({"prompt": prompt})).into_response())
+}
+
+pub async fn health(State(state): State<AppState>) -> Response {
+    match state.engine.shared().load_state() {
+        LoadState::Ready => (StatusCode::OK, "ok").into_response(),
+        LoadState::Loading => (StatusCode::SERVICE_UNAVAILABLE, "loading").into_response(),
+        LoadState::Failed(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("model failed to load: {e}"),
+        )
+            .into_response(),
+    }
+}
+
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.engine.shared().metrics.render(),
+    )
+        .into_response()
+}
+
+pub async fn reset_prefix_cache(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let n = state.engine.reset_prefix_cache().await?;
+    Ok(Json(json!({"status": "ok", "blocks_dropped": n})).into_response())
+}

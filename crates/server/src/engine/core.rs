@@ -1,0 +1,447 @@
+//! The engine loop: receive, drop cancelled, schedule, run one forward, sample, stream.
+//!
+//! Scheduling is iteration-level and FCFS (vLLM v1's shape): each step first gives every
+//! running sequence its next tokens (one decode token, or the next prefill chunk) within the
+//! token budget, preempting the most recently admitted sequences by recompute when blocks run
+//! out; then admits waiting sequences, each after a prefix-cache lookup, while blocks, the
+//! budget and `max_num_seqs` allow.
+//!
+//! ```text
+//!   running: [A decode 1][B prefill chunk 300][C decode 1]  + admitted: [D prefill 200 (48 cached)]
+//!   one forward over 502 rows -> sample A, C, D (D's prompt done), B continues next step
+//! ```
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use alora_cache::{BlockHasher, CacheConfig, CacheStats, KvCacheManager};
+use alora_model::{CausalLm, KvStore, LoadedModel, SeqStep, StopCheck, Tokenizer};
+
+use super::request::{Event, Finish, TokenEvent, Usage};
+use super::seq::Seq;
+use super::{EngineConfig, LoadState, ModelInfo, Msg, Shared};
+
+struct Engine {
+    model: CausalLm,
+    tokenizer: Tokenizer,
+    kv: KvStore,
+    cache: KvCacheManager,
+    waiting: VecDeque<Box<Seq>>,
+    running: Vec<Box<Seq>>,
+    cfg: EngineConfig,
+    shared: Arc<Shared>,
+    max_model_len: usize,
+    last_stats: CacheStats,
+}
+
+pub(super) fn run<F>(cfg: EngineConfig, load: F, shared: Arc<Shared>, rx: Receiver<Msg>)
+where
+    F: FnOnce() -> alora_model::Result<LoadedModel>,
+{
+    let mut engine = match Engine::new(cfg, load, shared.clone()) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!("model load failed: {e}");
+            *shared.state.lock().expect("state lock") = LoadState::Failed(e.to_string());
+            // Keep draining so submitters see a closed engine rather than a hang.
+            while let Ok(msg) = rx.recv() {
+                if let Msg::Submit(seq) = msg {
+                    let _ = seq.tx.send(Event::Error("model failed to load".into()));
+                }
+            }
+            return;
+        }
+    };
+    *shared.state.lock().expect("state lock") = LoadState::Ready;
+    tracing::info!(
+        blocks = engine.kv.num_blocks(),
+        max_model_len = engine.max_model_len,
+        "engine ready"
+    );
+    engine.run(rx);
+}
+
+impl Engine {
+    fn new<F>(cfg: EngineConfig, load: F, shared: Arc<Shared>) -> alora_model::Result<Self>
+    where
+        F: FnOnce() -> alora_model::Result<LoadedModel>,
+    {
+        let LoadedModel {
+            model,
+            tokenizer,
+            template,
+            name,
+        } = load()?;
+        let mc = model.config().clone();
+        let dtype_bytes = model.dtype().size_in_bytes();
+        let cache_cfg = CacheConfig::from_budget(
+            cfg.kv_cache_bytes,
+            cfg.block_size,
+            mc.num_layers,
+            mc.num_kv_heads,
+            mc.head_dim,
+            dtype_bytes,
+        );
+        if cache_cfg.num_blocks == 0 {
+            return Err(alora_model::ModelError::Config(format!(
+                "--kv-cache-memory {} bytes holds no block of {} tokens",
+                cfg.kv_cache_bytes, cfg.block_size
+            )));
+        }
+        let kv = model.new_kv_store(cache_cfg.num_blocks, cfg.block_size)?;
+        let cache = KvCacheManager::new(cache_cfg, BlockHasher::random());
+        let max_model_len = model
+            .max_positions()
+            .min(cache_cfg.num_blocks * cfg.block_size);
+        let info = ModelInfo {
+            name,
+            config: mc,
+            tokenizer: tokenizer.clone(),
+            template,
+            device: model.device().clone(),
+            max_model_len,
+            num_blocks: cache_cfg.num_blocks,
+        };
+        let _ = shared.info.set(Arc::new(info));
+        Ok(Engine {
+            model,
+            tokenizer,
+            kv,
+            cache,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            cfg,
+            shared,
+            max_model_len,
+            last_stats: CacheStats::default(),
+        })
+    }
+
+    fn run(&mut self, rx: Receiver<Msg>) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match rx.recv_timeout(Duration::from_millis(500)) {
+                    Ok(m) => self.handle(m),
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.publish_gauges();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            }
+            while let Ok(m) = rx.try_recv() {
+                self.handle(m);
+            }
+            self.drop_cancelled();
+            let plan = self.schedule();
+            if !plan.is_empty() {
+                self.step(&plan);
+            }
+            self.publish_gauges();
+        }
+    }
+
+    fn handle(&mut self, m: Msg) {
+        match m {
+            Msg::Submit(seq) => {
+                self.shared
+                    .metrics
+                    .adapter_requests
+                    .get_or_create(&crate::metrics::AdapterLabel {
+                        adapter: seq.adapter_label().to_string(),
+                    })
+                    .inc();
+                self.waiting.push_back(seq);
+            }
+            Msg::ResetPrefixCache(tx) => {
+                let _ = tx.send(self.cache.reset_prefix_cache());
+            }
+        }
+    }
+
+    /// Leaves the waiting-queue accounting the handlers' bound is checked against.
+    fn unqueue(&self, seq: &mut Seq) {
+        if std::mem::replace(&mut seq.queued, false) {
+            self.shared.waiting_requests.fetch_sub(1, Ordering::SeqCst);
+            self.shared
+                .waiting_tokens
+                .fetch_sub(seq.num_prompt, Ordering::SeqCst);
+        }
+    }
+
+    fn drop_cancelled(&mut self) {
+        let mut i = 0;
+        while i < self.waiting.len() {
+            if self.waiting[i].is_cancelled() {
+                let mut s = self.waiting.remove(i).expect("index in range");
+                self.unqueue(&mut s);
+                self.release(s);
+            } else {
+                i += 1;
+            }
+        }
+        let (gone, keep): (Vec<_>, Vec<_>) = self.running.drain(..).partition(|s| s.is_cancelled());
+        self.running = keep;
+        for s in gone {
+            tracing::debug!(seq = s.id, "cancelled");
+            self.release(s);
+        }
+    }
+
+    fn release(&mut self, mut s: Box<Seq>) {
+        if let Some(b) = s.blocks.take() {
+            self.cache.free(b);
+        }
+    }
+
+    /// Returns (index into `running`, tokens to compute) for this step.
+    fn schedule(&mut self) -> Vec<(usize, usize)> {
+        let mut plan = Vec::new();
+        let mut budget = self.cfg.max_num_batched_tokens;
+        let mut preempted = false;
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let n = (self.running[i].tokens.len() - self.running[i].num_computed).min(budget);
+            let need = self.running[i].num_computed + n;
+            loop {
+                let s = &mut self.running[i];
+                let blocks = s.blocks.as_mut().expect("running sequences hold blocks");
+                if self.cache.grow(blocks, need) {
+                    plan.push((i, n));
+                    budget -= n;
+                    i += 1;
+                    break;
+                }
+                // Out of blocks: recompute the most recently admitted sequence later.
+                let victim = self.running.pop().expect("running is not empty");
+                let is_self = self.running.len() == i;
+                self.preempt(victim);
+                preempted = true;
+                if is_self {
+                    break;
+                }
+            }
+        }
+        if preempted {
+            return plan;
+        }
+        while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+            let Some(s) = self.waiting.front() else { break };
+            let hit = self.cache.lookup(&s.tokens, &s.key);
+            let cached = hit.num_computed_tokens;
+            let n = (s.tokens.len() - cached).min(budget);
+            let Some(blocks) = self.cache.allocate(hit, s.key.clone(), cached + n) else {
+                if self.running.is_empty() {
+                    // Nothing will free blocks: the request cannot fit at all.
+                    let s = self.waiting.pop_front().expect("front exists");
+                    self.fail(s, "request needs more KV blocks than the cache has");
+                    continue;
+                }
+                break;
+            };
+            let mut s = self.waiting.pop_front().expect("front exists");
+            self.unqueue(&mut s);
+            if s.cached_tokens.is_none() {
+                s.cached_tokens = Some(cached);
+                let m = &self.shared.metrics;
+                m.prompt_tokens.inc_by(s.num_prompt as u64);
+            }
+            s.num_computed = cached;
+            s.blocks = Some(blocks);
+            plan.push((self.running.len(), n));
+            budget -= n;
+            self.running.push(s);
+        }
+        plan
+    }
+
+    fn preempt(&mut self, mut s: Box<Seq>) {
+        tracing::debug!(seq = s.id, "preempted");
+        if let Some(b) = s.blocks.take() {
+            self.cache.free(b);
+        }
+        s.num_computed = 0;
+        self.shared.metrics.num_preemptions.inc();
+        self.waiting.push_front(s);
+    }
+
+    fn fail(&mut self, mut s: Box<Seq>, msg: &str) {
+        self.unqueue(&mut s);
+        let _ = s.tx.send(Event::Error(msg.to_string()));
+        self.release(s);
+    }
+
+    fn step(&mut self, plan: &[(usize, usize)]) {
+        let result = {
+            let steps: Vec<SeqStep<'_>> = plan
+                .iter()
+                .map(|&(i, n)| {
+                    let s = &self.running[i];
+                    SeqStep {
+                        tokens: &s.tokens[s.num_computed..s.num_computed + n],
+                        start_pos: s.num_computed,
+                        adapter: s.active.clone(),
+                        block_table: s.blocks.as_ref().expect("scheduled with blocks").blocks(),
+                        all_logits: false,
+                    }
+                })
+                .collect();
+            let _span = tracing::debug_span!("step", seqs = steps.len()).entered();
+            self.model.forward(&steps, &self.kv).and_then(|l| {
+                let rows = l.logits.to_vec2::<f32>()?;
+                Ok((rows, l.rows))
+            })
+        };
+        let (rows, ranges) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("forward failed: {e}");
+                let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
+                idx.sort_unstable_by(|a, b| b.cmp(a));
+                for i in idx {
+                    let s = self.running.remove(i);
+                    self.fail(s, "internal error in the model step");
+                }
+                return;
+            }
+        };
+        let mut finished = Vec::new();
+        for (j, &(i, n)) in plan.iter().enumerate() {
+            let s = &mut self.running[i];
+            s.num_computed += n;
+            let computed = s.num_computed;
+            self.cache
+                .commit(s.blocks.as_mut().expect("blocks"), &s.tokens[..computed]);
+            if computed < s.tokens.len() {
+                continue; // mid-prefill chunk
+            }
+            let sampled = s.sampler.sample(&rows[ranges[j].end - 1]);
+            if let Some(f) = self.on_token(i, sampled) {
+                finished.push((i, f));
+            }
+        }
+        finished.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        for (i, f) in finished {
+            let s = self.running.remove(i);
+            self.finish(s, f);
+        }
+    }
+
+    /// Appends a sampled token and streams its text; returns the finish reason when done.
+    fn on_token(&mut self, i: usize, sampled: alora_model::Sampled) -> Option<Finish> {
+        let eos_ids = &self.tokenizer.eos_token_ids;
+        let s = &mut self.running[i];
+        let now = Instant::now();
+        let m = &self.shared.metrics;
+        match s.last_token_at {
+            None => m.ttft.observe((now - s.arrival).as_secs_f64()),
+            Some(t) => m.itl.observe((now - t).as_secs_f64()),
+        }
+        s.last_token_at = Some(now);
+        let t = sampled.token;
+        if (!s.req.ignore_eos && eos_ids.contains(&t)) || s.req.stop_token_ids.contains(&t) {
+            return Some(Finish::Stop);
+        }
+        s.tokens.push(t);
+        m.generation_tokens.inc();
+        let mut finish = None;
+        let text = match s.decoder.push(&self.tokenizer, t) {
+            Ok(Some(piece)) => match s.stops.push(&piece) {
+                StopCheck::Continue(x) => x,
+                StopCheck::Stopped(x) => {
+                    finish = Some(Finish::Stop);
+                    s.hit_stop_string = true;
+                    x
+                }
+            },
+            Ok(None) => String::new(),
+            Err(e) => {
+                tracing::warn!("detokenization failed: {e}");
+                String::new()
+            }
+        };
+        let _ = s.tx.send(Event::Token(TokenEvent {
+            id: t,
+            text,
+            logprob: sampled.logprob,
+            top: sampled.top,
+        }));
+        if finish.is_none()
+            && (s.num_generated() >= s.req.max_tokens || s.tokens.len() >= self.max_model_len)
+        {
+            finish = Some(Finish::Length);
+        }
+        finish
+    }
+
+    fn finish(&mut self, mut s: Box<Seq>, finish: Finish) {
+        // Release what was held back (an incomplete character, a possible stop-string prefix)
+        // unless a stop string already cut the output.
+        let mut text = String::new();
+        if !s.hit_stop_string {
+            if let Ok(Some(rest)) = s.decoder.flush(&self.tokenizer) {
+                match s.stops.push(&rest) {
+                    StopCheck::Continue(x) => text.push_str(&x),
+                    StopCheck::Stopped(x) => {
+                        text.push_str(&x);
+                        s.hit_stop_string = true;
+                    }
+                }
+            }
+            if !s.hit_stop_string {
+                text.push_str(&s.stops.flush());
+            }
+        }
+        let usage = Usage {
+            prompt_tokens: s.num_prompt,
+            completion_tokens: s.num_generated(),
+            cached_tokens: s.cached_tokens.unwrap_or(0),
+        };
+        self.shared
+            .metrics
+            .e2e
+            .observe(s.arrival.elapsed().as_secs_f64());
+        let _ = s.tx.send(Event::Done {
+            text,
+            finish,
+            usage,
+        });
+        if let Some(b) = s.blocks.take() {
+            self.cache.free(b);
+        }
+    }
+
+    fn publish_gauges(&mut self) {
+        let m = &self.shared.metrics;
+        m.num_requests_running.set(self.running.len() as i64);
+        m.num_requests_waiting.set(self.waiting.len() as i64);
+        m.kv_cache_usage_perc.set(self.cache.usage());
+        m.kv_blocks_in_use.set(self.cache.num_used_blocks() as i64);
+        let st = self.cache.stats();
+        m.prefix_cache_queries
+            .inc_by(st.query_tokens - self.last_stats.query_tokens);
+        m.prefix_cache_hits
+            .inc_by(st.hit_tokens - self.last_stats.hit_tokens);
+        m.adapter_tokens_from_base_blocks
+            .inc_by(st.adapter_hit_tokens_from_base - self.last_stats.adapter_hit_tokens_from_base);
+        self.last_stats = st;
+        let names = |v: &mut dyn Iterator<Item = &Box<Seq>>| {
+            let mut n: Vec<String> = v
+                .filter_map(|s| s.req.adapter.as_ref().map(|a| a.name.clone()))
+                .collect();
+            n.sort();
+            n.dedup();
+            n.join(",")
+        };
+        let labels = crate::metrics::LoraInfoLabels {
+            running_lora_adapters: names(&mut self.running.iter()),
+            waiting_lora_adapters: names(&mut self.waiting.iter()),
+            max_lora: "0".into(),
+        };
+        m.lora_requests_info.clear();
+        m.lora_requests_info.get_or_create(&labels).set(1);
+    }
+}

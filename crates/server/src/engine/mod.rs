@@ -1,0 +1,196 @@
+//! The engine: one thread that owns the model, the KV store, the block manager and the
+//! scheduler, and a cheap cloneable [`EngineHandle`] that handlers use to submit requests.
+//! Model compute never runs on tokio workers.
+//!
+//! **Invariant:** only the engine thread touches the model, the `KvStore` and the
+//! `KvCacheManager`. Handlers see the model only through [`ModelInfo`] (tokenizer, template,
+//! config), which is immutable once loaded.
+
+mod core;
+pub mod request;
+mod seq;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use alora_model::{ChatTemplate, LoadedModel, ModelConfig, Tokenizer};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use crate::metrics::Metrics;
+pub use request::{Event, Finish, GenRequest, TokenEvent, Usage};
+use seq::Seq;
+
+/// Scheduler and cache limits.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub block_size: usize,
+    /// KV cache budget in bytes; the block count follows from the model's shape.
+    pub kv_cache_bytes: usize,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    /// Bound on waiting requests; past it, submissions are refused (429).
+    pub max_queue_requests: usize,
+    /// Bound on prompt tokens of waiting requests.
+    pub max_queue_tokens: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            block_size: 16,
+            kv_cache_bytes: 1 << 30,
+            max_num_seqs: 64,
+            max_num_batched_tokens: 2048,
+            max_queue_requests: 256,
+            max_queue_tokens: 1 << 20,
+        }
+    }
+}
+
+/// What handlers may know of the loaded model.
+pub struct ModelInfo {
+    pub name: String,
+    pub config: ModelConfig,
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    pub device: candle_core::Device,
+    /// Longest sequence (prompt + output) the server accepts: the model's positions, capped by
+    /// what the KV cache can hold for one sequence.
+    pub max_model_len: usize,
+    pub num_blocks: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoadState {
+    Loading,
+    Ready,
+    Failed(String),
+}
+
+/// State shared between the engine thread and handlers.
+pub struct Shared {
+    pub metrics: Metrics,
+    pub info: OnceLock<Arc<ModelInfo>>,
+    pub state: Mutex<LoadState>,
+    waiting_requests: AtomicUsize,
+    waiting_tokens: AtomicUsize,
+    config: EngineConfig,
+}
+
+impl Shared {
+    pub fn load_state(&self) -> LoadState {
+        self.state.lock().expect("state lock poisoned").clone()
+    }
+}
+
+pub(crate) enum Msg {
+    Submit(Box<Seq>),
+    ResetPrefixCache(tokio::sync::oneshot::Sender<usize>),
+}
+
+/// Why a submission was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The waiting queue is at its bound; retry later.
+    QueueFull { requests: usize, tokens: usize },
+    /// The model is not loaded (yet, or it failed).
+    NotReady,
+    /// The engine thread is gone.
+    Stopped,
+}
+
+/// A handle to the engine; clone freely.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: Sender<Msg>,
+    shared: Arc<Shared>,
+    next_id: Arc<AtomicU64>,
+}
+
+impl EngineHandle {
+    /// Starts the engine thread; `load` runs on it and produces the model.
+    pub fn spawn<F>(config: EngineConfig, load: F) -> Self
+    where
+        F: FnOnce() -> alora_model::Result<LoadedModel> + Send + 'static,
+    {
+        let shared = Arc::new(Shared {
+            metrics: Metrics::new(),
+            info: OnceLock::new(),
+            state: Mutex::new(LoadState::Loading),
+            waiting_requests: AtomicUsize::new(0),
+            waiting_tokens: AtomicUsize::new(0),
+            config: config.clone(),
+        });
+        let (tx, rx) = channel();
+        let sh = shared.clone();
+        std::thread::Builder::new()
+            .name("alora-engine".into())
+            .spawn(move || core::run(config, load, sh, rx))
+            .expect("spawning the engine thread");
+        EngineHandle {
+            tx,
+            shared,
+            next_id: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub fn info(&self) -> Option<&Arc<ModelInfo>> {
+        self.shared.info.get()
+    }
+
+    /// Queues a request; events arrive on the returned receiver. Dropping the receiver cancels
+    /// the request and frees its blocks on the engine's next step.
+    pub fn submit(&self, req: GenRequest) -> Result<UnboundedReceiver<Event>, SubmitError> {
+        if self.shared.load_state() != LoadState::Ready {
+            return Err(SubmitError::NotReady);
+        }
+        let cfg = &self.shared.config;
+        let tokens = req.prompt.len();
+        let reqs = self.shared.waiting_requests.fetch_add(1, Ordering::SeqCst) + 1;
+        let toks = self
+            .shared
+            .waiting_tokens
+            .fetch_add(tokens, Ordering::SeqCst)
+            + tokens;
+        if reqs > cfg.max_queue_requests || toks > cfg.max_queue_tokens {
+            self.unqueue(tokens);
+            self.shared.metrics.rejected_requests.inc();
+            return Err(SubmitError::QueueFull {
+                requests: cfg.max_queue_requests,
+                tokens: cfg.max_queue_tokens,
+            });
+        }
+        let (etx, erx) = unbounded_channel();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if self
+            .tx
+            .send(Msg::Submit(Box::new(Seq::new(id, req, etx))))
+            .is_err()
+        {
+            self.unqueue(tokens);
+            return Err(SubmitError::Stopped);
+        }
+        Ok(erx)
+    }
+
+    fn unqueue(&self, tokens: usize) {
+        self.shared.waiting_requests.fetch_sub(1, Ordering::SeqCst);
+        self.shared
+            .waiting_tokens
+            .fetch_sub(tokens, Ordering::SeqCst);
+    }
+
+    /// Empties the prefix cache of blocks no request holds; returns how many were dropped.
+    pub async fn reset_prefix_cache(&self) -> Result<usize, SubmitError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Msg::ResetPrefixCache(tx))
+            .map_err(|_| SubmitError::Stopped)?;
+        rx.await.map_err(|_| SubmitError::Stopped)
+    }
+}

@@ -1,0 +1,86 @@
+//! alora's HTTP server: OpenAI-compatible endpoints with an `adapter` field, in front of a
+//! continuous-batching engine that shares KV blocks between base and aLoRA requests.
+//!
+//! Modules: [`engine`] (the model-owning thread, scheduler, request events), [`openai`]
+//! (chat, completions, models; wire types), [`admin`] (tokenize, health, metrics),
+//! [`registry`] (adapters by name), [`metrics`], [`routes`], [`error`], [`state`].
+
+pub mod admin;
+pub mod engine;
+pub mod error;
+pub mod metrics;
+pub mod openai;
+pub mod registry;
+pub mod routes;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use alora_model::LoadedModel;
+
+pub use engine::{EngineConfig, EngineHandle, LoadState};
+pub use state::{AppState, HttpConfig};
+
+/// Everything `alora serve` needs.
+pub struct ServeConfig {
+    pub engine: EngineConfig,
+    pub http: HttpConfig,
+    /// Adapters to load at start-up: (name, directory).
+    pub adapters: Vec<(String, PathBuf)>,
+}
+
+/// Starts the engine (loading the model on its thread) and returns the app state; adapters
+/// load once the model is ready.
+pub fn start<F>(cfg: ServeConfig, load: F) -> AppState
+where
+    F: FnOnce() -> alora_model::Result<LoadedModel> + Send + 'static,
+{
+    let engine = EngineHandle::spawn(cfg.engine, load);
+    AppState {
+        engine,
+        registry: Arc::new(registry::AdapterRegistry::default()),
+        config: Arc::new(cfg.http),
+    }
+}
+
+/// Waits for the model, then loads the start-up adapters. Errors if either fails.
+pub async fn wait_ready(state: &AppState, adapters: &[(String, PathBuf)]) -> Result<(), String> {
+    loop {
+        match state.engine.shared().load_state() {
+            LoadState::Ready => break,
+            LoadState::Failed(e) => return Err(format!("model failed to load: {e}")),
+            LoadState::Loading => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    }
+    let info = state.info().map_err(|e| e.message)?;
+    for (name, dir) in adapters {
+        let (reg, name, dir, info) = (
+            state.registry.clone(),
+            name.clone(),
+            dir.clone(),
+            info.clone(),
+        );
+        tokio::task::spawn_blocking(move || reg.load(&name, &dir, &info))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.message)?;
+    }
+    Ok(())
+}
+
+/// Serves `state` on `addr` until ctrl-c.
+pub async fn serve(state: AppState, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    let app = routes::router(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+}
+
+/// Binds `addr`.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}

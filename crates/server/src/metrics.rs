@@ -1,0 +1,169 @@
+//! Prometheus metrics, under vLLM's names where vLLM has one (so routers and dashboards built
+//! for vLLM read them), plus alora's own. Counters get `_total` appended on export.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdapterLabel {
+    pub adapter: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LoraInfoLabels {
+    pub running_lora_adapters: String,
+    pub waiting_lora_adapters: String,
+    pub max_lora: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub num_requests_running: Gauge,
+    pub num_requests_waiting: Gauge,
+    pub kv_cache_usage_perc: Gauge<f64, AtomicU64>,
+    pub kv_blocks_in_use: Gauge,
+    pub prefix_cache_queries: Counter,
+    pub prefix_cache_hits: Counter,
+    pub adapter_tokens_from_base_blocks: Counter,
+    pub prompt_tokens: Counter,
+    pub generation_tokens: Counter,
+    pub num_preemptions: Counter,
+    pub ttft: Histogram,
+    pub itl: Histogram,
+    pub e2e: Histogram,
+    pub lora_requests_info: Family<LoraInfoLabels, Gauge>,
+    pub adapter_requests: Family<AdapterLabel, Counter>,
+    pub rejected_requests: Counter,
+}
+
+fn latency_buckets() -> Vec<f64> {
+    vec![
+        0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+        20.0, 40.0, 80.0,
+    ]
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::default();
+        let m = Metrics {
+            num_requests_running: Gauge::default(),
+            num_requests_waiting: Gauge::default(),
+            kv_cache_usage_perc: Gauge::default(),
+            kv_blocks_in_use: Gauge::default(),
+            prefix_cache_queries: Counter::default(),
+            prefix_cache_hits: Counter::default(),
+            adapter_tokens_from_base_blocks: Counter::default(),
+            prompt_tokens: Counter::default(),
+            generation_tokens: Counter::default(),
+            num_preemptions: Counter::default(),
+            ttft: Histogram::new(latency_buckets()),
+            itl: Histogram::new(latency_buckets()),
+            e2e: Histogram::new(latency_buckets()),
+            lora_requests_info: Family::default(),
+            adapter_requests: Family::default(),
+            rejected_requests: Counter::default(),
+            registry: Registry::default(),
+        };
+        r.register(
+            "vllm:num_requests_running",
+            "Requests in the running batch",
+            m.num_requests_running.clone(),
+        );
+        r.register(
+            "vllm:num_requests_waiting",
+            "Requests waiting to be scheduled",
+            m.num_requests_waiting.clone(),
+        );
+        r.register(
+            "vllm:kv_cache_usage_perc",
+            "Fraction of KV blocks in use (1 = full)",
+            m.kv_cache_usage_perc.clone(),
+        );
+        r.register(
+            "vllm:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache",
+            m.prefix_cache_queries.clone(),
+        );
+        r.register(
+            "vllm:prefix_cache_hits",
+            "Prompt tokens served from the prefix cache",
+            m.prefix_cache_hits.clone(),
+        );
+        r.register(
+            "vllm:prompt_tokens",
+            "Prompt tokens processed",
+            m.prompt_tokens.clone(),
+        );
+        r.register(
+            "vllm:generation_tokens",
+            "Tokens generated",
+            m.generation_tokens.clone(),
+        );
+        r.register(
+            "vllm:num_preemptions",
+            "Sequences preempted (recomputed later)",
+            m.num_preemptions.clone(),
+        );
+        r.register(
+            "vllm:time_to_first_token_seconds",
+            "Time to first token",
+            m.ttft.clone(),
+        );
+        r.register(
+            "vllm:inter_token_latency_seconds",
+            "Time between tokens",
+            m.itl.clone(),
+        );
+        r.register(
+            "vllm:e2e_request_latency_seconds",
+            "Request latency",
+            m.e2e.clone(),
+        );
+        r.register(
+            "vllm:lora_requests_info",
+            "Running and waiting adapters",
+            m.lora_requests_info.clone(),
+        );
+        r.register(
+            "alora:kv_blocks_in_use",
+            "KV blocks held by requests",
+            m.kv_blocks_in_use.clone(),
+        );
+        r.register(
+            "alora:adapter_tokens_from_base_blocks",
+            "Prompt tokens of adapter requests served from base-model KV blocks",
+            m.adapter_tokens_from_base_blocks.clone(),
+        );
+        r.register(
+            "alora:adapter_requests",
+            "Requests per adapter (base for none)",
+            m.adapter_requests.clone(),
+        );
+        r.register(
+            "alora:rejected_requests",
+            "Requests refused with 429 (queue full)",
+            m.rejected_requests.clone(),
+        );
+        Metrics { registry: r, ..m }
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
+        s
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,7 @@
+//! The OpenAI-compatible endpoints, one module each, plus what they share.
+
+pub mod chat;
+pub mod common;
+pub mod completions;
+pub mod models;
+pub mod types;

@@ -1,0 +1,101 @@
+//! `GET /v1/models` and vLLM's runtime adapter endpoints.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::common::parse_body;
+use super::types::now_unix;
+use crate::error::ApiError;
+use crate::registry::confine;
+use crate::state::AppState;
+
+pub async fn list_models(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let info = state.info()?;
+    let base = state.served_name(&info);
+    let created = now_unix();
+    let mut data = vec![json!({
+        "id": base, "object": "model", "created": created, "owned_by": "alora",
+        "root": info.name, "parent": null, "max_model_len": info.max_model_len,
+    })];
+    for a in state.registry.list() {
+        let (kind, inv) = match a.invocation_tokens() {
+            Some(t) => ("alora", Some(t.to_vec())),
+            None => ("lora", None),
+        };
+        data.push(json!({
+            "id": a.name, "object": "model", "created": created, "owned_by": "alora",
+            "root": a.name, "parent": base, "adapter_type": kind, "invocation_tokens": inv,
+            "rank": a.rank, "targets": a.targets.iter().map(|m| m.name()).collect::<Vec<_>>(),
+        }));
+    }
+    Ok(Json(json!({"object": "list", "data": data})).into_response())
+}
+
+#[derive(Deserialize)]
+struct LoadReq {
+    lora_name: String,
+    lora_path: String,
+}
+
+#[derive(Deserialize)]
+struct UnloadReq {
+    lora_name: String,
+}
+
+pub async fn load_adapter(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    if !state.config.enable_adapter_loading {
+        return Err(ApiError::not_found(
+            "Runtime adapter loading is disabled (start with --enable-adapter-loading)",
+        ));
+    }
+    let req: LoadReq = parse_body(&body, &["lora_name", "lora_path"])?;
+    if req.lora_name.is_empty() {
+        return Err(ApiError::invalid(
+            "lora_name",
+            "`lora_name` must not be empty",
+        ));
+    }
+    let info = state.info()?;
+    if req.lora_name == state.served_name(&info) {
+        return Err(ApiError::invalid(
+            "lora_name",
+            "`lora_name` must differ from the base model's name",
+        ));
+    }
+    let root = state
+        .config
+        .adapter_dir
+        .clone()
+        .ok_or_else(|| ApiError::internal("no adapter directory configured"))?;
+    let dir = confine(&root, &req.lora_path)?;
+    let reg = state.registry.clone();
+    let name = req.lora_name.clone();
+    let a = tokio::task::spawn_blocking(move || reg.load(&name, &dir, &info))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))??;
+    tracing::info!(adapter = %a.name, "adapter loaded");
+    Ok(Json(json!({"status": "ok", "lora_name": a.name})).into_response())
+}
+
+pub async fn unload_adapter(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    if !state.config.enable_adapter_loading {
+        return Err(ApiError::not_found(
+            "Runtime adapter loading is disabled (start with --enable-adapter-loading)",
+        ));
+    }
+    let req: UnloadReq = parse_body(&body, &["lora_name"])?;
+    if !state.registry.unload(&req.lora_name) {
+        return Err(ApiError::model_not_found("lora_name", &req.lora_name));
+    }
+    Ok(Json(json!({"status": "ok", "lora_name": req.lora_name})).into_response())
+}

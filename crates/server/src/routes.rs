@@ -1,0 +1,81 @@
+//! Assembles the router: routes, API-key check, body limit, JSON 404/405.
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::header;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::{admin, openai};
+
+/// Constant-time API-key check on everything but health and metrics.
+async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(key) = &state.config.api_key {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let ok: bool = given.as_bytes().ct_eq(key.as_bytes()).into();
+        if !ok {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Rewrites axum's plain-text rejections (body too large, wrong method) as OpenAI errors.
+async fn json_errors(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let r = next.run(req).await;
+    let is_json = r
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json || r.status().is_success() {
+        return r;
+    }
+    match r.status() {
+        axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::payload_too_large(state.config.max_body_bytes).into_response()
+        }
+        axum::http::StatusCode::METHOD_NOT_ALLOWED => ApiError {
+            status: axum::http::StatusCode::METHOD_NOT_ALLOWED,
+            ..ApiError::bad_request("Method not allowed for this endpoint")
+        }
+        .into_response(),
+        _ => r,
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("No such endpoint")
+}
+
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/v1/chat/completions", post(openai::chat::chat_completions))
+        .route("/v1/completions", post(openai::completions::completions))
+        .route("/v1/models", get(openai::models::list_models))
+        .route("/v1/load_lora_adapter", post(openai::models::load_adapter))
+        .route(
+            "/v1/unload_lora_adapter",
+            post(openai::models::unload_adapter),
+        )
+        .route("/tokenize", post(admin::tokenize))
+        .route("/detokenize", post(admin::detokenize))
+        .route("/reset_prefix_cache", post(admin::reset_prefix_cache))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .merge(api)
+        .route("/health", get(admin::health))
+        .route("/metrics", get(admin::metrics))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), json_errors))
+        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .with_state(state)
+}

@@ -1,0 +1,46 @@
+//! The state every handler gets.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::engine::{EngineHandle, ModelInfo};
+use crate::error::ApiError;
+use crate::registry::AdapterRegistry;
+
+/// HTTP-side settings.
+#[derive(Debug, Clone, Default)]
+pub struct HttpConfig {
+    /// Name the base model is served under (default: the model file or directory name).
+    pub served_model_name: Option<String>,
+    pub api_key: Option<String>,
+    /// Enables `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`.
+    pub enable_adapter_loading: bool,
+    /// Directory adapter paths given to the load endpoint must lie in.
+    pub adapter_dir: Option<PathBuf>,
+    pub max_body_bytes: usize,
+    pub request_timeout: Option<Duration>,
+    /// Log prompts and outputs (off by default).
+    pub log_prompts: bool,
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub registry: Arc<AdapterRegistry>,
+    pub config: Arc<HttpConfig>,
+}
+
+impl AppState {
+    /// The loaded model, or 503 while it loads.
+    pub fn info(&self) -> Result<Arc<ModelInfo>, ApiError> {
+        self.engine.info().cloned().ok_or_else(ApiError::not_ready)
+    }
+
+    pub fn served_name(&self, info: &ModelInfo) -> String {
+        self.config
+            .served_model_name
+            .clone()
+            .unwrap_or_else(|| info.name.clone())
+    }
+}
