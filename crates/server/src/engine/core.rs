@@ -30,6 +30,8 @@ struct Engine {
     kv: KvStore,
     cache: KvCacheManager,
     waiting: VecDeque<Box<Seq>>,
+    // Boxed like `waiting` so moving a sequence between the two moves a pointer.
+    #[allow(clippy::vec_box)]
     running: Vec<Box<Seq>>,
     cfg: EngineConfig,
     shared: Arc<Shared>,
@@ -323,7 +325,7 @@ impl Engine {
                 finished.push((i, f));
             }
         }
-        finished.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
         for (i, f) in finished {
             let s = self.running.remove(i);
             self.finish(s, f);
