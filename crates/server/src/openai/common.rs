@@ -34,11 +34,14 @@ pub fn parse_body<T: DeserializeOwned>(body: &Bytes, allowed: &[&str]) -> Result
             format!("Unsupported parameter `{k}`: alora does not implement it"),
         ));
     }
-    serde_json::from_value(v).map_err(|e| {
-        let msg = e.to_string();
-        // serde names the field in the message; extract it for `param` when it can.
-        let param = msg.split('`').nth(1).unwrap_or("body").to_string();
-        ApiError::invalid(&param, format!("Invalid request: {msg}"))
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let param = if path == "." || path.is_empty() {
+            "body".to_string()
+        } else {
+            path
+        };
+        ApiError::invalid(&param, format!("Invalid `{param}`: {}", e.inner()))
     })
 }
 

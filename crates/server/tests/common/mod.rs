@@ -1,0 +1,231 @@
+//! Test support: a tiny servable model (the golden Llama fixture plus a character tokenizer
+//! made here), its adapters, and a server on 127.0.0.1:0.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use alora_model::{LoadOptions, LoadedModel};
+use alora_server::{AppState, EngineConfig, HttpConfig, ServeConfig};
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/llama")
+}
+
+/// A fresh directory under the target dir (no network, no global temp clutter).
+pub fn scratch(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The 96 symbols of the tiny model's vocabulary: ids 5, 6, 7 are "a", "b", "c", so the
+/// fixture aLoRA's invocation [5, 6, 7] is the text "abc".
+pub fn vocab() -> Vec<String> {
+    let mut v: Vec<String> = ["<unk>", "<|im_start|>", "<|im_end|>", "\n", " "]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    v.extend(('a'..='z').map(|c| c.to_string()));
+    v.extend(('0'..='9').map(|c| c.to_string()));
+    v.extend(".,?!:;'\"-()".chars().map(|c| c.to_string()));
+    v.extend(('A'..='Z').map(|c| c.to_string()));
+    while v.len() < 96 {
+        v.push(format!("<x{}>", v.len()));
+    }
+    v
+}
+
+fn write_tokenizer(dir: &Path) {
+    use tokenizers::decoders::fuse::Fuse;
+    use tokenizers::models::wordlevel::WordLevel;
+    use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+    use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+    let vocab: HashMap<String, u32> = vocab()
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| (s, i as u32))
+        .collect();
+    let model = WordLevel::builder()
+        .vocab(vocab.into_iter().collect())
+        .unk_token("<unk>".into())
+        .build()
+        .unwrap();
+    let mut tok = Tokenizer::new(model);
+    tok.with_pre_tokenizer(Some(
+        Split::new(
+            SplitPattern::Regex("(?s).".into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .unwrap(),
+    ));
+    tok.with_decoder(Some(Fuse::new()));
+    let _added = tok.add_special_tokens(vec![
+        AddedToken::from("<|im_start|>", true),
+        AddedToken::from("<|im_end|>", true),
+    ]);
+    tok.save(dir.join("tokenizer.json"), false).unwrap();
+    // No chat_template: the server falls back to ChatML, whose markers are ids 1 and 2.
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"eos_token": "<|im_end|>", "bos_token": "<|im_start|>"}"#,
+    )
+    .unwrap();
+}
+
+/// A model directory: the golden Llama fixture's weights and config plus the tokenizer.
+pub fn tiny_model_dir() -> PathBuf {
+    let d = scratch("model");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixtures().join(f), d.join(f)).unwrap();
+    }
+    write_tokenizer(&d);
+    d
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// Adapters in one directory: `lora`, `alora` (invocation "abc"), `alora2` (the same weights
+/// with invocation "xy", so a different adapter), and `lora_v2` (the LoRA's weights doubled).
+pub fn adapter_dir() -> PathBuf {
+    let d = scratch("adapters");
+    copy_dir(&fixtures().join("lora"), &d.join("lora"));
+    copy_dir(&fixtures().join("alora"), &d.join("alora"));
+    copy_dir(&fixtures().join("alora"), &d.join("alora2"));
+    let cfg_path = d.join("alora2/adapter_config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let xy: Vec<u32> = ["x", "y"]
+        .iter()
+        .map(|c| vocab().iter().position(|v| v == c).unwrap() as u32)
+        .collect();
+    cfg["alora_invocation_tokens"] = serde_json::json!(xy);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    copy_dir(&fixtures().join("lora"), &d.join("lora_v2"));
+    let w = d.join("lora_v2/adapter_model.safetensors");
+    let t = candle_core::safetensors::load(&w, &candle_core::Device::Cpu).unwrap();
+    let doubled: HashMap<String, candle_core::Tensor> = t
+        .into_iter()
+        .map(|(k, v)| (k, (v * 2.0).unwrap()))
+        .collect();
+    candle_core::safetensors::save(&doubled, &w).unwrap();
+    d
+}
+
+pub struct Server {
+    pub url: String,
+    pub state: AppState,
+    pub adapters: PathBuf,
+    pub client: reqwest::Client,
+}
+
+pub struct Opts {
+    pub engine: EngineConfig,
+    pub http: HttpConfig,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            engine: EngineConfig {
+                block_size: 4,
+                kv_cache_bytes: 4 << 20,
+                max_num_batched_tokens: 64,
+                ..Default::default()
+            },
+            http: HttpConfig {
+                max_body_bytes: 64 << 10,
+                ..Default::default()
+            },
+        }
+    }
+}
+
+/// Starts a server with adapters `lora`, `alora`, `alora2` loaded.
+pub async fn start(mut opts: Opts) -> Server {
+    let model = tiny_model_dir();
+    let adapters = adapter_dir();
+    opts.http.adapter_dir.get_or_insert(adapters.clone());
+    let start_adapters: Vec<(String, PathBuf)> = ["lora", "alora", "alora2"]
+        .iter()
+        .map(|n| (n.to_string(), adapters.join(n)))
+        .collect();
+    let cfg = ServeConfig {
+        engine: opts.engine,
+        http: opts.http,
+        adapters: start_adapters.clone(),
+    };
+    let state = alora_server::start(cfg, move || {
+        LoadedModel::load(&model, &LoadOptions::default())
+    });
+    let listener = alora_server::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(alora_server::serve(state.clone(), listener));
+    alora_server::wait_ready(&state, &start_adapters)
+        .await
+        .unwrap();
+    Server {
+        url,
+        state,
+        adapters,
+        client: reqwest::Client::new(),
+    }
+}
+
+impl Server {
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let r = self
+            .client
+            .post(format!("{}{path}", self.url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+        )
+    }
+
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self
+            .client
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|r| r.strip_prefix(' '))
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .unwrap_or_else(|| panic!("metric {name} missing"))
+    }
+}
+
+pub fn user(text: &str) -> serde_json::Value {
+    serde_json::json!([{"role": "user", "content": text}])
+}

@@ -1,0 +1,655 @@
+//! Black-box tests over real HTTP on 127.0.0.1 with a tiny model built from the golden
+//! fixtures (random weights, character tokenizer): batching invariance across adapters, prefix
+//! reuse between base and aLoRA turns (and none where there must be none), cancellation,
+//! overload, bad input, SSE.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{start, user, Opts};
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+fn content(v: &Value) -> String {
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn cached(v: &Value) -> u64 {
+    v["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap()
+}
+
+/// Greedy outputs of 8 concurrent requests with mixed adapters equal the same requests run one
+/// at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batching_is_invariant_across_adapters() {
+    let s = start(Opts::default()).await;
+    let adapters = [None, Some("lora"), Some("alora"), Some("alora2")];
+    let reqs: Vec<Value> = (0..8)
+        .map(|i| {
+            let mut r = json!({
+                "messages": user(&format!("tell me {} things about {}", i + 2, ["cats", "rain", "maps", "tea"][i % 4])),
+                "max_tokens": 12, "temperature": 0, "ignore_eos": true,
+            });
+            if let Some(a) = adapters[i % 4] {
+                r["adapter"] = json!(a);
+            }
+            r
+        })
+        .collect();
+    let mut sequential = Vec::new();
+    for r in &reqs {
+        let (st, v) = s.post("/v1/chat/completions", r.clone()).await;
+        assert_eq!(st, 200, "{v}");
+        sequential.push(content(&v));
+    }
+    s.state.engine.reset_prefix_cache().await.unwrap();
+    let concurrent = futures::future::join_all(
+        reqs.iter()
+            .map(|r| s.post("/v1/chat/completions", r.clone())),
+    )
+    .await;
+    for (i, (st, v)) in concurrent.iter().enumerate() {
+        assert_eq!(*st, 200, "{v}");
+        assert_eq!(
+            content(v),
+            sequential[i],
+            "request {i} ({:?})",
+            adapters[i % 4]
+        );
+    }
+    // The adapters do change the output (so the comparison means something).
+    assert_ne!(sequential[0], sequential[2]);
+}
+
+/// A base chat turn, then an aLoRA call on the same conversation: the aLoRA request finds
+/// every full block before its activation start, and its output equals a cold run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alora_after_base_turn_reuses_base_blocks() {
+    let s = start(Opts::default()).await;
+    let q = "what is the weather like on mars today?";
+    let (st, base) = s
+        .post(
+            "/v1/chat/completions",
+            json!({"messages": user(q), "max_tokens": 10, "temperature": 0, "ignore_eos": true}),
+        )
+        .await;
+    assert_eq!(st, 200, "{base}");
+    let answer = content(&base);
+    let base_prompt = base["usage"]["prompt_tokens"].as_u64().unwrap();
+    let base_out = base["usage"]["completion_tokens"].as_u64().unwrap();
+    let convo = json!([{"role": "user", "content": q}, {"role": "assistant", "content": answer}]);
+    let req = json!({"messages": convo, "adapter": "alora", "max_tokens": 6, "temperature": 0, "ignore_eos": true});
+    let (st, warm) = s.post("/v1/chat/completions", req.clone()).await;
+    assert_eq!(st, 200, "{warm}");
+    // Invocation "abc" (3 tokens) is appended at the end: s = prompt_tokens - 3.
+    let s_pos = warm["usage"]["prompt_tokens"].as_u64().unwrap() - 3;
+    // The base turn computed KV for its prompt and all but its last output token; the chat
+    // template closes the assistant turn with tokens the base turn never saw.
+    let base_computed = base_prompt + base_out - 1;
+    let bs = 4;
+    let expect = (s_pos.min(base_computed) / bs) * bs;
+    assert!(expect >= 40, "scenario must share a real prefix: {expect}");
+    assert_eq!(
+        cached(&warm),
+        expect,
+        "every full block before s from the base turn"
+    );
+    assert!(
+        s.metric("alora:adapter_tokens_from_base_blocks_total")
+            .await
+            >= expect as f64
+    );
+
+    s.state.engine.reset_prefix_cache().await.unwrap();
+    let (_, cold) = s.post("/v1/chat/completions", req).await;
+    assert_eq!(cached(&cold), 0);
+    assert_eq!(content(&cold), content(&warm), "cached and cold runs agree");
+}
+
+/// A plain LoRA after a base turn reports 0 cached tokens; an adapter reloaded with different
+/// weights under the same name gets no hits on the old blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_reuse_where_there_must_be_none() {
+    let mut o = Opts::default();
+    o.http.enable_adapter_loading = true;
+    let s = start(o).await;
+    let req = |adapter: Option<&str>| {
+        let mut r = json!({"messages": user("list three colours of the sea please"), "max_tokens": 4, "temperature": 0});
+        if let Some(a) = adapter {
+            r["adapter"] = json!(a);
+        }
+        r
+    };
+    let (_, _) = s.post("/v1/chat/completions", req(None)).await;
+    let (st, l1) = s.post("/v1/chat/completions", req(Some("lora"))).await;
+    assert_eq!(st, 200, "{l1}");
+    assert_eq!(
+        cached(&l1),
+        0,
+        "LoRA adapts every token: base blocks are useless to it"
+    );
+    let (_, l2) = s.post("/v1/chat/completions", req(Some("lora"))).await;
+    assert!(
+        cached(&l2) > 0,
+        "the same LoRA again does hit its own blocks"
+    );
+
+    let (st, v) = s
+        .post(
+            "/v1/load_lora_adapter",
+            json!({"lora_name": "lora", "lora_path": "lora_v2"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let (_, l3) = s.post("/v1/chat/completions", req(Some("lora"))).await;
+    assert_eq!(
+        cached(&l3),
+        0,
+        "new weights under an old name must not hit old blocks"
+    );
+
+    // Paths outside the adapter directory are refused.
+    let (st, v) = s
+        .post(
+            "/v1/load_lora_adapter",
+            json!({"lora_name": "x", "lora_path": "/etc"}),
+        )
+        .await;
+    assert_eq!(st, 400, "{v}");
+    let (st, _) = s
+        .post("/v1/unload_lora_adapter", json!({"lora_name": "lora"}))
+        .await;
+    assert_eq!(st, 200);
+    let (st, v) = s.post("/v1/chat/completions", req(Some("lora"))).await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (404, Some("model_not_found"))
+    );
+}
+
+/// A client that disconnects mid-stream gets its KV blocks back to the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_mid_stream_frees_blocks() {
+    let s = start(Opts::default()).await;
+    let baseline = s.metric("alora:kv_blocks_in_use").await;
+    assert_eq!(baseline, 0.0);
+    let r = s
+        .client
+        .post(format!("{}/v1/chat/completions", s.url))
+        .json(&json!({"messages": user("count slowly"), "max_tokens": 150, "ignore_eos": true, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let mut events = r.bytes_stream().eventsource();
+    for _ in 0..3 {
+        events.next().await.unwrap().unwrap();
+    }
+    assert!(
+        s.metric("alora:kv_blocks_in_use").await > 0.0,
+        "the stream holds blocks while running"
+    );
+    drop(events);
+    let mut in_use = f64::NAN;
+    for _ in 0..200 {
+        in_use = s.metric("alora:kv_blocks_in_use").await;
+        if in_use == baseline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(in_use, baseline, "blocks return after disconnect");
+    assert_eq!(s.metric("vllm:num_requests_running").await, 0.0);
+}
+
+/// More concurrent requests than the queue bound: the excess get 429 with Retry-After, the
+/// rest complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overload_gets_429_and_the_rest_complete() {
+    let mut o = Opts::default();
+    o.engine.max_num_seqs = 1;
+    o.engine.max_queue_requests = 2;
+    let s = start(o).await;
+    let send = |i: usize| {
+        let c = s.client.clone();
+        let url = format!("{}/v1/completions", s.url);
+        async move {
+            let r = c
+                .post(url)
+                .json(&json!({"prompt": format!("number {i} is"), "max_tokens": 20, "ignore_eos": true}))
+                .send()
+                .await
+                .unwrap();
+            let retry = r.headers().get("retry-after").is_some();
+            (r.status().as_u16(), retry, r.json::<Value>().await.unwrap())
+        }
+    };
+    let results = futures::future::join_all((0..12).map(send)).await;
+    let ok = results.iter().filter(|r| r.0 == 200).count();
+    let limited: Vec<_> = results.iter().filter(|r| r.0 == 429).collect();
+    assert_eq!(ok + limited.len(), 12, "{results:?}");
+    assert!(
+        ok >= 1 && !limited.is_empty(),
+        "ok {ok}, 429 {}",
+        limited.len()
+    );
+    for (_, retry, body) in &limited {
+        assert!(*retry, "429 carries Retry-After");
+        assert_eq!(body["error"]["type"], "rate_limit_error");
+    }
+    for (st, _, body) in results.iter().filter(|r| r.0 == 200) {
+        assert_eq!(*st, 200);
+        assert_eq!(body["usage"]["completion_tokens"], 20);
+    }
+}
+
+/// Every bad input gets its status and an OpenAI error body naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_get_openai_errors() {
+    let s = start(Opts::default()).await;
+    let chat = "/v1/chat/completions";
+    let msgs = user("hi");
+    // (path, body, status, param, code)
+    type Case<'a> = (&'a str, Value, u16, Option<&'a str>, Option<&'a str>);
+    let cases: Vec<Case> = vec![
+        (chat, json!({}), 400, Some("messages"), None),
+        (chat, json!({"messages": []}), 400, Some("messages"), None),
+        (
+            chat,
+            json!({"messages": msgs, "adapter": "nope"}),
+            404,
+            Some("adapter"),
+            Some("model_not_found"),
+        ),
+        (
+            chat,
+            json!({"messages": msgs, "model": "nope"}),
+            404,
+            Some("model"),
+            Some("model_not_found"),
+        ),
+        (
+            chat,
+            json!({"messages": msgs, "max_tokens": 100000}),
+            400,
+            Some("max_tokens"),
+            Some("context_length_exceeded"),
+        ),
+        (
+            chat,
+            json!({"messages": msgs, "max_tokens": 0}),
+            400,
+            Some("max_tokens"),
+            None,
+        ),
+        (
+            chat,
+            json!({"messages": msgs, "temperature": 3.5}),
+            400,
+            Some("temperature"),
+            None,
+        ),
+        (
+            chat,
+            json!({"messages": msgs, "top_p": 0}),
+            400,
+            Some("top_p"),
+            None,
+        ),
+        (
+            chat,
+            json!({"messages": msgs, "n": 99}),
+            400,
+            Some("n"),
+            None,
+        ),
+        (
+            chat,
+            json!({"messages": msgs, "logit_bias": {"100000": 1}}),
+            400,
+            Some("logit_bias"),
+            None,
+        ),
+        (
+            chat,
+            json!({"messages": msgs, "top_logprobs": 2}),
+            400,
+            Some("top_logprobs"),
+            None,
+        ),
+        (
+            chat,
+            json!({"messages": msgs, "tools": []}),
+            400,
+            Some("tools"),
+            None,
+        ),
+        (
+            chat,
+            json!({"messages": msgs, "frobnicate": 1}),
+            400,
+            Some("frobnicate"),
+            None,
+        ),
+        (chat, json!({"messages": "hi"}), 400, Some("messages"), None),
+        (
+            "/v1/completions",
+            json!({"prompt": [1, 2, 100000]}),
+            400,
+            Some("prompt"),
+            None,
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": [-1]}),
+            400,
+            Some("prompt"),
+            None,
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": ""}),
+            400,
+            Some("prompt"),
+            None,
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "no invocation here", "adapter": "alora"}),
+            400,
+            Some("prompt"),
+            Some("invocation_not_found"),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "best_of": 3}),
+            400,
+            Some("best_of"),
+            None,
+        ),
+        (
+            "/detokenize",
+            json!({"tokens": [5000]}),
+            400,
+            Some("tokens"),
+            None,
+        ),
+    ];
+    for (path, body, status, param, code) in cases {
+        let (st, v) = s.post(path, body.clone()).await;
+        assert_eq!(st, status, "{path} {body}: {v}");
+        let e = &v["error"];
+        assert!(
+            e["message"].as_str().is_some_and(|m| !m.is_empty()) && e["type"].is_string(),
+            "{v}"
+        );
+        assert_eq!(e["param"].as_str(), param, "{path} {body}: {v}");
+        assert_eq!(e["code"].as_str(), code, "{path} {body}: {v}");
+    }
+    // Malformed JSON and an oversized body.
+    let r = s
+        .client
+        .post(format!("{}{chat}", s.url))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.json::<Value>().await.unwrap()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("JSON"));
+    let big = json!({"messages": user(&"a".repeat(100 << 10))});
+    let r = s
+        .client
+        .post(format!("{}{chat}", s.url))
+        .json(&big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["type"],
+        "invalid_request_error"
+    );
+    // Unknown route: JSON 404.
+    let r = s
+        .client
+        .get(format!("{}/v2/nothing", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    // The server still serves after all that.
+    let (st, _) = s
+        .post(chat, json!({"messages": user("ok?"), "max_tokens": 2}))
+        .await;
+    assert_eq!(st, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_key_is_required_when_set() {
+    let mut o = Opts::default();
+    o.http.api_key = Some("sekret".into());
+    let s = start(o).await;
+    let body = json!({"messages": user("hi"), "max_tokens": 2});
+    let r = s
+        .client
+        .post(format!("{}/v1/chat/completions", s.url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "invalid_api_key"
+    );
+    let r = s
+        .client
+        .post(format!("{}/v1/chat/completions", s.url))
+        .bearer_auth("wrong")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = s
+        .client
+        .post(format!("{}/v1/chat/completions", s.url))
+        .bearer_auth("sekret")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Health stays open for load balancers.
+    let r = s
+        .client
+        .get(format!("{}/health", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// Streams parse with a standard SSE client, carry the same text as the non-streamed answer,
+/// end with [DONE], and report usage when asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_parse_and_match_non_streamed() {
+    let s = start(Opts::default()).await;
+    for (path, body) in [
+        (
+            "/v1/chat/completions",
+            json!({"messages": user("say something"), "adapter": "alora", "max_tokens": 9, "temperature": 0, "ignore_eos": true}),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "once upon a time", "max_tokens": 9, "temperature": 0, "ignore_eos": true}),
+        ),
+    ] {
+        let (st, full) = s.post(path, body.clone()).await;
+        assert_eq!(st, 200, "{full}");
+        let mut sb = body.clone();
+        sb["stream"] = json!(true);
+        sb["stream_options"] = json!({"include_usage": true});
+        let r = s
+            .client
+            .post(format!("{}{path}", s.url))
+            .json(&sb)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream"));
+        let mut events = r.bytes_stream().eventsource();
+        let (mut text, mut done, mut usage, mut finish) = (String::new(), false, None, None);
+        while let Some(ev) = events.next().await {
+            let ev = ev.unwrap();
+            if ev.data == "[DONE]" {
+                done = true;
+                break;
+            }
+            let v: Value = serde_json::from_str(&ev.data).unwrap();
+            if let Some(c) = v["choices"].get(0) {
+                text.push_str(
+                    c["delta"]["content"]
+                        .as_str()
+                        .or(c["text"].as_str())
+                        .unwrap_or(""),
+                );
+                if let Some(f) = c["finish_reason"].as_str() {
+                    finish = Some(f.to_string());
+                }
+            }
+            if !v["usage"].is_null() {
+                usage = Some(v["usage"].clone());
+            }
+        }
+        assert!(done, "stream ends with [DONE]");
+        let expect = full["choices"][0]["message"]["content"]
+            .as_str()
+            .or(full["choices"][0]["text"].as_str())
+            .unwrap();
+        assert_eq!(text, expect, "{path}");
+        assert_eq!(finish.as_deref(), Some("length"));
+        assert_eq!(usage.unwrap()["completion_tokens"], 9);
+    }
+}
+
+/// n choices, stop strings, logprobs, echo, token-id prompts, models listing, tokenize.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_features() {
+    let s = start(Opts::default()).await;
+    let (st, v) = s
+        .post("/v1/chat/completions", json!({"messages": user("hello"), "n": 3, "max_tokens": 5, "temperature": 1.0, "seed": 7, "logprobs": true, "top_logprobs": 2}))
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"].as_array().unwrap().len(), 3);
+    let lp = &v["choices"][0]["logprobs"]["content"];
+    assert!(lp.as_array().is_some_and(|a| !a.is_empty()));
+    assert_eq!(lp[0]["top_logprobs"].as_array().unwrap().len(), 2);
+    assert!(lp[0]["logprob"].as_f64().unwrap() <= 0.0);
+    // The same seed reproduces the same choices (log-probabilities may differ in the last bits
+    // with the batch's shape, the tokens may not).
+    let (_, v2) = s
+        .post("/v1/chat/completions", json!({"messages": user("hello"), "n": 3, "max_tokens": 5, "temperature": 1.0, "seed": 7, "logprobs": true, "top_logprobs": 2}))
+        .await;
+    let texts = |v: &Value| {
+        v["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["message"]["content"].clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(texts(&v), texts(&v2));
+    assert!(
+        texts(&v)
+            .iter()
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+            > 1,
+        "choices differ"
+    );
+
+    // A stop string cuts the output and is not included.
+    let (_, free) = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": "abc abc", "max_tokens": 16, "temperature": 0, "ignore_eos": true}),
+        )
+        .await;
+    let text = free["choices"][0]["text"].as_str().unwrap().to_string();
+    let stop: String = text.chars().skip(3).take(2).collect();
+    let (_, cut) = s
+        .post("/v1/completions", json!({"prompt": "abc abc", "max_tokens": 16, "temperature": 0, "ignore_eos": true, "stop": [stop.clone()]}))
+        .await;
+    let want = &text[..text.find(&stop).unwrap()];
+    assert_eq!(cut["choices"][0]["text"].as_str().unwrap(), want);
+    assert_eq!(cut["choices"][0]["finish_reason"], "stop");
+
+    // Echo and token-id prompts; aLoRA on completions when the invocation is present.
+    let (_, e) = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": [10, 11, 5, 6, 7], "max_tokens": 3, "echo": true, "adapter": "alora"}),
+        )
+        .await;
+    assert!(
+        e["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("fgabc"),
+        "{e}"
+    );
+
+    let (st, m) = (
+        200,
+        s.client
+            .get(format!("{}/v1/models", s.url))
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap(),
+    );
+    assert_eq!(st, 200);
+    let ids: Vec<&str> = m["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&"alora") && ids.contains(&"lora"), "{m}");
+    let al = m["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == "alora")
+        .unwrap();
+    assert_eq!(al["parent"], m["data"][0]["id"]);
+    assert_eq!(al["invocation_tokens"], json!([5, 6, 7]));
+
+    let (_, t) = s.post("/tokenize", json!({"prompt": "abc"})).await;
+    assert_eq!(t["tokens"], json!([5, 6, 7]));
+    let (_, d) = s.post("/detokenize", json!({"tokens": [5, 6, 7]})).await;
+    assert_eq!(d["prompt"], "abc");
+
+    // `model` naming an adapter works as `adapter` does.
+    let body =
+        |k: &str| json!({"messages": user("hey"), k: "alora", "max_tokens": 4, "temperature": 0});
+    let (_, a) = s.post("/v1/chat/completions", body("adapter")).await;
+    let (_, b) = s.post("/v1/chat/completions", body("model")).await;
+    assert_eq!(content(&a), content(&b));
+    assert_eq!(b["model"], "alora");
+}
