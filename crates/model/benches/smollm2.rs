@@ -1,0 +1,79 @@
+//! Prefill (128 / 512 / 2048 tokens, batch 1) and decode (batch 1 and 8 at a 128-token
+//! context) on the default model, SmolLM2-135M-Instruct (GGUF, fetched by
+//! scripts/fetch-model.sh). Throughput is in tokens.
+//!
+//! `ALORA_BENCH_WEIGHTS` picks how the GGUF weights are held (dense, keep, q8_0, q4k, ...);
+//! `RAYON_NUM_THREADS` the thread count. BENCHMARKS.md has the commands and results.
+
+use std::path::PathBuf;
+
+use alora_cache::BlockId;
+use alora_model::{CausalLm, KvStore, QuantPolicy, SeqStep};
+use candle_core::Device;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+
+const BS: usize = 16;
+
+fn load() -> CausalLm {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(path.exists(), "{} missing: run scripts/fetch-model.sh", path.display());
+    let policy: QuantPolicy = std::env::var("ALORA_BENCH_WEIGHTS").unwrap_or_else(|_| "dense".into()).parse().unwrap();
+    CausalLm::load_gguf(&path, policy, &Device::Cpu).unwrap().0
+}
+
+fn tokens(n: usize, salt: u32) -> Vec<u32> {
+    (0..n as u32).map(|i| (i.wrapping_mul(2_654_435_761) ^ salt) % 49_000 + 100).collect()
+}
+
+fn table(seq: usize, blocks_per_seq: usize) -> Vec<BlockId> {
+    (0..blocks_per_seq).map(|b| BlockId((seq * blocks_per_seq + b) as u32)).collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let model = load();
+    let mut g = c.benchmark_group("smollm2_prefill");
+    g.sample_size(10);
+    for n in [128usize, 512, 2048] {
+        let kv: KvStore = model.new_kv_store(n.div_ceil(BS), BS).unwrap();
+        let t = tokens(n, 1);
+        let tab = table(0, n.div_ceil(BS));
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| {
+                let step = SeqStep { tokens: &t, start_pos: 0, adapter: None, block_table: &tab, all_logits: false };
+                model.forward(&[step], &kv).unwrap()
+            })
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("smollm2_decode_ctx128");
+    g.sample_size(20);
+    let ctx: usize = 128;
+    for batch in [1usize, 8] {
+        let per = (ctx + 1).div_ceil(BS);
+        let kv = model.new_kv_store(per * batch, BS).unwrap();
+        let prompts: Vec<Vec<u32>> = (0..batch).map(|i| tokens(ctx, i as u32 + 7)).collect();
+        let tables: Vec<Vec<BlockId>> = (0..batch).map(|i| table(i, per)).collect();
+        let prefill: Vec<SeqStep> = (0..batch)
+            .map(|i| SeqStep { tokens: &prompts[i], start_pos: 0, adapter: None, block_table: &tables[i], all_logits: false })
+            .collect();
+        model.forward(&prefill, &kv).unwrap();
+        let next = [42u32];
+        g.throughput(Throughput::Elements(batch as u64));
+        g.bench_with_input(BenchmarkId::new("batch", batch), &batch, |b, _| {
+            b.iter(|| {
+                // Each iteration decodes one token per sequence at position 128 (rewriting the
+                // same slot), the cost of one engine step.
+                let steps: Vec<SeqStep> = (0..batch)
+                    .map(|i| SeqStep { tokens: &next, start_pos: ctx, adapter: None, block_table: &tables[i], all_logits: false })
+                    .collect();
+                model.forward(&steps, &kv).unwrap()
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
