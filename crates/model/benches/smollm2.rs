@@ -15,18 +15,30 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 const BS: usize = 16;
 
 fn load() -> CausalLm {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.exists(), "{} missing: run scripts/fetch-model.sh", path.display());
-    let policy: QuantPolicy = std::env::var("ALORA_BENCH_WEIGHTS").unwrap_or_else(|_| "dense".into()).parse().unwrap();
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.exists(),
+        "{} missing: run scripts/fetch-model.sh",
+        path.display()
+    );
+    let policy: QuantPolicy = std::env::var("ALORA_BENCH_WEIGHTS")
+        .unwrap_or_else(|_| "dense".into())
+        .parse()
+        .unwrap();
     CausalLm::load_gguf(&path, policy, &Device::Cpu).unwrap().0
 }
 
 fn tokens(n: usize, salt: u32) -> Vec<u32> {
-    (0..n as u32).map(|i| (i.wrapping_mul(2_654_435_761) ^ salt) % 49_000 + 100).collect()
+    (0..n as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) ^ salt) % 49_000 + 100)
+        .collect()
 }
 
 fn table(seq: usize, blocks_per_seq: usize) -> Vec<BlockId> {
-    (0..blocks_per_seq).map(|b| BlockId((seq * blocks_per_seq + b) as u32)).collect()
+    (0..blocks_per_seq)
+        .map(|b| BlockId((seq * blocks_per_seq + b) as u32))
+        .collect()
 }
 
 fn bench(c: &mut Criterion) {
@@ -40,7 +52,13 @@ fn bench(c: &mut Criterion) {
         g.throughput(Throughput::Elements(n as u64));
         g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter(|| {
-                let step = SeqStep { tokens: &t, start_pos: 0, adapter: None, block_table: &tab, all_logits: false };
+                let step = SeqStep {
+                    tokens: &t,
+                    start_pos: 0,
+                    adapter: None,
+                    block_table: &tab,
+                    all_logits: false,
+                };
                 model.forward(&[step], &kv).unwrap()
             })
         });
@@ -56,7 +74,13 @@ fn bench(c: &mut Criterion) {
         let prompts: Vec<Vec<u32>> = (0..batch).map(|i| tokens(ctx, i as u32 + 7)).collect();
         let tables: Vec<Vec<BlockId>> = (0..batch).map(|i| table(i, per)).collect();
         let prefill: Vec<SeqStep> = (0..batch)
-            .map(|i| SeqStep { tokens: &prompts[i], start_pos: 0, adapter: None, block_table: &tables[i], all_logits: false })
+            .map(|i| SeqStep {
+                tokens: &prompts[i],
+                start_pos: 0,
+                adapter: None,
+                block_table: &tables[i],
+                all_logits: false,
+            })
             .collect();
         model.forward(&prefill, &kv).unwrap();
         let next = [42u32];
@@ -66,7 +90,13 @@ fn bench(c: &mut Criterion) {
                 // Each iteration decodes one token per sequence at position 128 (rewriting the
                 // same slot), the cost of one engine step.
                 let steps: Vec<SeqStep> = (0..batch)
-                    .map(|i| SeqStep { tokens: &next, start_pos: ctx, adapter: None, block_table: &tables[i], all_logits: false })
+                    .map(|i| SeqStep {
+                        tokens: &next,
+                        start_pos: ctx,
+                        adapter: None,
+                        block_table: &tables[i],
+                        all_logits: false,
+                    })
                     .collect();
                 model.forward(&steps, &kv).unwrap()
             })
