@@ -1,0 +1,103 @@
+//! The server on the real default model (SmolLM2-135M-Instruct GGUF, fetched by the README's
+//! test command): a chat answer through HTTP matches the model's greedy reference answer
+//! (`model/tests/fixtures/smollm2_greedy.json`, made with transformers), and the same
+//! conversation's next turn is served mostly from cached blocks.
+//! Without the model file this fails, unless ALORA_SKIP_REAL_MODEL=1.
+
+use std::path::PathBuf;
+
+use alora_model::{LoadOptions, LoadedModel};
+use alora_server::{EngineConfig, HttpConfig, ServeConfig};
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smollm2_over_http() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let path = root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !path.exists() {
+        if std::env::var("ALORA_SKIP_REAL_MODEL").as_deref() == Ok("1") {
+            return;
+        }
+        panic!(
+            "{} is missing: run scripts/fetch-model.sh (or set ALORA_SKIP_REAL_MODEL=1)",
+            path.display()
+        );
+    }
+    let golden: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("crates/model/tests/fixtures/smollm2_greedy.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let case = &golden["cases"][1];
+    let cfg = ServeConfig {
+        engine: EngineConfig {
+            kv_cache_bytes: 64 << 20,
+            ..Default::default()
+        },
+        http: HttpConfig {
+            max_body_bytes: 1 << 20,
+            ..Default::default()
+        },
+        adapters: vec![],
+    };
+    let state = alora_server::start(cfg, move || {
+        LoadedModel::load(&path, &LoadOptions::default())
+    });
+    let listener = alora_server::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let url = format!(
+        "http://{}/v1/chat/completions",
+        listener.local_addr().unwrap()
+    );
+    tokio::spawn(alora_server::serve(state.clone(), listener));
+    alora_server::wait_ready(&state, &[]).await.unwrap();
+
+    let client = reqwest::Client::new();
+    let question = case["chat"].as_str().unwrap();
+    let n = case["greedy_ids"].as_array().unwrap().len();
+    let body = json!({"messages": [{"role": "user", "content": question}], "max_tokens": n, "temperature": 0, "ignore_eos": true});
+    let r: Value = client
+        .post(&url)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let info = state.info().unwrap();
+    let ids: Vec<u32> = case["greedy_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let expected = info.tokenizer.decode(&ids, true).unwrap();
+    let answer = r["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(answer, expected);
+    assert!(answer.contains("Paris"), "{answer}");
+    assert_eq!(
+        r["usage"]["prompt_tokens"],
+        case["prompt_ids"].as_array().unwrap().len()
+    );
+
+    let next = json!({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer},
+        {"role": "user", "content": "And of Italy?"}], "max_tokens": 8, "temperature": 0});
+    let r2: Value = client
+        .post(&url)
+        .json(&next)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let cached = r2["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        cached >= 32,
+        "second turn reuses the first turn's blocks: {r2}"
+    );
+}
