@@ -653,3 +653,82 @@ async fn openai_features() {
     assert_eq!(content(&a), content(&b));
     assert_eq!(b["model"], "alora");
 }
+
+/// `/health` is 503 while the model loads and 200 once ready; the API answers 503 meanwhile.
+/// A model that fails to load leaves /health at 503 with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_model_loading() {
+    use alora_model::{LoadOptions, LoadedModel};
+    use alora_server::{EngineConfig, HttpConfig, ServeConfig};
+    let dir = common::tiny_model_dir();
+    let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+    let cfg = ServeConfig {
+        engine: EngineConfig {
+            kv_cache_bytes: 1 << 20,
+            ..Default::default()
+        },
+        http: HttpConfig {
+            max_body_bytes: 1 << 16,
+            ..Default::default()
+        },
+        adapters: vec![],
+    };
+    let state = alora_server::start(cfg, move || {
+        // Loading waits until the test has seen the 503.
+        let _ = gate_rx.recv();
+        LoadedModel::load(&dir, &LoadOptions::default())
+    });
+    let listener = alora_server::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(alora_server::serve(state.clone(), listener));
+    let client = reqwest::Client::new();
+    assert_eq!(
+        client
+            .get(format!("{url}/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+    let r = client
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&json!({"messages": user("hi")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "model_loading"
+    );
+    gate_tx.send(()).unwrap();
+    alora_server::wait_ready(&state, &[]).await.unwrap();
+    assert_eq!(
+        client
+            .get(format!("{url}/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    let bad = alora_server::start(
+        ServeConfig {
+            engine: EngineConfig::default(),
+            http: HttpConfig::default(),
+            adapters: vec![],
+        },
+        || {
+            LoadedModel::load(
+                std::path::Path::new("/nonexistent/model.gguf"),
+                &LoadOptions::default(),
+            )
+        },
+    );
+    let err = alora_server::wait_ready(&bad, &[]).await.unwrap_err();
+    assert!(err.contains("failed to load"), "{err}");
+}
