@@ -11,8 +11,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::common::{
-    collect, include_usage, parse_body, resolve_adapter, spawn_stream, sse, submit_all, token_text,
-    usage_out, validate_lengths, validate_sampling, MAX_TOP_LOGPROBS,
+    collect_all, include_usage, parse_body, resolve_adapter, spawn_stream, sse, submit_all,
+    token_text, usage_out, validate_lengths, validate_sampling, MAX_TOP_LOGPROBS,
 };
 use super::types::*;
 use crate::engine::{Event, GenRequest, ModelInfo, TokenEvent};
@@ -234,7 +234,7 @@ pub async fn chat_completions(
             },
             move |usages| {
                 if with_usage {
-                    vec![c2(vec![], Some(usage_out(usages)))]
+                    vec![c2(vec![], Some(usage_out(usages, usages.len())))]
                 } else {
                     vec![]
                 }
@@ -244,16 +244,10 @@ pub async fn chat_completions(
         return Ok(sse(body).into_response());
     }
 
-    let results = match state.config.request_timeout {
-        Some(t) => tokio::time::timeout(t, futures::future::join_all(rxs.into_iter().map(collect)))
-            .await
-            .map_err(|_| ApiError::timeout())?,
-        None => futures::future::join_all(rxs.into_iter().map(collect)).await,
-    };
+    let results = collect_all(&state, rxs).await?;
     let mut choices = Vec::new();
     let mut usages = Vec::new();
-    for (i, r) in results.into_iter().enumerate() {
-        let c = r?;
+    for (i, c) in results.into_iter().enumerate() {
         let lp = want_logprobs.then(|| ChatLogprobs {
             content: c.tokens.iter().map(|t| logprobs_of(&info, t)).collect(),
         });
@@ -274,7 +268,7 @@ pub async fn chat_completions(
         created,
         model: model_name,
         choices,
-        usage: usage_out(&usages),
+        usage: usage_out(&usages, usages.len()),
     })
     .into_response())
 }

@@ -286,10 +286,11 @@ pub async fn collect(mut rx: UnboundedReceiver<Event>) -> Result<Collected, ApiE
     Err(ApiError::internal("The engine dropped the request"))
 }
 
-/// Usage of all choices of a request: the prompt counted once.
-pub fn usage_out(usages: &[Usage]) -> UsageOut {
-    let prompt = usages.first().map(|u| u.prompt_tokens).unwrap_or(0);
-    let cached = usages.first().map(|u| u.cached_tokens).unwrap_or(0);
+/// Usage of a request's choices, `n` per prompt: each prompt counted once.
+pub fn usage_out(usages: &[Usage], n: usize) -> UsageOut {
+    let prompts = usages.chunks(n.max(1));
+    let prompt: usize = prompts.clone().map(|c| c[0].prompt_tokens).sum();
+    let cached: usize = prompts.map(|c| c[0].cached_tokens).sum();
     let completion: usize = usages.iter().map(|u| u.completion_tokens).sum();
     UsageOut {
         prompt_tokens: prompt,
@@ -299,6 +300,21 @@ pub fn usage_out(usages: &[Usage]) -> UsageOut {
             cached_tokens: cached,
         },
     }
+}
+
+/// Collects every choice, within the server's request timeout.
+pub async fn collect_all(
+    state: &AppState,
+    rxs: Vec<UnboundedReceiver<Event>>,
+) -> Result<Vec<Collected>, ApiError> {
+    let all = futures::future::join_all(rxs.into_iter().map(collect));
+    let results = match state.config.request_timeout {
+        Some(t) => tokio::time::timeout(t, all)
+            .await
+            .map_err(|_| ApiError::timeout())?,
+        None => all.await,
+    };
+    results.into_iter().collect()
 }
 
 /// Events of all choices, tagged with the choice index, as they come.

@@ -9,11 +9,11 @@ use axum::Json;
 use futures::StreamExt;
 
 use super::common::{
-    collect, include_usage, parse_body, resolve_adapter, spawn_stream, sse, submit_all, token_text,
-    validate_lengths, validate_sampling, MAX_TOP_LOGPROBS,
+    collect_all, include_usage, parse_body, resolve_adapter, spawn_stream, sse, submit_all,
+    token_text, usage_out, validate_lengths, validate_sampling, MAX_TOP_LOGPROBS,
 };
 use super::types::*;
-use crate::engine::{Event, GenRequest, ModelInfo, TokenEvent, Usage};
+use crate::engine::{Event, GenRequest, ModelInfo, TokenEvent};
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -70,21 +70,6 @@ fn logprobs_of(info: &ModelInfo, tokens: &[TokenEvent], offset0: usize) -> Compl
         );
     }
     lp
-}
-
-fn usage_of(usages: &[Usage], n: usize) -> UsageOut {
-    let prompts = usages.chunks(n.max(1));
-    let prompt: usize = prompts.clone().map(|c| c[0].prompt_tokens).sum();
-    let cached: usize = prompts.map(|c| c[0].cached_tokens).sum();
-    let completion: usize = usages.iter().map(|u| u.completion_tokens).sum();
-    UsageOut {
-        prompt_tokens: prompt,
-        completion_tokens: completion,
-        total_tokens: prompt + completion,
-        prompt_tokens_details: PromptTokensDetails {
-            cached_tokens: cached,
-        },
-    }
 }
 
 pub async fn completions(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
@@ -223,7 +208,7 @@ pub async fn completions(State(state): State<AppState>, body: Bytes) -> Result<R
             },
             move |usages| {
                 if with_usage {
-                    vec![c2(vec![], Some(usage_of(usages, n)))]
+                    vec![c2(vec![], Some(usage_out(usages, n)))]
                 } else {
                     vec![]
                 }
@@ -232,16 +217,10 @@ pub async fn completions(State(state): State<AppState>, body: Bytes) -> Result<R
         return Ok(sse(futures::stream::iter(first).chain(body)).into_response());
     }
 
-    let results = match state.config.request_timeout {
-        Some(t) => tokio::time::timeout(t, futures::future::join_all(rxs.into_iter().map(collect)))
-            .await
-            .map_err(|_| ApiError::timeout())?,
-        None => futures::future::join_all(rxs.into_iter().map(collect)).await,
-    };
+    let results = collect_all(&state, rxs).await?;
     let mut choices = Vec::new();
     let mut usages = Vec::new();
-    for (i, r) in results.into_iter().enumerate() {
-        let c = r?;
+    for (i, c) in results.into_iter().enumerate() {
         let echo = &echoes[i];
         let lp = logprobs.map(|_| logprobs_of(&info, &c.tokens, echo.len()));
         usages.push(c.usage);
@@ -258,7 +237,7 @@ pub async fn completions(State(state): State<AppState>, body: Bytes) -> Result<R
         created,
         model: model_name,
         choices,
-        usage: Some(usage_of(&usages, n)),
+        usage: Some(usage_out(&usages, n)),
     })
     .into_response())
 }
