@@ -3,12 +3,13 @@
 //! scripts/fetch-model.sh). Throughput is in tokens.
 //!
 //! `ALORA_BENCH_WEIGHTS` picks how the GGUF weights are held (dense, keep, q8_0, q4k, ...);
-//! `RAYON_NUM_THREADS` the thread count. BENCHMARKS.md has the commands and results.
+//! `ALORA_BENCH_ATTENTION=reference` forces the matmul attention path; `RAYON_NUM_THREADS` the
+//! thread count. BENCHMARKS.md has the commands and results.
 
 use std::path::PathBuf;
 
 use alora_cache::BlockId;
-use alora_model::{CausalLm, KvStore, QuantPolicy, SeqStep};
+use alora_model::{AttentionImpl, CausalLm, KvStore, QuantPolicy, SeqStep};
 use candle_core::Device;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
@@ -26,7 +27,11 @@ fn load() -> CausalLm {
         .unwrap_or_else(|_| "dense".into())
         .parse()
         .unwrap();
-    CausalLm::load_gguf(&path, policy, &Device::Cpu).unwrap().0
+    let mut m = CausalLm::load_gguf(&path, policy, &Device::Cpu).unwrap().0;
+    if std::env::var("ALORA_BENCH_ATTENTION").as_deref() == Ok("reference") {
+        m.set_attention(AttentionImpl::Reference);
+    }
+    m
 }
 
 fn tokens(n: usize, salt: u32) -> Vec<u32> {

@@ -16,7 +16,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use crate::batch::{Prepared, SeqStep, StepLogits};
 use crate::config::{Architecture, ModelConfig};
@@ -29,11 +29,16 @@ use crate::weights::{lm_head_is_tied, LinearWeight, Permute, QuantPolicy, Weight
 /// Which attention kernel a step uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionImpl {
-    /// candle's fused varlen CPU flash attention where it applies (CPU, f32/f16), else reference.
+    /// candle's fused varlen CPU flash attention for decode-like steps (every sequence brings
+    /// fewer than [`FLASH_MAX_QUERY`] tokens, on CPU, f32/f16); the matmul path otherwise, which
+    /// measured faster for prefill chunks (BENCHMARKS.md).
     Auto,
     /// Per-sequence matmul + mask + softmax: any device and dtype.
     Reference,
 }
+
+/// Longest per-sequence query chunk that still goes to the CPU flash kernel in `Auto` mode.
+pub const FLASH_MAX_QUERY: usize = 32;
 
 /// A projection with its base weight; LoRA factors come from the step's adapters.
 #[derive(Debug)]
@@ -370,7 +375,8 @@ impl CausalLm {
         let (kc, vc) = ctx.kv.gather(l, &ctx.prep.gather_slots)?;
         let use_flash = self.attention == AttentionImpl::Auto
             && self.device.is_cpu()
-            && matches!(self.dtype, DType::F32 | DType::F16);
+            && matches!(self.dtype, DType::F32 | DType::F16)
+            && ctx.prep.seqlens_q.iter().all(|&n| n < FLASH_MAX_QUERY);
         let out = if use_flash {
             let p = ctx.prep;
             let sq: Vec<u32> = p.seqlens_q.iter().map(|&x| x as u32).collect();
@@ -453,7 +459,6 @@ impl CausalLm {
             qo += nq;
             ko += nk;
         }
-        let _ = D::Minus1;
         Ok(Tensor::cat(&outs, 0)?.contiguous()?)
     }
 }
