@@ -732,3 +732,30 @@ async fn health_follows_model_loading() {
     let err = alora_server::wait_ready(&bad, &[]).await.unwrap_err();
     assert!(err.contains("failed to load"), "{err}");
 }
+
+/// When blocks run out, running sequences are preempted (freed, recomputed later) and every
+/// request still completes with the output it would have had with room to spare.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn preemption_by_recompute_keeps_outputs() {
+    let roomy = start(Opts::default()).await;
+    let mut o = Opts::default();
+    // The tiny model's block (4 tokens, 2 layers, 2 KV heads of 16, f32) is 2 KiB: 48 blocks.
+    o.engine.kv_cache_bytes = 48 * 2048;
+    let tight = start(o).await;
+    let reqs: Vec<Value> = (0..4)
+        .map(|i| json!({"prompt": format!("story number {i} begins with a"), "max_tokens": 48, "temperature": 0, "ignore_eos": true}))
+        .collect();
+    let mut want = Vec::new();
+    for r in &reqs {
+        let (st, v) = roomy.post("/v1/completions", r.clone()).await;
+        assert_eq!(st, 200, "{v}");
+        want.push(v["choices"][0]["text"].as_str().unwrap().to_string());
+    }
+    let got = futures::future::join_all(reqs.iter().map(|r| tight.post("/v1/completions", r.clone()))).await;
+    for (i, (st, v)) in got.iter().enumerate() {
+        assert_eq!(*st, 200, "{v}");
+        assert_eq!(v["choices"][0]["text"].as_str().unwrap(), want[i], "request {i}");
+    }
+    assert!(tight.metric("vllm:num_preemptions_total").await > 0.0, "the scenario must preempt");
+    assert_eq!(tight.metric("alora:kv_blocks_in_use").await, 0.0);
+}
