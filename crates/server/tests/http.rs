@@ -751,11 +751,22 @@ async fn preemption_by_recompute_keeps_outputs() {
         assert_eq!(st, 200, "{v}");
         want.push(v["choices"][0]["text"].as_str().unwrap().to_string());
     }
-    let got = futures::future::join_all(reqs.iter().map(|r| tight.post("/v1/completions", r.clone()))).await;
+    let got = futures::future::join_all(
+        reqs.iter()
+            .map(|r| tight.post("/v1/completions", r.clone())),
+    )
+    .await;
     for (i, (st, v)) in got.iter().enumerate() {
         assert_eq!(*st, 200, "{v}");
-        assert_eq!(v["choices"][0]["text"].as_str().unwrap(), want[i], "request {i}");
+        assert_eq!(
+            v["choices"][0]["text"].as_str().unwrap(),
+            want[i],
+            "request {i}"
+        );
     }
-    assert!(tight.metric("vllm:num_preemptions_total").await > 0.0, "the scenario must preempt");
+    assert!(
+        tight.metric("vllm:num_preemptions_total").await > 0.0,
+        "the scenario must preempt"
+    );
     assert_eq!(tight.metric("alora:kv_blocks_in_use").await, 0.0);
 }
