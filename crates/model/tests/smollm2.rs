@@ -98,3 +98,29 @@ fn smollm2_prompt_and_greedy_ids_match_transformers() {
         assert!(worst <= 1e-4, "{:?}: max |dlogit| {worst}", c.chat);
     }
 }
+
+/// Incremental detokenization never emits half a UTF-8 character: with SmolLM2's byte-level
+/// BPE an emoji spans several tokens, and the pieces joined equal the one-shot decode.
+#[test]
+fn incremental_decoding_keeps_utf8_whole() {
+    let Some(path) = model_path() else { return };
+    let m = LoadedModel::load(&path, &LoadOptions::default()).unwrap();
+    let text = "Sea 🌊 and sky — naïve café, 海.";
+    let ids = m.tokenizer.encode(text).unwrap();
+    let mut dec = alora_model::IncrementalDecoder::new(true);
+    let mut pieces = Vec::new();
+    let mut held = 0;
+    for &id in &ids {
+        match dec.push(&m.tokenizer, id).unwrap() {
+            Some(p) => {
+                assert!(!p.contains('\u{FFFD}'), "piece {p:?} splits a character");
+                pieces.push(p);
+            }
+            None => held += 1,
+        }
+    }
+    assert!(held > 0, "some token ended mid-character and was held back");
+    pieces.extend(dec.flush(&m.tokenizer).unwrap());
+    assert_eq!(pieces.concat(), text);
+    assert!(pieces.len() > 5, "decoded incrementally, not in one piece");
+}
