@@ -47,7 +47,8 @@ fn load(dir: &Path, cfg: &ModelConfig) -> Result<LoraAdapter, String> {
 fn unsupported_adapters_are_refused_by_name() {
     let cfg = config();
     // (edit, words the error must contain)
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut Value)>, &str)> = vec![
+    type Edit = Box<dyn FnOnce(&mut Value)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
         (
             "dora",
             Box::new(|c| c["use_dora"] = json!(true)),
