@@ -11,6 +11,7 @@ if ! command -v nginx >/dev/null; then
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 cargo build --release --locked -p alora -q
+bin="${CARGO_TARGET_DIR:-target}/release/alora"
 work=$(mktemp -d)
 pids=()
 cleanup() {
@@ -22,7 +23,7 @@ trap cleanup EXIT
 
 ports=(18101 18102)
 for p in "${ports[@]}"; do
-  ./target/release/alora serve --port "$p" --kv-cache-memory 256MiB --served-model-name smol \
+  "$bin" serve --port "$p" --kv-cache-memory 256MiB --served-model-name smol \
     >"$work/alora-$p.log" 2>&1 &
   pids+=($!)
 done
@@ -44,7 +45,11 @@ for p in "${ports[@]}"; do
     curl -fsS "http://127.0.0.1:$p/health" >/dev/null 2>&1 && break
     sleep 0.5
   done
-  curl -fsS "http://127.0.0.1:$p/health" >/dev/null
+  if ! curl -fsS "http://127.0.0.1:$p/health" >/dev/null; then
+    echo "alora on port $p did not become healthy; its log:" >&2
+    cat "$work/alora-$p.log" >&2
+    exit 1
+  fi
 done
 
 python3 - <<'PY'
