@@ -46,15 +46,22 @@ struct UnloadReq {
     lora_name: String,
 }
 
+/// The runtime adapter endpoints answer 404 unless the operator enabled them.
+fn loading_enabled(state: &AppState) -> Result<(), ApiError> {
+    if state.config.enable_adapter_loading {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(
+            "Runtime adapter loading is disabled (start with --enable-adapter-loading)",
+        ))
+    }
+}
+
 pub async fn load_adapter(
     State(state): State<AppState>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    if !state.config.enable_adapter_loading {
-        return Err(ApiError::not_found(
-            "Runtime adapter loading is disabled (start with --enable-adapter-loading)",
-        ));
-    }
+    loading_enabled(&state)?;
     let req: LoadReq = parse_body(&body, &["lora_name", "lora_path"])?;
     if req.lora_name.is_empty() {
         return Err(ApiError::invalid(
@@ -88,11 +95,7 @@ pub async fn unload_adapter(
     State(state): State<AppState>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    if !state.config.enable_adapter_loading {
-        return Err(ApiError::not_found(
-            "Runtime adapter loading is disabled (start with --enable-adapter-loading)",
-        ));
-    }
+    loading_enabled(&state)?;
     let req: UnloadReq = parse_body(&body, &["lora_name"])?;
     if !state.registry.unload(&req.lora_name) {
         return Err(ApiError::model_not_found("lora_name", &req.lora_name));
