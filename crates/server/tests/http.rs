@@ -379,6 +379,13 @@ async fn bad_inputs_get_openai_errors() {
             400,
             Some("tokens"),
             None,
+        ), // Runtime adapter loading is off unless enabled.
+        (
+            "/v1/load_lora_adapter",
+            json!({"lora_name": "x", "lora_path": "lora"}),
+            404,
+            None,
+            None,
         ),
     ];
     for (path, body, status, param, code) in cases {
