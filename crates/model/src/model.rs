@@ -107,6 +107,8 @@ pub struct CausalLm {
     device: Device,
     dtype: DType,
     attention: AttentionImpl,
+    /// Query rows per block in the matmul attention path.
+    attention_block: usize,
 }
 
 /// The step context every layer reads.
@@ -233,6 +235,7 @@ impl CausalLm {
             device: device.clone(),
             dtype,
             attention: AttentionImpl::Auto,
+            attention_block: 256,
         })
     }
 
@@ -250,6 +253,11 @@ impl CausalLm {
 
     pub fn set_attention(&mut self, a: AttentionImpl) {
         self.attention = a;
+    }
+
+    /// Query rows per block in the matmul attention path (default 256; tests use small ones).
+    pub fn set_attention_block(&mut self, rows: usize) {
+        self.attention_block = rows.max(1);
     }
 
     /// Positions the model can address (the RoPE table's length).
@@ -403,6 +411,10 @@ impl CausalLm {
     }
 
     /// Causal attention per sequence with plain ops; q [N, Hq, D], k/v [T, Hk, D].
+    ///
+    /// Queries go in blocks of `attention_block` rows: a block only computes scores against the
+    /// keys it can see (causal), which halves the work of a long prefill and keeps the score
+    /// matrix at [Hk, g * block, keys] instead of [Hk, g * N, keys].
     fn reference_attention(
         &self,
         q: &Tensor,
@@ -411,16 +423,19 @@ impl CausalLm {
         p: &Prepared,
     ) -> Result<Tensor> {
         let c = &self.cfg;
-        let g = c.num_heads / c.num_kv_heads;
+        let (hk, d) = (c.num_kv_heads, c.head_dim);
+        let g = c.num_heads / hk;
         let (mut qo, mut ko) = (0, 0);
         let mut outs = Vec::with_capacity(p.seqlens_q.len());
         for (i, (&nq, &nk)) in p.seqlens_q.iter().zip(&p.seqlens_k).enumerate() {
             let start = p.start_pos[i];
-            // [Hq, nq, D] -> [Hk, g * nq, D]: query head h reads KV head h / g (HF repeat_kv).
-            let qi = q.narrow(0, qo, nq)?.transpose(0, 1)?.contiguous()?;
-            let qi = qi
-                .reshape((c.num_kv_heads, g * nq, c.head_dim))?
+            // [nq, Hq, D] -> [Hk, g, nq, D]: query head h reads KV head h / g (HF repeat_kv).
+            let qi = q
+                .narrow(0, qo, nq)?
+                .transpose(0, 1)?
+                .contiguous()?
                 .to_dtype(DType::F32)?;
+            let qi = qi.reshape((hk, g, nq, d))?;
             let ki = k
                 .narrow(0, ko, nk)?
                 .transpose(0, 1)?
@@ -431,28 +446,43 @@ impl CausalLm {
                 .transpose(0, 1)?
                 .contiguous()?
                 .to_dtype(DType::F32)?;
-            let scores = (qi.matmul(&ki.t()?)? * c.attention_scale)?;
-            // Query j (position start + j) sees keys 0 ..= start + j.
-            let mask: Vec<f32> = (0..nq)
-                .flat_map(|j| {
-                    (0..nk).map(move |t| {
-                        if t <= start + j {
-                            0.0
-                        } else {
-                            f32::NEG_INFINITY
-                        }
-                    })
-                })
-                .collect();
-            let mask = Tensor::from_vec(mask, (nq, nk), &self.device)?;
-            let mask = mask.unsqueeze(0)?.repeat((g, 1))?.unsqueeze(0)?;
-            let scores = scores
-                .reshape((c.num_kv_heads, g * nq, nk))?
-                .broadcast_add(&mask.reshape((1, g * nq, nk))?)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            let o = probs.matmul(&vi)?; // [Hk, g*nq, D]
+            let mut blocks = Vec::with_capacity(nq.div_ceil(self.attention_block));
+            let mut j0 = 0;
+            while j0 < nq {
+                let nb = (nq - j0).min(self.attention_block);
+                // Query j (position start + j) sees keys 0 ..= start + j.
+                let visible = start + j0 + nb;
+                let qb = qi
+                    .narrow(2, j0, nb)?
+                    .contiguous()?
+                    .reshape((hk, g * nb, d))?;
+                let kb = ki.narrow(1, 0, visible)?.contiguous()?;
+                let vb = vi.narrow(1, 0, visible)?.contiguous()?;
+                let mut scores =
+                    (qb.matmul(&kb.t()?)? * c.attention_scale)?.reshape((hk, g, nb, visible))?;
+                if nb > 1 {
+                    let mask: Vec<f32> = (0..nb)
+                        .flat_map(|j| {
+                            (0..visible).map(move |t| {
+                                if t <= start + j0 + j {
+                                    0.0
+                                } else {
+                                    f32::NEG_INFINITY
+                                }
+                            })
+                        })
+                        .collect();
+                    let mask = Tensor::from_vec(mask, (nb, visible), &self.device)?;
+                    scores = scores.broadcast_add(&mask)?;
+                }
+                let probs =
+                    candle_nn::ops::softmax_last_dim(&scores.reshape((hk, g * nb, visible))?)?;
+                blocks.push(probs.matmul(&vb)?.reshape((hk, g, nb, d))?);
+                j0 += nb;
+            }
+            let o = Tensor::cat(&blocks, 2)?; // [Hk, g, nq, D]
             let o = o
-                .reshape((c.num_heads, nq, c.head_dim))?
+                .reshape((c.num_heads, nq, d))?
                 .transpose(0, 1)?
                 .to_dtype(self.dtype)?;
             outs.push(o);

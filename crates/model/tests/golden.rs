@@ -109,9 +109,10 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
-fn full_prefill(arch: &str, attention: AttentionImpl) {
+fn full_prefill(arch: &str, attention: AttentionImpl, block: usize) {
     let mut f = load(arch);
     f.model.set_attention(attention);
+    f.model.set_attention_block(block);
     let lens: Vec<usize> = f.cases.iter().map(|c| c.input_ids.len()).collect();
     let (tables, nblocks) = tables(&lens);
     let kv = f.model.new_kv_store(nblocks, BS).unwrap();
@@ -185,18 +186,21 @@ fn chunked_then_decode(arch: &str) {
 
 #[test]
 fn llama_full_prefill_matches_peft() {
-    full_prefill("llama", AttentionImpl::Auto);
+    full_prefill("llama", AttentionImpl::Auto, 256);
 }
 
 #[test]
 fn granite_full_prefill_matches_peft() {
-    full_prefill("granite", AttentionImpl::Auto);
+    full_prefill("granite", AttentionImpl::Auto, 256);
 }
 
 #[test]
 fn reference_attention_matches_peft() {
-    full_prefill("llama", AttentionImpl::Reference);
-    full_prefill("granite", AttentionImpl::Reference);
+    full_prefill("llama", AttentionImpl::Reference, 256);
+    full_prefill("granite", AttentionImpl::Reference, 256);
+    // Query blocks of 3 rows: every case spans several causal blocks.
+    full_prefill("llama", AttentionImpl::Reference, 3);
+    full_prefill("granite", AttentionImpl::Reference, 3);
 }
 
 #[test]
