@@ -3,7 +3,8 @@
 //! scripts/fetch-model.sh). Throughput is in tokens.
 //!
 //! `ALORA_BENCH_WEIGHTS` picks how the GGUF weights are held (dense, keep, q8_0, q4k, ...);
-//! `ALORA_BENCH_ATTENTION=reference` forces the matmul attention path; `RAYON_NUM_THREADS` the
+//! `ALORA_BENCH_ATTENTION=reference` forces the matmul attention path and
+//! `ALORA_BENCH_ATTENTION_BLOCK` sets its query block rows; `RAYON_NUM_THREADS` the
 //! thread count. BENCHMARKS.md has the commands and results.
 
 use std::path::PathBuf;
@@ -30,6 +31,12 @@ fn load() -> CausalLm {
     let mut m = CausalLm::load_gguf(&path, policy, &Device::Cpu).unwrap().0;
     if std::env::var("ALORA_BENCH_ATTENTION").as_deref() == Ok("reference") {
         m.set_attention(AttentionImpl::Reference);
+    }
+    if let Ok(rows) = std::env::var("ALORA_BENCH_ATTENTION_BLOCK") {
+        m.set_attention_block(
+            rows.parse()
+                .expect("ALORA_BENCH_ATTENTION_BLOCK is a row count"),
+        );
     }
     m
 }
