@@ -685,11 +685,7 @@ async fn health_follows_model_loading() {
         let _ = gate_rx.recv();
         LoadedModel::load(&dir, &LoadOptions::default())
     });
-    let listener = alora_server::bind("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(alora_server::serve(state.clone(), listener));
+    let url = common::listen(&state).await;
     let client = reqwest::Client::new();
     assert_eq!(
         client

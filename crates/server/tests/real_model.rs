@@ -4,6 +4,8 @@
 //! conversation's next turn is served mostly from cached blocks.
 //! Without the model file this fails, unless ALORA_SKIP_REAL_MODEL=1.
 
+mod common;
+
 use std::path::PathBuf;
 
 use alora_model::{LoadOptions, LoadedModel};
@@ -43,14 +45,7 @@ async fn smollm2_over_http() {
     let state = alora_server::start(cfg, move || {
         LoadedModel::load(&path, &LoadOptions::default())
     });
-    let listener = alora_server::bind("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let url = format!(
-        "http://{}/v1/chat/completions",
-        listener.local_addr().unwrap()
-    );
-    tokio::spawn(alora_server::serve(state.clone(), listener));
+    let url = format!("{}/v1/chat/completions", common::listen(&state).await);
     alora_server::wait_ready(&state, &[]).await.unwrap();
 
     let client = reqwest::Client::new();

@@ -9,6 +9,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use futures::StreamExt;
 
 use super::common::{
     collect_all, include_usage, parse_body, resolve_adapter, spawn_stream, sse, submit_all,
@@ -272,5 +273,3 @@ pub async fn chat_completions(
     })
     .into_response())
 }
-
-use futures::StreamExt;

@@ -127,6 +127,16 @@ pub fn adapter_dir() -> PathBuf {
     d
 }
 
+/// Serves `state` on 127.0.0.1 at a free port; returns the base URL.
+pub async fn listen(state: &AppState) -> String {
+    let listener = alora_server::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(alora_server::serve(state.clone(), listener));
+    url
+}
+
 pub struct Server {
     pub url: String,
     pub state: AppState,
@@ -173,11 +183,7 @@ pub async fn start(mut opts: Opts) -> Server {
     let state = alora_server::start(cfg, move || {
         LoadedModel::load(&model, &LoadOptions::default())
     });
-    let listener = alora_server::bind("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(alora_server::serve(state.clone(), listener));
+    let url = listen(&state).await;
     alora_server::wait_ready(&state, &start_adapters)
         .await
         .unwrap();
