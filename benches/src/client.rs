@@ -1,0 +1,243 @@
+//! One streamed request against an OpenAI-compatible server, timed chunk by chunk.
+
+use std::time::{Duration, Instant};
+
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+/// How a request names its adapter: vLLM and alora take the adapter's name in `model`; alora
+/// also takes a separate `adapter` field next to the base model's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterField {
+    Model,
+    Adapter,
+}
+
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub base_url: String,
+    pub api_key: Option<String>,
+    /// The served base model's name.
+    pub model: String,
+    pub adapter_field: AdapterField,
+    pub ignore_eos: bool,
+    pub timeout: Duration,
+}
+
+/// What one request measured. Times are seconds.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    pub ok: bool,
+    pub error: Option<String>,
+    pub ttft: f64,
+    pub e2e: f64,
+    /// Gaps between consecutive content chunks after the first.
+    pub itl: Vec<f64>,
+    pub prompt_tokens: usize,
+    pub output_tokens: usize,
+    /// From `usage.prompt_tokens_details.cached_tokens`, when the server reports it.
+    pub cached_tokens: Option<usize>,
+    pub text: String,
+}
+
+pub struct Client {
+    http: reqwest::Client,
+    pub target: Target,
+}
+
+impl Client {
+    pub fn new(target: Target) -> anyhow::Result<Client> {
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(1024)
+            .build()?;
+        Ok(Client { http, target })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.target.base_url.trim_end_matches('/'))
+    }
+
+    fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        let r = self.http.get(self.url(path));
+        match &self.target.api_key {
+            Some(k) => r.bearer_auth(k),
+            None => r,
+        }
+    }
+
+    /// The first model the server lists (the base model, for alora and vLLM).
+    pub async fn first_model(&self) -> anyhow::Result<String> {
+        let v: Value = self
+            .get("/v1/models")
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        v["data"][0]["id"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow::anyhow!("/v1/models lists no model"))
+    }
+
+    /// The server's Prometheus text, if it serves /metrics.
+    pub async fn metrics(&self) -> Option<String> {
+        let r = self.get("/metrics").send().await.ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        r.text().await.ok()
+    }
+
+    fn body(&self, adapter: Option<&str>, max_tokens: usize) -> serde_json::Map<String, Value> {
+        let mut b = serde_json::Map::new();
+        let model = match (adapter, self.target.adapter_field) {
+            (Some(a), AdapterField::Model) => a.to_string(),
+            (Some(a), AdapterField::Adapter) => {
+                b.insert("adapter".into(), json!(a));
+                self.target.model.clone()
+            }
+            (None, _) => self.target.model.clone(),
+        };
+        b.insert("model".into(), json!(model));
+        b.insert("max_tokens".into(), json!(max_tokens));
+        b.insert("temperature".into(), json!(0.0));
+        b.insert("stream".into(), json!(true));
+        b.insert("stream_options".into(), json!({"include_usage": true}));
+        if self.target.ignore_eos {
+            b.insert("ignore_eos".into(), json!(true));
+        }
+        b
+    }
+
+    pub async fn chat(&self, messages: &[Value], adapter: Option<&str>, max_tokens: usize) -> Outcome {
+        let mut b = self.body(adapter, max_tokens);
+        b.insert("messages".into(), Value::Array(messages.to_vec()));
+        self.stream("/v1/chat/completions", Value::Object(b)).await
+    }
+
+    pub async fn completion(&self, prompt: &str, adapter: Option<&str>, max_tokens: usize) -> Outcome {
+        let mut b = self.body(adapter, max_tokens);
+        b.insert("prompt".into(), json!(prompt));
+        self.stream("/v1/completions", Value::Object(b)).await
+    }
+
+    async fn stream(&self, path: &str, body: Value) -> Outcome {
+        let start = Instant::now();
+        let mut out = Outcome::default();
+        match tokio::time::timeout(self.target.timeout, self.stream_inner(path, body, start, &mut out)).await {
+            Ok(Ok(())) => out.ok = true,
+            Ok(Err(e)) => out.error = Some(e),
+            Err(_) => out.error = Some(format!("timed out after {:?}", self.target.timeout)),
+        }
+        out.e2e = start.elapsed().as_secs_f64();
+        out
+    }
+
+    async fn stream_inner(
+        &self,
+        path: &str,
+        body: Value,
+        start: Instant,
+        out: &mut Outcome,
+    ) -> Result<(), String> {
+        let mut req = self.http.post(self.url(path)).json(&body);
+        if let Some(k) = &self.target.api_key {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().await.map_err(|e| format!("request failed: {e}"))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let text = resp.text().await.unwrap_or_default();
+            let msg = serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+                .unwrap_or(text);
+            return Err(format!("HTTP {}: {msg}", status.as_u16()));
+        }
+        let mut events = resp.bytes_stream().eventsource();
+        let mut last: Option<Instant> = None;
+        let mut chunks = 0usize;
+        while let Some(ev) = events.next().await {
+            let ev = ev.map_err(|e| format!("stream broke: {e}"))?;
+            if ev.data.trim() == "[DONE]" {
+                break;
+            }
+            let v: Value =
+                serde_json::from_str(&ev.data).map_err(|e| format!("bad stream chunk: {e}"))?;
+            if let Some(e) = v.get("error") {
+                return Err(format!("error in stream: {e}"));
+            }
+            let piece = v["choices"][0]["delta"]["content"]
+                .as_str()
+                .or_else(|| v["choices"][0]["text"].as_str())
+                .unwrap_or("");
+            if !piece.is_empty() {
+                let now = Instant::now();
+                match last {
+                    None => out.ttft = now.duration_since(start).as_secs_f64(),
+                    Some(t) => out.itl.push(now.duration_since(t).as_secs_f64()),
+                }
+                last = Some(now);
+                chunks += 1;
+                out.text.push_str(piece);
+            }
+            if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+                out.prompt_tokens = u["prompt_tokens"].as_u64().unwrap_or(0) as usize;
+                out.output_tokens = u["completion_tokens"].as_u64().unwrap_or(0) as usize;
+                out.cached_tokens = u["prompt_tokens_details"]["cached_tokens"]
+                    .as_u64()
+                    .map(|c| c as usize);
+            }
+        }
+        if last.is_none() {
+            return Err("the stream ended without any content".into());
+        }
+        if out.output_tokens == 0 {
+            // The server sent no usage: count content chunks instead.
+            out.output_tokens = chunks;
+        }
+        Ok(())
+    }
+}
+
+/// Sum of every sample of the metric `name` (with or without a `_total` suffix, any labels).
+pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let rest = rest.strip_prefix("_total").unwrap_or(rest);
+        let value = if let Some(r) = rest.strip_prefix('{') {
+            r.split_once('}').map(|(_, v)| v)
+        } else {
+            rest.starts_with(' ').then_some(rest)
+        };
+        if let Some(v) = value.and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok()) {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::metric_sum;
+
+    #[test]
+    fn metric_sum_reads_counters_with_and_without_labels() {
+        let t = "# HELP vllm:prefix_cache_hits x\nvllm:prefix_cache_hits_total 12\n\
+                 vllm:prefix_cache_hits_created 1.7e9\n\
+                 vllm:prefix_cache_queries_total{model_name=\"a\"} 30\n\
+                 vllm:prefix_cache_queries_total{model_name=\"b\"} 10\n";
+        assert_eq!(metric_sum(t, "vllm:prefix_cache_hits"), Some(12.0));
+        assert_eq!(metric_sum(t, "vllm:prefix_cache_queries"), Some(40.0));
+        assert_eq!(metric_sum(t, "vllm:nothing"), None);
+    }
+}

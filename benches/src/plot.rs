@@ -1,0 +1,144 @@
+//! SVG plots: TTFT against conversation length (one series per run, e.g. aLoRA with reuse and
+//! the same adapter as LoRA), and latency CDFs.
+
+use std::path::{Path, PathBuf};
+
+use plotters::prelude::*;
+
+use crate::report::Report;
+
+fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
+    anyhow::anyhow!("plot: {e}")
+}
+
+/// Non-base requests' (prompt tokens, TTFT ms) per report, and the median per target length.
+fn ttft_points(r: &Report) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
+    let pts: Vec<(f64, f64)> = r
+        .records
+        .iter()
+        .filter(|x| x.ok && x.kind != "base")
+        .map(|x| (x.prompt_tokens as f64, x.ttft * 1e3))
+        .collect();
+    let med = r
+        .by_length
+        .values()
+        .filter(|g| g.completed > 0)
+        .map(|g| {
+            (
+                g.total_input_tokens as f64 / g.completed as f64,
+                g.ttft_ms.median,
+            )
+        })
+        .collect();
+    (pts, med)
+}
+
+/// TTFT (log scale) against prompt length, per report. Writes `path`.
+pub fn ttft_vs_length(reports: &[Report], path: &Path) -> anyhow::Result<()> {
+    let series: Vec<_> = reports.iter().map(ttft_points).collect();
+    let all = series.iter().flat_map(|(p, _)| p.iter());
+    let xmax = all.clone().map(|p| p.0).fold(1.0, f64::max) * 1.05;
+    let ymin = all.clone().map(|p| p.1).fold(f64::INFINITY, f64::min).max(1e-3) / 1.5;
+    let ymax = all.map(|p| p.1).fold(1.0, f64::max) * 1.5;
+    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Time to first token of adapter calls vs conversation length", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0f64..xmax, (ymin.min(ymax / 10.0)..ymax).log_scale())
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("prompt tokens")
+        .y_desc("TTFT (ms, log)")
+        .draw()
+        .map_err(err)?;
+    for (i, (r, (pts, med))) in reports.iter().zip(&series).enumerate() {
+        let c = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(pts.iter().map(|p| Circle::new(*p, 3, c.mix(0.5).filled())))
+            .map_err(err)?;
+        chart
+            .draw_series(LineSeries::new(med.iter().copied(), c.stroke_width(2)))
+            .map_err(err)?
+            .label(format!("{} (median)", r.label))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)?;
+    Ok(())
+}
+
+/// Empirical CDF of one latency per report (milliseconds). Writes `path`.
+pub fn cdf(
+    reports: &[Report],
+    what: &str,
+    value: impl Fn(&crate::run::Record) -> f64,
+    path: &Path,
+) -> anyhow::Result<()> {
+    let series: Vec<Vec<f64>> = reports
+        .iter()
+        .map(|r| {
+            let mut v: Vec<f64> = r.records.iter().filter(|x| x.ok).map(&value).collect();
+            v.sort_by(|a, b| a.total_cmp(b));
+            v
+        })
+        .collect();
+    let xmax = series.iter().flatten().copied().fold(1e-3, f64::max) * 1.05;
+    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("{what} CDF"), ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0f64..xmax, 0f64..1f64)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc(format!("{what} (ms)"))
+        .y_desc("fraction of requests")
+        .draw()
+        .map_err(err)?;
+    for (i, (r, v)) in reports.iter().zip(&series).enumerate() {
+        let c = Palette99::pick(i).to_rgba();
+        let n = v.len() as f64;
+        let pts = v.iter().enumerate().map(|(k, x)| (*x, (k + 1) as f64 / n));
+        chart
+            .draw_series(LineSeries::new(pts, c.stroke_width(2)))
+            .map_err(err)?
+            .label(r.label.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)?;
+    Ok(())
+}
+
+/// All plots for `reports` into `dir`; returns the files written.
+pub fn all(reports: &[Report], dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir)?;
+    let files = vec![
+        dir.join("ttft_vs_length.svg"),
+        dir.join("ttft_cdf.svg"),
+        dir.join("e2el_cdf.svg"),
+    ];
+    ttft_vs_length(reports, &files[0])?;
+    cdf(reports, "TTFT", |r| r.ttft * 1e3, &files[1])?;
+    cdf(reports, "End-to-end latency", |r| r.e2e * 1e3, &files[2])?;
+    Ok(files)
+}

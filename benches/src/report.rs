@@ -1,0 +1,308 @@
+//! The result of a run: a summary in the shape of `vllm bench serve` (same line labels, same
+//! JSON key names where they exist), split by request kind and by conversation length, with the
+//! prefix-cache hit ratio next to the latencies.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use serde::{Deserialize, Serialize};
+
+use crate::run::{Record, RunOutput};
+use crate::stats::Summary;
+
+/// Service-level objectives for goodput, milliseconds (a request is good if it meets all given).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct Slo {
+    pub ttft_ms: Option<f64>,
+    pub tpot_ms: Option<f64>,
+    pub e2el_ms: Option<f64>,
+}
+
+impl Slo {
+    /// Parses vLLM's `--goodput` form: `ttft:500 tpot:50 e2el:3000` (any subset).
+    pub fn parse(items: &[String]) -> anyhow::Result<Slo> {
+        let mut s = Slo::default();
+        for it in items {
+            let (k, v) = it
+                .split_once(':')
+                .ok_or_else(|| anyhow::anyhow!("--goodput {it}: expected NAME:MILLISECONDS"))?;
+            let v: f64 = v
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--goodput {it}: {v} is not a number"))?;
+            match k {
+                "ttft" => s.ttft_ms = Some(v),
+                "tpot" => s.tpot_ms = Some(v),
+                "e2el" => s.e2el_ms = Some(v),
+                _ => anyhow::bail!("--goodput {it}: the names are ttft, tpot and e2el"),
+            }
+        }
+        Ok(s)
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.ttft_ms.is_some() || self.tpot_ms.is_some() || self.e2el_ms.is_some()
+    }
+
+    fn met(&self, r: &Record) -> bool {
+        r.ok && self.ttft_ms.is_none_or(|t| r.ttft * 1e3 <= t)
+            && self.tpot_ms.is_none_or(|t| r.tpot().unwrap_or(0.0) * 1e3 <= t)
+            && self.e2el_ms.is_none_or(|t| r.e2e * 1e3 <= t)
+    }
+}
+
+/// Latency summaries (milliseconds) and token counts over a set of requests.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Group {
+    pub completed: usize,
+    pub failed: usize,
+    pub total_input_tokens: usize,
+    pub total_output_tokens: usize,
+    pub total_cached_tokens: usize,
+    /// cached / prompt tokens over these requests (`None` if the server reports no cached_tokens).
+    pub cache_hit_ratio: Option<f64>,
+    pub ttft_ms: Summary,
+    pub tpot_ms: Summary,
+    pub itl_ms: Summary,
+    pub e2el_ms: Summary,
+}
+
+impl Group {
+    pub fn of<'a>(records: impl IntoIterator<Item = &'a Record>) -> Group {
+        let mut g = Group::default();
+        let (mut ttft, mut tpot, mut itl, mut e2e) = (vec![], vec![], vec![], vec![]);
+        let mut reported_cache = false;
+        for r in records {
+            if !r.ok {
+                g.failed += 1;
+                continue;
+            }
+            g.completed += 1;
+            g.total_input_tokens += r.prompt_tokens;
+            g.total_output_tokens += r.output_tokens;
+            if let Some(c) = r.cached_tokens {
+                reported_cache = true;
+                g.total_cached_tokens += c;
+            }
+            ttft.push(r.ttft);
+            e2e.push(r.e2e);
+            itl.extend_from_slice(&r.itl);
+            if let Some(t) = r.tpot() {
+                tpot.push(t);
+            }
+        }
+        g.cache_hit_ratio = (reported_cache && g.total_input_tokens > 0)
+            .then(|| g.total_cached_tokens as f64 / g.total_input_tokens as f64);
+        g.ttft_ms = Summary::of(&ttft).scaled(1e3);
+        g.tpot_ms = Summary::of(&tpot).scaled(1e3);
+        g.itl_ms = Summary::of(&itl).scaled(1e3);
+        g.e2el_ms = Summary::of(&e2e).scaled(1e3);
+        g
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub label: String,
+    /// The command line's settings (workload, load, target), for the record.
+    pub settings: serde_json::Value,
+    pub duration: f64,
+    pub completed: usize,
+    pub failed: usize,
+    pub total_input_tokens: usize,
+    pub total_output_tokens: usize,
+    pub request_throughput: f64,
+    pub request_goodput: Option<f64>,
+    pub output_throughput: f64,
+    pub total_token_throughput: f64,
+    pub slo: Slo,
+    pub all: Group,
+    /// By request kind: `base`, `intrinsic:<adapter>`, `single`, `single:<adapter>`.
+    pub by_kind: BTreeMap<String, Group>,
+    /// Intrinsic calls (or single requests) by the session's target length.
+    pub by_length: BTreeMap<usize, Group>,
+    /// Prefix cache over the run from /metrics: hits / queries (tokens), when served.
+    pub metrics_prefix_cache_hit_ratio: Option<f64>,
+    /// The first few distinct errors, with counts.
+    pub errors: BTreeMap<String, usize>,
+    pub records: Vec<Record>,
+}
+
+fn kind_key(r: &Record) -> String {
+    match &r.adapter {
+        Some(a) => format!("{}:{a}", r.kind),
+        None => r.kind.to_string(),
+    }
+}
+
+impl Report {
+    pub fn new(label: String, settings: serde_json::Value, out: RunOutput, slo: Slo) -> Report {
+        let rs = &out.records;
+        let all = Group::of(rs);
+        let mut by_kind: BTreeMap<String, Vec<&Record>> = BTreeMap::new();
+        let mut by_length: BTreeMap<usize, Vec<&Record>> = BTreeMap::new();
+        let mut errors = BTreeMap::new();
+        for r in rs {
+            by_kind.entry(kind_key(r)).or_default().push(r);
+            if r.kind != "base" {
+                by_length.entry(r.length).or_default().push(r);
+            }
+            if let Some(e) = &r.error {
+                let n = errors.len();
+                if n < 10 || errors.contains_key(e) {
+                    *errors.entry(e.clone()).or_insert(0) += 1;
+                }
+            }
+        }
+        let d = out.duration.max(1e-9);
+        let good = rs.iter().filter(|r| slo.met(r)).count();
+        Report {
+            label,
+            settings,
+            duration: out.duration,
+            completed: all.completed,
+            failed: all.failed,
+            total_input_tokens: all.total_input_tokens,
+            total_output_tokens: all.total_output_tokens,
+            request_throughput: all.completed as f64 / d,
+            request_goodput: slo.is_set().then(|| good as f64 / d),
+            output_throughput: all.total_output_tokens as f64 / d,
+            total_token_throughput: (all.total_input_tokens + all.total_output_tokens) as f64 / d,
+            slo,
+            by_kind: by_kind.into_iter().map(|(k, v)| (k, Group::of(v))).collect(),
+            by_length: by_length
+                .into_iter()
+                .map(|(k, v)| (k, Group::of(v)))
+                .collect(),
+            all,
+            metrics_prefix_cache_hit_ratio: out
+                .prefix_cache
+                .and_then(|(q, h)| (q > 0.0).then(|| h / q)),
+            errors,
+            records: out.records,
+        }
+    }
+
+    /// The human table, `vllm bench serve` style.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let line = |s: &mut String, k: &str, v: String| {
+            let _ = writeln!(s, "{k:<40} {v:<10}");
+        };
+        let head = |s: &mut String, t: &str, c: char| {
+            let pad = 50usize.saturating_sub(t.chars().count());
+            let (l, r) = (pad / 2, pad - pad / 2);
+            let c = c.to_string();
+            let _ = writeln!(s, "{}{t}{}", c.repeat(l), c.repeat(r));
+        };
+        head(&mut s, " Serving Benchmark Result ", '=');
+        line(&mut s, "Successful requests:", self.completed.to_string());
+        if self.failed > 0 {
+            line(&mut s, "Failed requests:", self.failed.to_string());
+        }
+        line(&mut s, "Benchmark duration (s):", format!("{:.2}", self.duration));
+        line(&mut s, "Total input tokens:", self.total_input_tokens.to_string());
+        line(&mut s, "Total generated tokens:", self.total_output_tokens.to_string());
+        line(&mut s, "Request throughput (req/s):", format!("{:.2}", self.request_throughput));
+        if let Some(g) = self.request_goodput {
+            line(&mut s, "Request goodput (req/s):", format!("{g:.2}"));
+        }
+        line(&mut s, "Output token throughput (tok/s):", format!("{:.2}", self.output_throughput));
+        line(&mut s, "Total Token throughput (tok/s):", format!("{:.2}", self.total_token_throughput));
+        if let Some(r) = self.all.cache_hit_ratio {
+            line(&mut s, "Prefix cache hit ratio (cached_tokens):", format!("{:.2}%", r * 100.0));
+        }
+        if let Some(r) = self.metrics_prefix_cache_hit_ratio {
+            line(&mut s, "Prefix cache hit ratio (/metrics):", format!("{:.2}%", r * 100.0));
+        }
+        let lat = |s: &mut String, title: &str, short: &str, m: &Summary| {
+            head(s, title, '-');
+            line(s, &format!("Mean {short} (ms):"), format!("{:.2}", m.mean));
+            line(s, &format!("Median {short} (ms):"), format!("{:.2}", m.median));
+            line(s, &format!("P90 {short} (ms):"), format!("{:.2}", m.p90));
+            line(s, &format!("P99 {short} (ms):"), format!("{:.2}", m.p99));
+        };
+        lat(&mut s, "Time to First Token", "TTFT", &self.all.ttft_ms);
+        lat(&mut s, "Time per Output Token (excl. 1st token)", "TPOT", &self.all.tpot_ms);
+        lat(&mut s, "Inter-token Latency", "ITL", &self.all.itl_ms);
+        lat(&mut s, "End-to-end Latency", "E2EL", &self.all.e2el_ms);
+        if self.by_kind.len() > 1 || self.by_length.len() > 1 {
+            head(&mut s, "By request kind", '-');
+            let _ = writeln!(
+                s,
+                "{:<28} {:>5} {:>10} {:>10} {:>10} {:>8}",
+                "kind", "n", "TTFT med", "TTFT p90", "E2EL med", "cached"
+            );
+            for (k, g) in &self.by_kind {
+                let _ = writeln!(
+                    s,
+                    "{:<28} {:>5} {:>10.2} {:>10.2} {:>10.2} {:>8}",
+                    k,
+                    g.completed,
+                    g.ttft_ms.median,
+                    g.ttft_ms.p90,
+                    g.e2el_ms.median,
+                    g.cache_hit_ratio
+                        .map(|r| format!("{:.1}%", r * 100.0))
+                        .unwrap_or_else(|| "n/a".into())
+                );
+            }
+            if self.by_length.len() > 1 {
+                head(&mut s, "Non-base requests by length", '-');
+                let _ = writeln!(
+                    s,
+                    "{:<12} {:>5} {:>12} {:>10} {:>10} {:>8}",
+                    "length", "n", "prompt tok", "TTFT med", "TTFT p90", "cached"
+                );
+                for (len, g) in &self.by_length {
+                    let _ = writeln!(
+                        s,
+                        "{:<12} {:>5} {:>12.0} {:>10.2} {:>10.2} {:>8}",
+                        len,
+                        g.completed,
+                        g.total_input_tokens as f64 / g.completed.max(1) as f64,
+                        g.ttft_ms.median,
+                        g.ttft_ms.p90,
+                        g.cache_hit_ratio
+                            .map(|r| format!("{:.1}%", r * 100.0))
+                            .unwrap_or_else(|| "n/a".into())
+                    );
+                }
+            }
+        }
+        if !self.errors.is_empty() {
+            head(&mut s, "Errors", '-');
+            for (e, n) in &self.errors {
+                let _ = writeln!(s, "{n:>5}  {e}");
+            }
+        }
+        let _ = writeln!(s, "{}", "=".repeat(50));
+        s
+    }
+}
+
+/// Median non-base TTFT per length of two runs and their ratio (`slow / fast`): the aLoRA
+/// reuse claim, run against the same adapter served as a plain LoRA.
+pub fn compare_table(fast: &Report, slow: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<10} {:>12} {:>16} {:>16} {:>10}",
+        "length", "prompt tok", format!("{} TTFT ms", fast.label), format!("{} TTFT ms", slow.label), "ratio"
+    );
+    for (len, f) in &fast.by_length {
+        let Some(sl) = slow.by_length.get(len) else {
+            continue;
+        };
+        let prompt = f.total_input_tokens as f64 / f.completed.max(1) as f64;
+        let _ = writeln!(
+            s,
+            "{:<10} {:>12.0} {:>16.2} {:>16.2} {:>9.1}x",
+            len,
+            prompt,
+            f.ttft_ms.median,
+            sl.ttft_ms.median,
+            sl.ttft_ms.median / f.ttft_ms.median
+        );
+    }
+    s
+}

@@ -1,0 +1,264 @@
+//! The load driver: closed loop (N sessions in flight) or open loop (sessions arrive as a
+//! Poisson process), for a number of sessions or a duration.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use rand_distr::{Distribution, Exp};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+
+use crate::client::{metric_sum, Client};
+use crate::workload::{Endpoint, Session, Step, Workload};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadConfig {
+    /// Closed loop: this many sessions in flight at all times.
+    pub concurrency: Option<usize>,
+    /// Open loop: sessions per second (Poisson arrivals); infinity sends them all at once.
+    pub request_rate: Option<f64>,
+    /// Open loop: at most this many sessions in flight (later arrivals wait).
+    pub max_concurrency: Option<usize>,
+    /// Stop after this many sessions...
+    pub num_sessions: Option<usize>,
+    /// ...or stop starting sessions after this long (in-flight ones finish).
+    pub duration: Option<Duration>,
+    pub progress: bool,
+    pub seed: u64,
+}
+
+/// One request's measurements, as saved in the JSON result.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    pub session: usize,
+    pub step: usize,
+    /// `base` (a conversation turn), `intrinsic` (an adapter call on the conversation) or
+    /// `single` (random and mixed workloads).
+    pub kind: String,
+    pub adapter: Option<String>,
+    /// The session's target length (tokens): the conversation or prompt length it was made for.
+    pub length: usize,
+    /// Seconds from the start of the run to the request being sent.
+    pub start: f64,
+    pub ok: bool,
+    pub error: Option<String>,
+    pub ttft: f64,
+    pub e2e: f64,
+    pub itl: Vec<f64>,
+    pub prompt_tokens: usize,
+    pub output_tokens: usize,
+    pub cached_tokens: Option<usize>,
+}
+
+impl Record {
+    /// Time per output token after the first, seconds.
+    pub fn tpot(&self) -> Option<f64> {
+        (self.ok && self.output_tokens > 1)
+            .then(|| (self.e2e - self.ttft) / (self.output_tokens - 1) as f64)
+    }
+}
+
+pub struct RunOutput {
+    pub records: Vec<Record>,
+    pub duration: f64,
+    /// Prefix-cache counters from /metrics: (queries, hits) over the run, when served.
+    pub prefix_cache: Option<(f64, f64)>,
+}
+
+struct Shared {
+    client: Client,
+    workload: Mutex<Workload>,
+    records: Mutex<Vec<Record>>,
+    t0: Instant,
+    deadline: Option<Instant>,
+    remaining: Mutex<Option<usize>>,
+    bar: ProgressBar,
+}
+
+impl Shared {
+    /// The next session to run, unless the count or the duration is used up.
+    fn take(&self) -> Option<Session> {
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return None;
+        }
+        {
+            let mut r = self.remaining.lock().unwrap();
+            if let Some(n) = r.as_mut() {
+                if *n == 0 {
+                    return None;
+                }
+                *n -= 1;
+            }
+        }
+        self.workload.lock().unwrap().next_session()
+    }
+}
+
+async fn run_session(sh: &Shared, s: Session) {
+    let mut conv: Vec<Value> = s.prefix.clone();
+    for (i, step) in s.steps.iter().enumerate() {
+        let start = sh.t0.elapsed().as_secs_f64();
+        let (kind, adapter, out) = match step {
+            Step::Base { user, max_tokens } => {
+                conv.push(json!({"role": "user", "content": user}));
+                let out = sh.client.chat(&conv, None, *max_tokens).await;
+                conv.push(json!({"role": "assistant", "content": out.text}));
+                ("base", None, out)
+            }
+            Step::Intrinsic { adapter, max_tokens } => {
+                let out = sh.client.chat(&conv, Some(adapter), *max_tokens).await;
+                ("intrinsic", Some(adapter.clone()), out)
+            }
+            Step::Single {
+                text,
+                adapter,
+                endpoint,
+                max_tokens,
+            } => {
+                let out = match endpoint {
+                    Endpoint::Chat => {
+                        let m = [json!({"role": "user", "content": text})];
+                        sh.client.chat(&m, adapter.as_deref(), *max_tokens).await
+                    }
+                    Endpoint::Completions => {
+                        sh.client
+                            .completion(text, adapter.as_deref(), *max_tokens)
+                            .await
+                    }
+                };
+                ("single", adapter.clone(), out)
+            }
+        };
+        let failed = !out.ok;
+        let rec = Record {
+            session: s.id,
+            step: i,
+            kind: kind.to_string(),
+            adapter,
+            length: s.length,
+            start,
+            ok: out.ok,
+            error: out.error,
+            ttft: out.ttft,
+            e2e: out.e2e,
+            itl: out.itl,
+            prompt_tokens: out.prompt_tokens,
+            output_tokens: out.output_tokens,
+            cached_tokens: out.cached_tokens,
+        };
+        let n = {
+            let mut r = sh.records.lock().unwrap();
+            r.push(rec);
+            r.len()
+        };
+        sh.bar.set_message(format!("{n} requests"));
+        if failed {
+            // A conversation cannot go on without the failed turn's answer.
+            break;
+        }
+    }
+    sh.bar.inc(1);
+}
+
+fn bar(cfg: &LoadConfig) -> ProgressBar {
+    if !cfg.progress {
+        return ProgressBar::hidden();
+    }
+    // With a session count the bar fills; with a duration it counts up.
+    let (b, tmpl) = match cfg.num_sessions {
+        Some(n) => (
+            ProgressBar::new(n as u64),
+            "{elapsed_precise} [{bar:40}] {pos}/{len} sessions, {msg}",
+        ),
+        None => (
+            ProgressBar::no_length(),
+            "{elapsed_precise} {spinner} {pos} sessions, {msg}",
+        ),
+    };
+    b.set_style(
+        ProgressStyle::with_template(tmpl)
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    b
+}
+
+pub async fn run(client: Client, workload: Workload, cfg: &LoadConfig) -> anyhow::Result<RunOutput> {
+    if cfg.num_sessions.is_none() && cfg.duration.is_none() {
+        anyhow::bail!("give a number of sessions or a duration");
+    }
+    let before = client.metrics().await;
+    let t0 = Instant::now();
+    let sh = Arc::new(Shared {
+        client,
+        workload: Mutex::new(workload),
+        records: Mutex::new(Vec::new()),
+        t0,
+        deadline: cfg.duration.map(|d| t0 + d),
+        remaining: Mutex::new(cfg.num_sessions),
+        bar: bar(cfg),
+    });
+    match (cfg.concurrency, cfg.request_rate) {
+        (Some(_), Some(_)) => anyhow::bail!("choose closed loop (concurrency) or open loop (rate)"),
+        (None, None) => anyhow::bail!("give a concurrency or a request rate"),
+        (Some(n), None) => {
+            let workers: Vec<_> = (0..n.max(1))
+                .map(|_| {
+                    let sh = sh.clone();
+                    tokio::spawn(async move {
+                        while let Some(s) = sh.take() {
+                            run_session(&sh, s).await;
+                        }
+                    })
+                })
+                .collect();
+            for w in workers {
+                w.await?;
+            }
+        }
+        (None, Some(rate)) => {
+            let limit = Arc::new(Semaphore::new(
+                cfg.max_concurrency.unwrap_or(Semaphore::MAX_PERMITS),
+            ));
+            let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed ^ 0x9e37_79b9);
+            let gap = (rate.is_finite() && rate > 0.0)
+                .then(|| Exp::new(rate))
+                .transpose()?;
+            let mut tasks = Vec::new();
+            while let Some(s) = sh.take() {
+                let permit = limit.clone().acquire_owned().await?;
+                let sh2 = sh.clone();
+                tasks.push(tokio::spawn(async move {
+                    run_session(&sh2, s).await;
+                    drop(permit);
+                }));
+                if let Some(g) = &gap {
+                    tokio::time::sleep(Duration::from_secs_f64(g.sample(&mut rng))).await;
+                }
+            }
+            for t in tasks {
+                t.await?;
+            }
+        }
+    }
+    let duration = t0.elapsed().as_secs_f64();
+    sh.bar.finish_and_clear();
+    let after = sh.client.metrics().await;
+    let prefix_cache = match (before, after) {
+        (Some(b), Some(a)) => {
+            let d = |name| Some(metric_sum(&a, name)? - metric_sum(&b, name)?);
+            d("vllm:prefix_cache_queries").zip(d("vllm:prefix_cache_hits"))
+        }
+        _ => None,
+    };
+    let mut records = std::mem::take(&mut *sh.records.lock().unwrap());
+    records.sort_by(|a, b| (a.session, a.step).cmp(&(b.session, b.step)));
+    Ok(RunOutput {
+        records,
+        duration,
+        prefix_cache,
+    })
+}
