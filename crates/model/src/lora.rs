@@ -57,14 +57,16 @@ impl Module {
         }
     }
 
-    fn parent(self) -> &'static str {
+    /// The module's parent in checkpoint names (`self_attn` or `mlp`).
+    pub fn parent(self) -> &'static str {
         match self {
             Module::Q | Module::K | Module::V | Module::O => "self_attn",
             _ => "mlp",
         }
     }
 
-    fn from_name(s: &str) -> Option<Module> {
+    /// The module named `s` in checkpoints (`q_proj`, ..., `down_proj`).
+    pub fn from_name(s: &str) -> Option<Module> {
         Module::ALL.into_iter().find(|m| m.name() == s)
     }
 
@@ -87,6 +89,15 @@ impl Module {
 
     fn index(self) -> usize {
         self as usize
+    }
+
+    /// PEFT's tensor name for factor `ab` ("A" or "B") of this module in `layer`.
+    pub fn peft_key(self, layer: usize, ab: &str) -> String {
+        format!(
+            "base_model.model.model.layers.{layer}.{}.{}.lora_{ab}.weight",
+            self.parent(),
+            self.name()
+        )
     }
 }
 
@@ -346,14 +357,9 @@ impl LoraAdapter {
         let mut targets = Vec::new();
         let mut max_rank = 0;
         for (&(layer, module), ()) in &found {
-            let prefix = format!(
-                "base_model.model.model.layers.{layer}.{}.{}",
-                module.parent(),
-                module.name()
-            );
             let full_name = format!("model.layers.{layer}.{}.{}", module.parent(), module.name());
             let mut take = |ab: &str| {
-                let k = format!("{prefix}.lora_{ab}.weight");
+                let k = module.peft_key(layer, ab);
                 tensors
                     .remove(&k)
                     .ok_or_else(|| adapter_err(dir, format!("`{k}` is missing")))

@@ -111,6 +111,32 @@ pub struct CausalLm {
     attention_block: usize,
 }
 
+/// One layer's weights as dense f32 tensors (see [`CausalLm::dense_weights`]).
+#[derive(Debug, Clone)]
+pub struct DenseLayer {
+    pub input_layernorm: Tensor,
+    pub post_attention_layernorm: Tensor,
+    /// Projection weights [out, in], indexed in [`Module::ALL`] order.
+    pub proj: Vec<Tensor>,
+}
+
+impl DenseLayer {
+    pub fn weight(&self, m: Module) -> &Tensor {
+        &self.proj[Module::ALL.iter().position(|x| *x == m).expect("every module is listed")]
+    }
+}
+
+/// The model's weights as dense f32 tensors: what a differentiable forward (training) needs,
+/// since quantized matmuls cut the gradient.
+#[derive(Debug, Clone)]
+pub struct DenseWeights {
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DenseLayer>,
+    pub norm: Tensor,
+    /// [vocab, hidden]; the embedding matrix when tied.
+    pub lm_head: Tensor,
+}
+
 /// The step context every layer reads.
 struct StepCtx<'a> {
     prep: &'a Prepared,
@@ -259,6 +285,47 @@ impl CausalLm {
     /// on SmolLM2 at 2048 tokens; tests use small ones).
     pub fn set_attention_block(&mut self, rows: usize) {
         self.attention_block = rows.max(1);
+    }
+
+    /// The RoPE tables (cos/sin per position).
+    pub fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
+    /// Every weight as a dense f32 tensor: shared with the model where it already is one,
+    /// dequantized (a copy) where it is quantized.
+    pub fn dense_weights(&self) -> Result<DenseWeights> {
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let p = [
+                    &l.self_attn.q_proj,
+                    &l.self_attn.k_proj,
+                    &l.self_attn.v_proj,
+                    &l.self_attn.o_proj,
+                    &l.mlp.gate_proj,
+                    &l.mlp.up_proj,
+                    &l.mlp.down_proj,
+                ];
+                debug_assert!(p.iter().zip(Module::ALL).all(|(p, m)| p.module == m));
+                Ok(DenseLayer {
+                    input_layernorm: f32(&l.input_layernorm)?,
+                    post_attention_layernorm: f32(&l.post_attention_layernorm)?,
+                    proj: p
+                        .iter()
+                        .map(|p| Ok(p.weight.dense()?.to_dtype(DType::F32)?))
+                        .collect::<Result<_>>()?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(DenseWeights {
+            embed_tokens: f32(&self.embed_tokens)?,
+            layers,
+            norm: f32(&self.norm)?,
+            lm_head: self.lm_head.dense()?.to_dtype(DType::F32)?,
+        })
     }
 
     /// Positions the model can address (the RoPE table's length).
