@@ -19,6 +19,8 @@ pub mod lora;
 pub mod model;
 pub mod rope;
 pub mod sampling;
+#[doc(hidden)]
+pub mod testing;
 pub mod tokenizer;
 pub mod weights;
 

@@ -143,6 +143,9 @@ pub struct Trainer<'a> {
     /// `last/` (the final weights) and `checkpoint/` (to resume).
     pub out: PathBuf,
     pub progress: bool,
+    /// Stop after this many optimizer steps in this call, as if interrupted (tests; the last
+    /// checkpoint is what a resumed run starts from).
+    pub stop_after: Option<u64>,
 }
 
 fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
@@ -214,7 +217,18 @@ impl Trainer<'_> {
         let t0 = Instant::now();
         let mut last_loss = f64::NAN;
         let mut order: Option<(u64, Vec<usize>)> = None;
+        let mut ran = 0u64;
         while state.step < total {
+            if self.stop_after.is_some_and(|n| ran >= n) {
+                bar.finish_and_clear();
+                return Ok(Outcome {
+                    steps: state.step,
+                    last_loss,
+                    best_val: state.best_val,
+                    seconds: t0.elapsed().as_secs_f64(),
+                });
+            }
+            ran += 1;
             let step = state.step;
             let epoch = step / per_epoch;
             if order.as_ref().is_none_or(|(e, _)| *e != epoch) {

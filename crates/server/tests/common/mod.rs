@@ -27,59 +27,9 @@ pub fn scratch(name: &str) -> PathBuf {
     d
 }
 
-/// The 96 symbols of the tiny model's vocabulary: ids 5, 6, 7 are "a", "b", "c", so the
-/// fixture aLoRA's invocation [5, 6, 7] is the text "abc".
+/// The tiny model's vocabulary (one token per character; see `alora_model::testing`).
 pub fn vocab() -> Vec<String> {
-    let mut v: Vec<String> = ["<unk>", "<|im_start|>", "<|im_end|>", "\n", " "]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    v.extend(('a'..='z').map(|c| c.to_string()));
-    v.extend(('0'..='9').map(|c| c.to_string()));
-    v.extend(".,?!:;'\"-()".chars().map(|c| c.to_string()));
-    v.extend(('A'..='Z').map(|c| c.to_string()));
-    while v.len() < 96 {
-        v.push(format!("<x{}>", v.len()));
-    }
-    v
-}
-
-fn write_tokenizer(dir: &Path) {
-    use tokenizers::decoders::fuse::Fuse;
-    use tokenizers::models::wordlevel::WordLevel;
-    use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-    use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
-    let vocab: HashMap<String, u32> = vocab()
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| (s, i as u32))
-        .collect();
-    let model = WordLevel::builder()
-        .vocab(vocab.into_iter().collect())
-        .unk_token("<unk>".into())
-        .build()
-        .unwrap();
-    let mut tok = Tokenizer::new(model);
-    tok.with_pre_tokenizer(Some(
-        Split::new(
-            SplitPattern::Regex("(?s).".into()),
-            SplitDelimiterBehavior::Isolated,
-            false,
-        )
-        .unwrap(),
-    ));
-    tok.with_decoder(Some(Fuse::new()));
-    let _added = tok.add_special_tokens(vec![
-        AddedToken::from("<|im_start|>", true),
-        AddedToken::from("<|im_end|>", true),
-    ]);
-    tok.save(dir.join("tokenizer.json"), false).unwrap();
-    // No chat_template: the server falls back to ChatML, whose markers are ids 1 and 2.
-    std::fs::write(
-        dir.join("tokenizer_config.json"),
-        r#"{"eos_token": "<|im_end|>", "bos_token": "<|im_start|>"}"#,
-    )
-    .unwrap();
+    alora_model::testing::char_vocab()
 }
 
 /// A model directory: the golden Llama fixture's weights and config plus the tokenizer.
@@ -88,7 +38,7 @@ pub fn tiny_model_dir() -> PathBuf {
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(fixtures().join(f), d.join(f)).unwrap();
     }
-    write_tokenizer(&d);
+    alora_model::testing::write_char_tokenizer(&d).unwrap();
     d
 }
 
