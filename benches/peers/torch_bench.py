@@ -4,6 +4,8 @@ and decode at batch 1 and 8 from a 128-token context, on the default model's GGU
 (dequantized to f32 by transformers). Prints medians in tokens/s.
 
     venv/bin/python benches/peers/torch_bench.py models/SmolLM2-135M-Instruct.Q4_1.gguf --threads 2
+    # the same with a PEFT adapter applied (the seed's own serving stack), decode only:
+    venv/bin/python benches/peers/torch_bench.py MODEL.gguf --adapter demo/topic-adapter --decode-only
 """
 import argparse
 import os
@@ -17,10 +19,16 @@ ap = argparse.ArgumentParser()
 ap.add_argument("gguf")
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--reps", type=int, default=5)
+ap.add_argument("--adapter", help="PEFT adapter directory to apply (LoRA or aLoRA)")
+ap.add_argument("--decode-only", action="store_true")
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 d, f = os.path.split(os.path.abspath(a.gguf))
 model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+if a.adapter:
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, a.adapter).eval()
 g = torch.Generator().manual_seed(0)
 
 
@@ -39,7 +47,7 @@ def median_time(fn, reps):
 
 
 with torch.inference_mode():
-    for n in (128, 512, 2048):
+    for n in () if a.decode_only else (128, 512, 2048):
         x = ids(1, n)
         t = median_time(lambda: model(x, use_cache=False), a.reps if n < 2048 else 3)
         print(f"prefill {n:5d}: {n / t:8.1f} tok/s  ({t * 1000:.0f} ms)")

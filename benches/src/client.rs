@@ -159,6 +159,7 @@ impl Client {
         }
         let mut events = resp.bytes_stream().eventsource();
         let mut last: Option<Instant> = None;
+        let mut finished: Option<Instant> = None;
         let mut chunks = 0usize;
         while let Some(ev) = events.next().await {
             let ev = ev.map_err(|e| format!("stream broke: {e}"))?;
@@ -184,6 +185,9 @@ impl Client {
                 chunks += 1;
                 out.text.push_str(piece);
             }
+            if !v["choices"][0]["finish_reason"].is_null() && finished.is_none() {
+                finished = Some(Instant::now());
+            }
             if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
                 out.prompt_tokens = u["prompt_tokens"].as_u64().unwrap_or(0) as usize;
                 out.output_tokens = u["completion_tokens"].as_u64().unwrap_or(0) as usize;
@@ -193,7 +197,15 @@ impl Client {
             }
         }
         if last.is_none() {
-            return Err("the stream ended without any content".into());
+            // Tokens that decode to no text (special tokens): the first token's time is unknown,
+            // the finishing chunk's is an upper bound.
+            match finished {
+                Some(t) if out.output_tokens > 0 => {
+                    out.ttft = t.duration_since(start).as_secs_f64();
+                    return Ok(());
+                }
+                _ => return Err("the stream ended without any content".into()),
+            }
         }
         if out.output_tokens == 0 {
             // The server sent no usage: count content chunks instead.

@@ -1,5 +1,5 @@
 //! The `alora` command: `generate` (try a model and adapter from the terminal) and `serve`
-//! (the HTTP API). `train` joins with the trainer crate.
+//! (the HTTP API), `train` (fine-tune an adapter) and `eval` (score it on held-out data).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -13,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod serve;
+mod train;
 
 /// Where `scripts/fetch-model.sh` puts the default model.
 pub(crate) const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -34,6 +35,10 @@ enum Command {
     Generate(GenerateArgs),
     /// Serve the OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
+    /// Fine-tune an aLoRA or LoRA adapter on JSONL conversations (PEFT-format output).
+    Train(Box<train::TrainArgs>),
+    /// Exact-match accuracy of an adapter (or the base model) on labelled conversations.
+    Eval(train::EvalArgs),
 }
 
 #[derive(clap::Args)]
@@ -74,6 +79,8 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Generate(a) => run_generate(a),
         Command::Serve(a) => serve::run(a),
+        Command::Train(a) => train::run_train(*a),
+        Command::Eval(a) => train::run_eval(a),
     }
 }
 

@@ -63,6 +63,8 @@ pub(crate) struct Prepared {
     /// [N] u32 slots to write; expanded to the K/V shape on first use.
     pub write_slots: Tensor,
     pub gather_slots: Tensor,
+    /// The same slots on the host (the CPU paged attention walks them).
+    pub gather_slots_host: Vec<u32>,
     pub seqlens_q: Vec<usize>,
     pub seqlens_k: Vec<usize>,
     pub start_pos: Vec<usize>,
@@ -148,6 +150,7 @@ impl Prepared {
             positions: Tensor::new(positions.as_slice(), device)?,
             write_slots: Tensor::new(write_slots.as_slice(), device)?,
             gather_slots: Tensor::new(gather_slots.as_slice(), device)?,
+            gather_slots_host: gather_slots,
             seqlens_q,
             seqlens_k,
             start_pos,

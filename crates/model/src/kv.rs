@@ -86,6 +86,11 @@ impl KvStore {
         ))
     }
 
+    /// One layer's K and V pools, [slots, kv_heads, head_dim] each.
+    pub(crate) fn pools(&self, layer: usize) -> (&Tensor, &Tensor) {
+        (&self.k[layer], &self.v[layer])
+    }
+
     /// Raw K/V rows of one layer at the given slots; for tests that compare cache contents.
     pub fn read_slots(&self, layer: usize, slots: &[u32]) -> Result<(Tensor, Tensor)> {
         let idx = Tensor::new(slots, self.k[layer].device())?;

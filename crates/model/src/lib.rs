@@ -17,6 +17,7 @@ pub mod kv;
 pub mod loader;
 pub mod lora;
 pub mod model;
+mod paged;
 pub mod rope;
 pub mod sampling;
 #[doc(hidden)]

@@ -29,13 +29,19 @@ use crate::weights::{lm_head_is_tied, LinearWeight, Permute, QuantPolicy, Weight
 /// Which attention kernel a step uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionImpl {
-    /// candle's fused varlen CPU flash attention for decode-like steps (every sequence brings
-    /// fewer than [`FLASH_MAX_QUERY`] tokens, on CPU, f32/f16); the matmul path otherwise, which
-    /// measured faster for prefill chunks (BENCHMARKS.md).
+    /// For decode-like steps (every sequence brings fewer than [`FLASH_MAX_QUERY`] tokens) on
+    /// the CPU: the paged kernel for f32, candle's varlen flash kernel for f16. The matmul path
+    /// otherwise, which measured fastest for prefill chunks (BENCHMARKS.md).
     Auto,
     /// Per-sequence matmul + mask + softmax: any device and dtype.
     Reference,
+    /// The CPU paged kernel for every step (f32 on the CPU only; tests).
+    Paged,
 }
+
+/// Longest per-sequence query chunk the paged loop kernel takes; longer decode-like chunks use
+/// the paged gemm path (measured on SmolLM2, BENCHMARKS.md).
+pub const PAGED_LOOP_MAX_QUERY: usize = 1;
 
 /// Longest per-sequence query chunk that still goes to the CPU flash kernel in `Auto` mode.
 pub const FLASH_MAX_QUERY: usize = 32;
@@ -448,11 +454,28 @@ impl CausalLm {
         let q = Rope::apply(&q, &ctx.cos, &ctx.sin)?.squeeze(0)?;
         let k = Rope::apply(&k, &ctx.cos, &ctx.sin)?.squeeze(0)?;
         ctx.kv.write(l, &ctx.write_idx, &k, &v)?;
-        let (kc, vc) = ctx.kv.gather(l, &ctx.prep.gather_slots)?;
-        let use_flash = self.attention == AttentionImpl::Auto
+        let decode_like = self.attention == AttentionImpl::Auto
             && self.device.is_cpu()
-            && matches!(self.dtype, DType::F32 | DType::F16)
             && ctx.prep.seqlens_q.iter().all(|&n| n < FLASH_MAX_QUERY);
+        if self.attention == AttentionImpl::Paged || (decode_like && self.dtype == DType::F32) {
+            let (kp, vp) = ctx.kv.pools(l);
+            let shape = crate::paged::Shape {
+                num_heads: c.num_heads,
+                num_kv_heads: c.num_kv_heads,
+                head_dim: c.head_dim,
+                scale: c.attention_scale as f32,
+            };
+            // Single-token decode: the loop kernel; a few tokens per sequence: gemm per head.
+            let out = if ctx.prep.seqlens_q.iter().all(|&n| n <= PAGED_LOOP_MAX_QUERY) {
+                crate::paged::attention(&q, kp, vp, ctx.prep, &shape)?
+            } else {
+                crate::paged::attention_gemm(&q, kp, vp, ctx.prep, &shape)?
+            };
+            let out = out.to_dtype(self.dtype)?.reshape((n, c.num_heads * c.head_dim))?;
+            return a.o_proj.forward(&out, groups);
+        }
+        let (kc, vc) = ctx.kv.gather(l, &ctx.prep.gather_slots)?;
+        let use_flash = decode_like && self.dtype == DType::F16;
         let out = if use_flash {
             let p = ctx.prep;
             let sq: Vec<u32> = p.seqlens_q.iter().map(|&x| x as u32).collect();

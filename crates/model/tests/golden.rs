@@ -194,6 +194,14 @@ fn granite_full_prefill_matches_peft() {
     full_prefill("granite", AttentionImpl::Auto, 256);
 }
 
+/// The CPU paged kernel on whole prefills (causal queries within a chunk), not only on the
+/// decode-like steps `Auto` gives it.
+#[test]
+fn paged_attention_matches_peft() {
+    full_prefill("llama", AttentionImpl::Paged, 256);
+    full_prefill("granite", AttentionImpl::Paged, 256);
+}
+
 #[test]
 fn reference_attention_matches_peft() {
     full_prefill("llama", AttentionImpl::Reference, 256);

@@ -6,8 +6,10 @@
 //! - [`forward`]: a differentiable Llama/Granite forward on the model crate's dense weights.
 //! - [`optim`]: AdamW, the linear schedule, gradient clipping.
 //! - [`train`]: the loop (accumulation, validation, best-so-far saving, checkpoints).
+//! - [`eval`]: held-out exact-match accuracy of an intrinsic against the majority baseline.
 
 pub mod data;
+pub mod eval;
 pub mod forward;
 pub mod optim;
 pub mod params;
