@@ -32,7 +32,7 @@ pub struct ServeArgs {
     #[arg(long, env = "ALORA_KV_CACHE_MEMORY", default_value = "1GiB")]
     kv_cache_memory: String,
     /// Tokens per KV block.
-    #[arg(long, env = "ALORA_BLOCK_SIZE", default_value_t = 16)]
+    #[arg(long, env = "ALORA_BLOCK_SIZE", default_value_t = 4)]
     block_size: usize,
     #[arg(long, env = "ALORA_MAX_NUM_SEQS", default_value_t = 64)]
     max_num_seqs: usize,

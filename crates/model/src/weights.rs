@@ -49,6 +49,9 @@ impl std::str::FromStr for QuantPolicy {
     }
 }
 
+/// Up to this many rows, dense projections run as `(W x^T)^T` on the CPU.
+const SMALL_ROWS: usize = 64;
+
 /// A projection's base weight, [out, in].
 #[derive(Debug, Clone)]
 pub enum LinearWeight {
@@ -60,6 +63,14 @@ impl LinearWeight {
     /// `x W^T` for x [N, in].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
+            // For a few rows on the CPU, `(W x^T)^T` runs up to 1.9x faster than `x W^T` in
+            // candle's gemm (weight as the left operand; measured for SmolLM2's shapes at
+            // 2-64 rows, equal at 1 and from ~128 on). Decode batches and aLoRA calls are here.
+            LinearWeight::Dense(w)
+                if x.device().is_cpu() && x.rank() == 2 && (2..=SMALL_ROWS).contains(&x.dim(0)?) =>
+            {
+                w.matmul(&x.t()?)?.t()?.contiguous()?
+            }
             LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
             LinearWeight::Quant(q) => {
                 let dt = x.dtype();

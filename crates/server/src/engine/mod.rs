@@ -38,7 +38,7 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
-            block_size: 16,
+            block_size: 4,
             kv_cache_bytes: 1 << 30,
             max_num_seqs: 64,
             max_num_batched_tokens: 2048,
