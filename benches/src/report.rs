@@ -284,24 +284,26 @@ impl Report {
 /// reuse claim, run against the same adapter served as a plain LoRA.
 pub fn compare_table(fast: &Report, slow: &Report) -> String {
     let mut s = String::new();
+    let (fa, sl) = (format!("{} TTFT ms", fast.label), format!("{} TTFT ms", slow.label));
+    let (wf, ws) = (fa.len().max(12), sl.len().max(12));
     let _ = writeln!(
         s,
-        "{:<10} {:>12} {:>16} {:>16} {:>10}",
-        "length", "prompt tok", format!("{} TTFT ms", fast.label), format!("{} TTFT ms", slow.label), "ratio"
+        "{:<10} {:>12} {fa:>wf$} {sl:>ws$} {:>10}",
+        "length", "prompt tok", "ratio"
     );
     for (len, f) in &fast.by_length {
-        let Some(sl) = slow.by_length.get(len) else {
+        let Some(g) = slow.by_length.get(len) else {
             continue;
         };
         let prompt = f.total_input_tokens as f64 / f.completed.max(1) as f64;
         let _ = writeln!(
             s,
-            "{:<10} {:>12.0} {:>16.2} {:>16.2} {:>9.1}x",
+            "{:<10} {:>12.0} {:>wf$.2} {:>ws$.2} {:>9.1}x",
             len,
             prompt,
             f.ttft_ms.median,
-            sl.ttft_ms.median,
-            sl.ttft_ms.median / f.ttft_ms.median
+            g.ttft_ms.median,
+            g.ttft_ms.median / f.ttft_ms.median
         );
     }
     s
