@@ -112,13 +112,23 @@ impl Client {
         b
     }
 
-    pub async fn chat(&self, messages: &[Value], adapter: Option<&str>, max_tokens: usize) -> Outcome {
+    pub async fn chat(
+        &self,
+        messages: &[Value],
+        adapter: Option<&str>,
+        max_tokens: usize,
+    ) -> Outcome {
         let mut b = self.body(adapter, max_tokens);
         b.insert("messages".into(), Value::Array(messages.to_vec()));
         self.stream("/v1/chat/completions", Value::Object(b)).await
     }
 
-    pub async fn completion(&self, prompt: &str, adapter: Option<&str>, max_tokens: usize) -> Outcome {
+    pub async fn completion(
+        &self,
+        prompt: &str,
+        adapter: Option<&str>,
+        max_tokens: usize,
+    ) -> Outcome {
         let mut b = self.body(adapter, max_tokens);
         b.insert("prompt".into(), json!(prompt));
         self.stream("/v1/completions", Value::Object(b)).await
@@ -127,7 +137,12 @@ impl Client {
     async fn stream(&self, path: &str, body: Value) -> Outcome {
         let start = Instant::now();
         let mut out = Outcome::default();
-        match tokio::time::timeout(self.target.timeout, self.stream_inner(path, body, start, &mut out)).await {
+        match tokio::time::timeout(
+            self.target.timeout,
+            self.stream_inner(path, body, start, &mut out),
+        )
+        .await
+        {
             Ok(Ok(())) => out.ok = true,
             Ok(Err(e)) => out.error = Some(e),
             Err(_) => out.error = Some(format!("timed out after {:?}", self.target.timeout)),
@@ -147,7 +162,10 @@ impl Client {
         if let Some(k) = &self.target.api_key {
             req = req.bearer_auth(k);
         }
-        let resp = req.send().await.map_err(|e| format!("request failed: {e}"))?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| format!("request failed: {e}"))?;
         let status = resp.status();
         if !status.is_success() {
             let text = resp.text().await.unwrap_or_default();

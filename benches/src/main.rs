@@ -12,7 +12,11 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "alora-bench", version, about = "Load-test an OpenAI-compatible server")]
+#[command(
+    name = "alora-bench",
+    version,
+    about = "Load-test an OpenAI-compatible server"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -167,9 +171,13 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             progress: false,
             ..load.clone()
         };
-        let out = alora_bench::run(Client::new(target.clone())?, Workload::new(w, None)?, &warm).await?;
+        let out =
+            alora_bench::run(Client::new(target.clone())?, Workload::new(w, None)?, &warm).await?;
         if let Some(r) = out.records.iter().find(|r| !r.ok) {
-            anyhow::bail!("warm-up request failed: {}", r.error.clone().unwrap_or_default());
+            anyhow::bail!(
+                "warm-up request failed: {}",
+                r.error.clone().unwrap_or_default()
+            );
         }
     }
     let settings = serde_json::json!({

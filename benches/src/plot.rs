@@ -11,8 +11,10 @@ fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow::anyhow!("plot: {e}")
 }
 
+type Points = Vec<(f64, f64)>;
+
 /// Non-base requests' (prompt tokens, TTFT ms) per report, and the median per target length.
-fn ttft_points(r: &Report) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
+fn ttft_points(r: &Report) -> (Points, Points) {
     let pts: Vec<(f64, f64)> = r
         .records
         .iter()
@@ -38,12 +40,20 @@ pub fn ttft_vs_length(reports: &[Report], path: &Path) -> anyhow::Result<()> {
     let series: Vec<_> = reports.iter().map(ttft_points).collect();
     let all = series.iter().flat_map(|(p, _)| p.iter());
     let xmax = all.clone().map(|p| p.0).fold(1.0, f64::max) * 1.05;
-    let ymin = all.clone().map(|p| p.1).fold(f64::INFINITY, f64::min).max(1e-3) / 1.5;
+    let ymin = all
+        .clone()
+        .map(|p| p.1)
+        .fold(f64::INFINITY, f64::min)
+        .max(1e-3)
+        / 1.5;
     let ymax = all.map(|p| p.1).fold(1.0, f64::max) * 1.5;
     let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption("Time to first token of adapter calls vs conversation length", ("sans-serif", 20))
+        .caption(
+            "Time to first token of adapter calls vs conversation length",
+            ("sans-serif", 20),
+        )
         .margin(12)
         .x_label_area_size(44)
         .y_label_area_size(64)

@@ -45,7 +45,9 @@ impl Slo {
 
     fn met(&self, r: &Record) -> bool {
         r.ok && self.ttft_ms.is_none_or(|t| r.ttft * 1e3 <= t)
-            && self.tpot_ms.is_none_or(|t| r.tpot().unwrap_or(0.0) * 1e3 <= t)
+            && self
+                .tpot_ms
+                .is_none_or(|t| r.tpot().unwrap_or(0.0) * 1e3 <= t)
             && self.e2el_ms.is_none_or(|t| r.e2e * 1e3 <= t)
     }
 }
@@ -168,7 +170,10 @@ impl Report {
             output_throughput: all.total_output_tokens as f64 / d,
             total_token_throughput: (all.total_input_tokens + all.total_output_tokens) as f64 / d,
             slo,
-            by_kind: by_kind.into_iter().map(|(k, v)| (k, Group::of(v))).collect(),
+            by_kind: by_kind
+                .into_iter()
+                .map(|(k, v)| (k, Group::of(v)))
+                .collect(),
             by_length: by_length
                 .into_iter()
                 .map(|(k, v)| (k, Group::of(v)))
@@ -199,30 +204,71 @@ impl Report {
         if self.failed > 0 {
             line(&mut s, "Failed requests:", self.failed.to_string());
         }
-        line(&mut s, "Benchmark duration (s):", format!("{:.2}", self.duration));
-        line(&mut s, "Total input tokens:", self.total_input_tokens.to_string());
-        line(&mut s, "Total generated tokens:", self.total_output_tokens.to_string());
-        line(&mut s, "Request throughput (req/s):", format!("{:.2}", self.request_throughput));
+        line(
+            &mut s,
+            "Benchmark duration (s):",
+            format!("{:.2}", self.duration),
+        );
+        line(
+            &mut s,
+            "Total input tokens:",
+            self.total_input_tokens.to_string(),
+        );
+        line(
+            &mut s,
+            "Total generated tokens:",
+            self.total_output_tokens.to_string(),
+        );
+        line(
+            &mut s,
+            "Request throughput (req/s):",
+            format!("{:.2}", self.request_throughput),
+        );
         if let Some(g) = self.request_goodput {
             line(&mut s, "Request goodput (req/s):", format!("{g:.2}"));
         }
-        line(&mut s, "Output token throughput (tok/s):", format!("{:.2}", self.output_throughput));
-        line(&mut s, "Total Token throughput (tok/s):", format!("{:.2}", self.total_token_throughput));
+        line(
+            &mut s,
+            "Output token throughput (tok/s):",
+            format!("{:.2}", self.output_throughput),
+        );
+        line(
+            &mut s,
+            "Total Token throughput (tok/s):",
+            format!("{:.2}", self.total_token_throughput),
+        );
         if let Some(r) = self.all.cache_hit_ratio {
-            line(&mut s, "Prefix cache hit ratio (cached_tokens):", format!("{:.2}%", r * 100.0));
+            line(
+                &mut s,
+                "Prefix cache hit ratio (cached_tokens):",
+                format!("{:.2}%", r * 100.0),
+            );
         }
         if let Some(r) = self.metrics_prefix_cache_hit_ratio {
-            line(&mut s, "Prefix cache hit ratio (/metrics):", format!("{:.2}%", r * 100.0));
+            line(
+                &mut s,
+                "Prefix cache hit ratio (/metrics):",
+                format!("{:.2}%", r * 100.0),
+            );
         }
         let lat = |s: &mut String, title: &str, short: &str, m: &Summary| {
             head(s, title, '-');
             line(s, &format!("Mean {short} (ms):"), format!("{:.2}", m.mean));
-            line(s, &format!("Median {short} (ms):"), format!("{:.2}", m.median));
+            line(
+                s,
+                &format!("Median {short} (ms):"),
+                format!("{:.2}", m.median),
+            );
             line(s, &format!("P90 {short} (ms):"), format!("{:.2}", m.p90));
             line(s, &format!("P99 {short} (ms):"), format!("{:.2}", m.p99));
         };
         lat(&mut s, "Time to First Token", "TTFT", &self.all.ttft_ms);
-        lat(&mut s, "Time per Output Token (excl. 1st token)", "TPOT", &self.all.tpot_ms);
+        lat(
+            &mut s,
+            "Time per Output Token (excl. 1st token)",
+            "TPOT",
+            &self.all.tpot_ms,
+        );
         lat(&mut s, "Inter-token Latency", "ITL", &self.all.itl_ms);
         lat(&mut s, "End-to-end Latency", "E2EL", &self.all.e2el_ms);
         if self.by_kind.len() > 1 || self.by_length.len() > 1 {
@@ -284,7 +330,10 @@ impl Report {
 /// reuse claim, run against the same adapter served as a plain LoRA.
 pub fn compare_table(fast: &Report, slow: &Report) -> String {
     let mut s = String::new();
-    let (fa, sl) = (format!("{} TTFT ms", fast.label), format!("{} TTFT ms", slow.label));
+    let (fa, sl) = (
+        format!("{} TTFT ms", fast.label),
+        format!("{} TTFT ms", slow.label),
+    );
     let (wf, ws) = (fa.len().max(12), sl.len().max(12));
     let _ = writeln!(
         s,

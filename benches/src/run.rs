@@ -108,7 +108,10 @@ async fn run_session(sh: &Shared, s: Session) {
                 conv.push(json!({"role": "assistant", "content": out.text}));
                 ("base", None, out)
             }
-            Step::Intrinsic { adapter, max_tokens } => {
+            Step::Intrinsic {
+                adapter,
+                max_tokens,
+            } => {
                 let out = sh.client.chat(&conv, Some(adapter), *max_tokens).await;
                 ("intrinsic", Some(adapter.clone()), out)
             }
@@ -186,7 +189,11 @@ fn bar(cfg: &LoadConfig) -> ProgressBar {
     b
 }
 
-pub async fn run(client: Client, workload: Workload, cfg: &LoadConfig) -> anyhow::Result<RunOutput> {
+pub async fn run(
+    client: Client,
+    workload: Workload,
+    cfg: &LoadConfig,
+) -> anyhow::Result<RunOutput> {
     if cfg.num_sessions.is_none() && cfg.duration.is_none() {
         anyhow::bail!("give a number of sessions or a duration");
     }
@@ -255,7 +262,7 @@ pub async fn run(client: Client, workload: Workload, cfg: &LoadConfig) -> anyhow
         _ => None,
     };
     let mut records = std::mem::take(&mut *sh.records.lock().unwrap());
-    records.sort_by(|a, b| (a.session, a.step).cmp(&(b.session, b.step)));
+    records.sort_by_key(|r| (r.session, r.step));
     Ok(RunOutput {
         records,
         duration,

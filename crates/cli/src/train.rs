@@ -189,7 +189,10 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         Some(dir) => {
             let p = LoraParams::load(dir, tm.config(), tm.device())?;
             if p.spec.invocation_tokens != spec.invocation_tokens {
-                bail!("--init-from {}: its invocation or type differs", dir.display());
+                bail!(
+                    "--init-from {}: its invocation or type differs",
+                    dir.display()
+                );
             }
             p
         }
@@ -210,7 +213,11 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
     eprintln!(
         "{} {}: {} trainable parameters; {} training examples ({} target tokens), {} validation",
         m.name,
-        if params.spec.invocation_tokens.is_some() { "aLoRA" } else { "LoRA" },
+        if params.spec.invocation_tokens.is_some() {
+            "aLoRA"
+        } else {
+            "LoRA"
+        },
         params.num_params(),
         train.len(),
         target_tokens,
@@ -279,13 +286,22 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
             let tok = m.tokenizer.clone();
             let encode = move |s: &str| tok.encode(s);
             Some(Arc::new(
-                LoraAdapter::load("eval", dir, m.model.config(), m.model.device(), Some(&encode))
-                    .with_context(|| format!("loading adapter {}", dir.display()))?,
+                LoraAdapter::load(
+                    "eval",
+                    dir,
+                    m.model.config(),
+                    m.model.device(),
+                    Some(&encode),
+                )
+                .with_context(|| format!("loading adapter {}", dir.display()))?,
             ))
         }
         None => None,
     };
-    let invocation = match (adapter.as_ref().and_then(|ad| ad.invocation_tokens()), &a.invocation) {
+    let invocation = match (
+        adapter.as_ref().and_then(|ad| ad.invocation_tokens()),
+        &a.invocation,
+    ) {
         (Some(t), _) => t.to_vec(),
         (None, Some(s)) => m.tokenizer.encode(s)?,
         (None, None) => Vec::new(),

@@ -128,7 +128,10 @@ pub struct DenseLayer {
 
 impl DenseLayer {
     pub fn weight(&self, m: Module) -> &Tensor {
-        &self.proj[Module::ALL.iter().position(|x| *x == m).expect("every module is listed")]
+        &self.proj[Module::ALL
+            .iter()
+            .position(|x| *x == m)
+            .expect("every module is listed")]
     }
 }
 
@@ -466,12 +469,19 @@ impl CausalLm {
                 scale: c.attention_scale as f32,
             };
             // Single-token decode: the loop kernel; a few tokens per sequence: gemm per head.
-            let out = if ctx.prep.seqlens_q.iter().all(|&n| n <= PAGED_LOOP_MAX_QUERY) {
+            let out = if ctx
+                .prep
+                .seqlens_q
+                .iter()
+                .all(|&n| n <= PAGED_LOOP_MAX_QUERY)
+            {
                 crate::paged::attention(&q, kp, vp, ctx.prep, &shape)?
             } else {
                 crate::paged::attention_gemm(&q, kp, vp, ctx.prep, &shape)?
             };
-            let out = out.to_dtype(self.dtype)?.reshape((n, c.num_heads * c.head_dim))?;
+            let out = out
+                .to_dtype(self.dtype)?
+                .reshape((n, c.num_heads * c.head_dim))?;
             return a.o_proj.forward(&out, groups);
         }
         let (kc, vc) = ctx.kv.gather(l, &ctx.prep.gather_slots)?;

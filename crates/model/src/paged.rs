@@ -168,14 +168,25 @@ pub(crate) fn attention_gemm(
         let vs = v_pool.index_select(&slots, 0)?.reshape((nk, kvh * d))?;
         // Query j sees keys 0 ..= start + j.
         let mask: Vec<f32> = (0..nq)
-            .flat_map(|j| (0..nk).map(move |t| if t <= start + j { 0.0 } else { f32::NEG_INFINITY }))
+            .flat_map(|j| {
+                (0..nk).map(move |t| {
+                    if t <= start + j {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
             .collect();
         let mask = Tensor::from_vec(mask, (nq, 1, nk), &dev)?;
         let qi = q.narrow(0, qo, nq)?; // [nq, nh, d]
         let mut heads = Vec::with_capacity(kvh);
         for h in 0..kvh {
             // Rows (j, r) for the group's query heads: [nq * group, d].
-            let qh = qi.narrow(1, h * group, group)?.contiguous()?.reshape((nq * group, d))?;
+            let qh = qi
+                .narrow(1, h * group, group)?
+                .contiguous()?
+                .reshape((nq * group, d))?;
             let kh = ks.narrow(1, h * d, d)?;
             let vh = vs.narrow(1, h * d, d)?;
             let scores = (qh.matmul(&kh.t()?)? * sh.scale as f64)?.reshape((nq, group, nk))?;

@@ -67,7 +67,9 @@ impl LinearWeight {
             // candle's gemm (weight as the left operand; measured for SmolLM2's shapes at
             // 2-64 rows, equal at 1 and from ~128 on). Decode batches and aLoRA calls are here.
             LinearWeight::Dense(w)
-                if x.device().is_cpu() && x.rank() == 2 && (2..=SMALL_ROWS).contains(&x.dim(0)?) =>
+                if x.device().is_cpu()
+                    && x.rank() == 2
+                    && (2..=SMALL_ROWS).contains(&x.dim(0)?) =>
             {
                 w.matmul(&x.t()?)?.t()?.contiguous()?
             }

@@ -51,9 +51,13 @@ fn closed(n: usize, sessions: usize) -> LoadConfig {
 }
 
 async fn go(t: &Target, w: WorkloadConfig, l: &LoadConfig) -> RunOutput {
-    let out = alora_bench::run(Client::new(t.clone()).unwrap(), Workload::new(w, None).unwrap(), l)
-        .await
-        .unwrap();
+    let out = alora_bench::run(
+        Client::new(t.clone()).unwrap(),
+        Workload::new(w, None).unwrap(),
+        l,
+    )
+    .await
+    .unwrap();
     for r in &out.records {
         assert!(r.ok, "request failed: {:?}", r.error);
     }
@@ -66,7 +70,12 @@ async fn intrinsics_reuse_the_base_turn_as_alora_and_not_as_lora() {
     let t = target(&s.url, AdapterField::Model).await;
 
     // Two conversations, two base turns each, after each turn the aLoRA and a second aLoRA.
-    let out = go(&t, workload(Kind::Intrinsics, &["alora", "alora2"]), &closed(2, 2)).await;
+    let out = go(
+        &t,
+        workload(Kind::Intrinsics, &["alora", "alora2"]),
+        &closed(2, 2),
+    )
+    .await;
     assert_eq!(out.records.len(), 2 * 2 * 3);
     let mut intrinsic_calls = 0;
     for r in &out.records {
@@ -91,7 +100,9 @@ async fn intrinsics_reuse_the_base_turn_as_alora_and_not_as_lora() {
         }
     }
     assert_eq!(intrinsic_calls, 8);
-    let prefix = out.prefix_cache.expect("/metrics has the prefix cache counters");
+    let prefix = out
+        .prefix_cache
+        .expect("/metrics has the prefix cache counters");
     assert!(prefix.1 > 0.0 && prefix.1 < prefix.0, "{prefix:?}");
     let alora = Report::new("alora".into(), serde_json::json!({}), out, Slo::default());
     let g = &alora.by_kind["intrinsic:alora"];
@@ -104,10 +115,21 @@ async fn intrinsics_reuse_the_base_turn_as_alora_and_not_as_lora() {
     // first block, cached by the other conversation's LoRA call).
     let t2 = target(&s.url, AdapterField::Adapter).await;
     let out = go(&t2, workload(Kind::Intrinsics, &["lora"]), &closed(1, 2)).await;
-    for r in out.records.iter().filter(|r| r.kind == "intrinsic" && r.step == 1) {
-        let base = &out.records[out.records.iter().position(|b| b.session == r.session).unwrap()];
+    for r in out
+        .records
+        .iter()
+        .filter(|r| r.kind == "intrinsic" && r.step == 1)
+    {
+        let base = &out.records[out
+            .records
+            .iter()
+            .position(|b| b.session == r.session)
+            .unwrap()];
         let cached = r.cached_tokens.unwrap();
-        assert!(cached <= 4 && cached < base.prompt_tokens / 4 * 4, "LoRA call reused {cached}");
+        assert!(
+            cached <= 4 && cached < base.prompt_tokens / 4 * 4,
+            "LoRA call reused {cached}"
+        );
     }
     let slo = Slo::parse(&["ttft:60000".into(), "e2el:60000".into()]).unwrap();
     let lora = Report::new("lora".into(), serde_json::json!({}), out, slo);
@@ -116,7 +138,12 @@ async fn intrinsics_reuse_the_base_turn_as_alora_and_not_as_lora() {
 
     // Report, JSON round trip, comparison and plots.
     let table = alora.table();
-    for needle in ["Serving Benchmark Result", "Median TTFT (ms):", "intrinsic:alora2", "Prefix cache hit ratio"] {
+    for needle in [
+        "Serving Benchmark Result",
+        "Median TTFT (ms):",
+        "intrinsic:alora2",
+        "Prefix cache hit ratio",
+    ] {
         assert!(table.contains(needle), "{needle} missing from\n{table}");
     }
     let json = serde_json::to_string(&alora).unwrap();
@@ -160,7 +187,12 @@ async fn random_and_mixed_workloads_open_and_closed_loop() {
         duration: Some(Duration::from_millis(400)),
         ..closed(0, 0)
     };
-    let out = go(&t, workload(Kind::Mixed, &["base", "lora", "alora"]), &mixed).await;
+    let out = go(
+        &t,
+        workload(Kind::Mixed, &["base", "lora", "alora"]),
+        &mixed,
+    )
+    .await;
     assert!(!out.records.is_empty());
     let r = Report::new("mixed".into(), serde_json::json!({}), out, Slo::default());
     assert!(r.by_kind.contains_key("single"));
@@ -176,5 +208,8 @@ async fn random_and_mixed_workloads_open_and_closed_loop() {
     let r = Report::new("bad".into(), serde_json::json!({}), out, Slo::default());
     assert_eq!((r.completed, r.failed), (0, 1));
     let e = r.errors.keys().next().unwrap();
-    assert!(e.starts_with("HTTP 404") && e.contains("no-such-adapter"), "{e}");
+    assert!(
+        e.starts_with("HTTP 404") && e.contains("no-such-adapter"),
+        "{e}"
+    );
 }

@@ -99,7 +99,11 @@ impl CustomOp1 for FrozenLinear {
         "frozen-linear"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let CpuStorage::F32(v) = storage else {
             candle_core::bail!("frozen-linear: f32 only")
         };
@@ -119,11 +123,13 @@ impl CustomOp1 for FrozenLinear {
 
 /// `x W^T` for a frozen base weight `W` [out, in].
 fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    Ok(if x.track_op() && x.device().is_cpu() && x.dtype() == DType::F32 {
-        x.contiguous()?.apply_op1(FrozenLinear(w.clone()))?
-    } else {
-        x.matmul(&w.t()?)?
-    })
+    Ok(
+        if x.track_op() && x.device().is_cpu() && x.dtype() == DType::F32 {
+            x.contiguous()?.apply_op1(FrozenLinear(w.clone()))?
+        } else {
+            x.matmul(&w.t()?)?
+        },
+    )
 }
 
 pub struct TrainModel {
@@ -196,7 +202,11 @@ impl TrainModel {
     }
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm_slow(x, w, self.cfg.rms_norm_eps as f32)?)
+        Ok(candle_nn::ops::rms_norm_slow(
+            x,
+            w,
+            self.cfg.rms_norm_eps as f32,
+        )?)
     }
 
     fn residual(&self, x: &Tensor, branch: Tensor) -> Result<Tensor> {
@@ -234,7 +244,15 @@ impl TrainModel {
         // Causal mask over [past + new] keys: query i sees keys <= start + i.
         let total = start + t;
         let mask: Vec<f32> = (0..t)
-            .flat_map(|i| (0..total).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY }))
+            .flat_map(|i| {
+                (0..total).map(move |j| {
+                    if j <= start + i {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
             .collect();
         let mask = Tensor::from_vec(mask, (t, total), &self.device)?;
 
@@ -250,11 +268,21 @@ impl TrainModel {
         for l in 0..cfg.num_layers {
             let lw = &self.w.layers[l];
             let h = self.rms_norm(&x, &lw.input_layernorm)?;
-            let q = self.linear(&h, l, Module::Q, adapter)?.reshape((1, t, nh, hd))?;
-            let k = self.linear(&h, l, Module::K, adapter)?.reshape((1, t, kvh, hd))?;
-            let v = self.linear(&h, l, Module::V, adapter)?.reshape((1, t, kvh, hd))?;
-            let q = Rope::apply_diff(&q, &cos, &sin)?.transpose(1, 2)?.contiguous()?;
-            let k = Rope::apply_diff(&k, &cos, &sin)?.transpose(1, 2)?.contiguous()?;
+            let q = self
+                .linear(&h, l, Module::Q, adapter)?
+                .reshape((1, t, nh, hd))?;
+            let k = self
+                .linear(&h, l, Module::K, adapter)?
+                .reshape((1, t, kvh, hd))?;
+            let v = self
+                .linear(&h, l, Module::V, adapter)?
+                .reshape((1, t, kvh, hd))?;
+            let q = Rope::apply_diff(&q, &cos, &sin)?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let k = Rope::apply_diff(&k, &cos, &sin)?
+                .transpose(1, 2)?
+                .contiguous()?;
             let v = v.transpose(1, 2)?.contiguous()?;
             let (k, v) = match past {
                 Some(p) if !p.is_empty() => (

@@ -44,8 +44,14 @@ impl AdamW {
         Ok(AdamW {
             cfg,
             t: 0,
-            m: vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<_>>()?,
-            v: vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<_>>()?,
+            m: vars
+                .iter()
+                .map(|v| v.zeros_like())
+                .collect::<candle_core::Result<_>>()?,
+            v: vars
+                .iter()
+                .map(|v| v.zeros_like())
+                .collect::<candle_core::Result<_>>()?,
         })
     }
 
@@ -85,12 +91,20 @@ impl AdamW {
     }
 
     pub fn load(&mut self, names: &[String], path: &Path, t: u64) -> Result<()> {
-        let dev = self.m.first().map(|x| x.device().clone()).unwrap_or(candle_core::Device::Cpu);
+        let dev = self
+            .m
+            .first()
+            .map(|x| x.device().clone())
+            .unwrap_or(candle_core::Device::Cpu);
         let mut s = candle_core::safetensors::load(path, &dev)
             .with_context(|| format!("reading {path:?}"))?;
         for (i, n) in names.iter().enumerate() {
-            self.m[i] = s.remove(&format!("m.{n}")).with_context(|| format!("{path:?}: no m.{n}"))?;
-            self.v[i] = s.remove(&format!("v.{n}")).with_context(|| format!("{path:?}: no v.{n}"))?;
+            self.m[i] = s
+                .remove(&format!("m.{n}"))
+                .with_context(|| format!("{path:?}: no m.{n}"))?;
+            self.v[i] = s
+                .remove(&format!("v.{n}"))
+                .with_context(|| format!("{path:?}: no v.{n}"))?;
         }
         self.t = t;
         Ok(())
@@ -168,8 +182,10 @@ mod tests {
             &[&p],
         )
         .unwrap();
-        o.step(&[&p], &[Tensor::new(&[0.5f32, 0.25], &d).unwrap()], 0.1).unwrap();
-        o.step(&[&p], &[Tensor::new(&[-1.0f32, 2.0], &d).unwrap()], 0.1).unwrap();
+        o.step(&[&p], &[Tensor::new(&[0.5f32, 0.25], &d).unwrap()], 0.1)
+            .unwrap();
+        o.step(&[&p], &[Tensor::new(&[-1.0f32, 2.0], &d).unwrap()], 0.1)
+            .unwrap();
         let got = p.to_vec1::<f32>().unwrap();
         let want = [0.934_711_4_f32, -2.178_048_6];
         for (g, w) in got.iter().zip(want) {

@@ -149,7 +149,9 @@ impl LoraParams {
                 let (inp, out) = m.dims(cfg);
                 let mut take = |ab: &str, shape: [usize; 2]| -> Result<Var> {
                     let k = m.peft_key(layer, ab);
-                    let x = t.remove(&k).with_context(|| format!("{w_path:?}: no `{k}`"))?;
+                    let x = t
+                        .remove(&k)
+                        .with_context(|| format!("{w_path:?}: no `{k}`"))?;
                     if x.dims() != shape {
                         bail!("{w_path:?}: `{k}` is {:?}, expected {shape:?}", x.dims());
                     }

@@ -76,10 +76,14 @@ pub fn batch_gradients(
 ) -> Result<(f64, Vec<Tensor>)> {
     let vars: Vec<&Var> = params.named().into_iter().map(|(_, v)| v).collect();
     let total: usize = examples.iter().map(|e| e.target_tokens()).sum();
-    let mut acc: Vec<Tensor> = vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<_>>()?;
+    let mut acc: Vec<Tensor> = vars
+        .iter()
+        .map(|v| v.zeros_like())
+        .collect::<candle_core::Result<_>>()?;
     let mut loss_sum = 0.0;
     for (i, ex) in examples.iter().enumerate() {
-        let seed = dropout_seed.map(|s| s.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(i as u64));
+        let seed =
+            dropout_seed.map(|s| s.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(i as u64));
         let (loss, _) = example_loss(model, params, ex, seed)?;
         loss_sum += loss.to_scalar::<f32>()? as f64;
         let grads = (loss / total as f64)?.backward()?;
@@ -201,9 +205,11 @@ impl Trainer<'_> {
         let bar = if self.progress {
             let b = ProgressBar::new(total);
             b.set_style(
-                ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps {msg}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{elapsed_precise} [{bar:30}] {pos}/{len} steps {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
             );
             b.set_position(state.step);
             b
@@ -267,7 +273,7 @@ impl Trainer<'_> {
                 tokens_per_s: tokens as f64 / ts.elapsed().as_secs_f64(),
                 val_loss: None,
             };
-            let at_eval = (cfg.eval_steps > 0 && state.step % cfg.eval_steps as u64 == 0)
+            let at_eval = (cfg.eval_steps > 0 && state.step.is_multiple_of(cfg.eval_steps as u64))
                 || state.step == total;
             if at_eval {
                 if !val.is_empty() {

@@ -24,7 +24,12 @@ fn train_model(arch: &str) -> TrainModel {
 }
 
 fn max_abs(t: &Tensor) -> f32 {
-    t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 #[derive(Deserialize)]
@@ -52,13 +57,20 @@ fn training_forward_matches_peft_logits() {
             .into_iter()
             .filter_map(|n| {
                 // The llama LoRA fixture uses rank/alpha patterns, which the trainer refuses.
-                LoraParams::load(&dir.join(n), model.config(), &dev).ok().map(|p| (n, p))
+                LoraParams::load(&dir.join(n), model.config(), &dev)
+                    .ok()
+                    .map(|p| (n, p))
             })
             .collect();
-        assert!(params.contains_key("alora"), "{arch}: alora fixture must load");
+        assert!(
+            params.contains_key("alora"),
+            "{arch}: alora fixture must load"
+        );
         let g: Golden =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
-        let expected = candle_core::safetensors::load(dir.join("golden.safetensors"), &dev).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap())
+                .unwrap();
+        let expected =
+            candle_core::safetensors::load(dir.join("golden.safetensors"), &dev).unwrap();
         let mut checked = 0;
         for (i, c) in g.cases.iter().enumerate() {
             let want = &expected[&format!("case{i}")];
@@ -71,14 +83,20 @@ fn training_forward_matches_peft_logits() {
                 None => continue,
                 Some(p) if p.spec.invocation_tokens.is_none() => {
                     let ad = AdapterUse::all_rows(p, ids.len(), &dev).unwrap();
-                    model.logits(&model.forward(ids, None, Some(&ad)).unwrap().0).unwrap()
+                    model
+                        .logits(&model.forward(ids, None, Some(&ad)).unwrap().0)
+                        .unwrap()
                 }
                 Some(p) => match c.s {
-                    None => model.logits(&model.forward(ids, None, None).unwrap().0).unwrap(),
+                    None => model
+                        .logits(&model.forward(ids, None, None).unwrap().0)
+                        .unwrap(),
                     Some(s) => {
                         // One chunk with the row mask...
                         let ad = AdapterUse::from_position(p, 0, ids.len(), s, &dev).unwrap();
-                        let full = model.logits(&model.forward(ids, None, Some(&ad)).unwrap().0).unwrap();
+                        let full = model
+                            .logits(&model.forward(ids, None, Some(&ad)).unwrap().0)
+                            .unwrap();
                         let d = max_abs(&(&full - want).unwrap());
                         assert!(d <= 1e-4, "{arch}/{}: one chunk off by {d}", c.name);
                         // ...and split at s: base prefix, adapted suffix.
@@ -123,13 +141,18 @@ struct ExampleJson {
 #[test]
 fn first_step_loss_and_gradients_match_peft() {
     let meta: HashMap<String, ParityCase> =
-        serde_json::from_str(&std::fs::read_to_string(here().join("parity.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(here().join("parity.json")).unwrap())
+            .unwrap();
     assert_eq!(meta.len(), 3);
     for (case, c) in &meta {
         let model = train_model(&c.model);
         let dev = Device::Cpu;
-        let params = LoraParams::load(&models().join(&c.model).join(&c.adapter), model.config(), &dev)
-            .unwrap();
+        let params = LoraParams::load(
+            &models().join(&c.model).join(&c.adapter),
+            model.config(),
+            &dev,
+        )
+        .unwrap();
         let exs: Vec<Example> = c
             .examples
             .iter()
@@ -146,16 +169,25 @@ fn first_step_loss_and_gradients_match_peft() {
             "{case}: loss {loss} vs PEFT {}",
             c.loss
         );
-        let want = candle_core::safetensors::load(here().join(format!("parity_{case}.safetensors")), &dev)
-            .unwrap();
+        let want =
+            candle_core::safetensors::load(here().join(format!("parity_{case}.safetensors")), &dev)
+                .unwrap();
         let named = params.named();
         assert_eq!(named.len(), want.len(), "{case}: parameter count");
         for ((name, _), g) in named.iter().zip(&grads) {
-            let w = want.get(name).unwrap_or_else(|| panic!("{case}: PEFT has no {name}"));
+            let w = want
+                .get(name)
+                .unwrap_or_else(|| panic!("{case}: PEFT has no {name}"));
             let scale = max_abs(w);
-            assert!(scale > 0.0 && max_abs(g) > 0.0, "{case}: {name} has a zero gradient");
+            assert!(
+                scale > 0.0 && max_abs(g) > 0.0,
+                "{case}: {name} has a zero gradient"
+            );
             let d = max_abs(&(g - w).unwrap());
-            assert!(d <= 1e-4 * scale, "{case}: {name} off by {d} (scale {scale})");
+            assert!(
+                d <= 1e-4 * scale,
+                "{case}: {name} off by {d} (scale {scale})"
+            );
         }
     }
 }

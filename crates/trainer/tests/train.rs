@@ -72,7 +72,7 @@ fn write_data(path: &Path, n: usize, seed: usize) {
     let mut lines = Vec::new();
     for i in 0..n {
         let k = i + seed;
-        let digit = k % 2 == 0;
+        let digit = k.is_multiple_of(2);
         let user = if digit {
             format!("item {} is here", k % 10)
         } else {
@@ -106,12 +106,18 @@ fn encoding_places_the_invocation_and_masks_the_prompt() {
     let n = m.tokenizer.encode(&prompt).unwrap().len();
     assert_eq!((ex.adapter_start, ex.target_start), (n, n + 3));
     assert_eq!(&ex.ids[n..n + 3], &[5, 6, 7]);
-    assert_eq!(m.tokenizer.decode(&ex.ids[n + 3..], false).unwrap(), "no<|im_end|>");
+    assert_eq!(
+        m.tokenizer.decode(&ex.ids[n + 3..], false).unwrap(),
+        "no<|im_end|>"
+    );
     let lora = encoder(&m, false).encode(&conv).unwrap();
     assert_eq!((lora.adapter_start, lora.target_start), (0, n + 3));
 
     // A target that contains the invocation would move PEFT's s: refused.
-    let bad = vec![ChatMessage::new("user", "hi"), ChatMessage::new("digit", "abc")];
+    let bad = vec![
+        ChatMessage::new("user", "hi"),
+        ChatMessage::new("digit", "abc"),
+    ];
     let e = encoder(&m, true).encode(&bad).unwrap_err().to_string();
     assert!(e.contains("target contains the invocation"), "{e}");
 }
@@ -154,7 +160,14 @@ fn weights(dir: &Path) -> std::collections::HashMap<String, Tensor> {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn trainer<'a>(tm: &'a TrainModel, out: &Path, cfg: TrainConfig) -> Trainer<'a> {
@@ -181,8 +194,11 @@ fn training_lowers_the_loss_writes_peft_files_and_resumes_exactly() {
     let (val, _) = enc.read(&d.join("val.jsonl"), false).unwrap();
 
     let out = d.join("a");
-    let before = alora_trainer::eval_loss(&tm, &trainer(&tm, &out, config(3)).params, &val).unwrap();
-    let res = trainer(&tm, &out, config(3)).run(&train, &val, false).unwrap();
+    let before =
+        alora_trainer::eval_loss(&tm, &trainer(&tm, &out, config(3)).params, &val).unwrap();
+    let res = trainer(&tm, &out, config(3))
+        .run(&train, &val, false)
+        .unwrap();
     assert_eq!(res.steps, 12);
     let best = res.best_val.unwrap();
     assert!(best < before * 0.9, "validation loss {before} -> {best}");
@@ -196,13 +212,21 @@ fn training_lowers_the_loss_writes_peft_files_and_resumes_exactly() {
     assert_eq!(cfg["alora_invocation_tokens"], serde_json::json!([5, 6, 7]));
     assert_eq!(cfg["peft_type"], "LORA");
     let a = LoraAdapter::load("t", &out, m.model.config(), &Device::Cpu, None).unwrap();
-    assert_eq!(a.kind, AdapterKind::ALora { invocation_tokens: vec![5, 6, 7] });
+    assert_eq!(
+        a.kind,
+        AdapterKind::ALora {
+            invocation_tokens: vec![5, 6, 7]
+        }
+    );
 
     // Every A and B moved away from its initial value (B starts at zero).
     let init = trainer(&tm, &out, config(3)).params;
     let last = weights(&out.join("last"));
     for (name, v) in init.named() {
-        assert!(max_abs_diff(&last[&name], v.as_tensor()) > 1e-6, "{name} never changed");
+        assert!(
+            max_abs_diff(&last[&name], v.as_tensor()) > 1e-6,
+            "{name} never changed"
+        );
     }
 
     // Interrupted after 4 steps (checkpoint at step 4), then resumed: the same final weights.
@@ -215,10 +239,16 @@ fn training_lowers_the_loss_writes_peft_files_and_resumes_exactly() {
     assert_eq!(r.steps, 12);
     let resumed = weights(&out2.join("last"));
     for (k, v) in &last {
-        assert!(max_abs_diff(v, &resumed[k]) < 1e-6, "{k} differs after resuming");
+        assert!(
+            max_abs_diff(v, &resumed[k]) < 1e-6,
+            "{k} differs after resuming"
+        );
     }
     // Resuming with other settings is refused.
-    let e = trainer(&tm, &out2, config(4)).run(&train, &val, true).unwrap_err().to_string();
+    let e = trainer(&tm, &out2, config(4))
+        .run(&train, &val, true)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("other settings"), "{e}");
 }
 
@@ -227,8 +257,10 @@ fn roundtrip_adapter(out: &Path) {
     let m = CausalLm::load_hf(&llama_dir(), DType::F32, &Device::Cpu).unwrap();
     let tm = TrainModel::new(&m).unwrap();
     let parity: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity.json"))
-            .unwrap(),
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity.json"),
+        )
+        .unwrap(),
     )
     .unwrap();
     let exs: Vec<Example> = parity["llama_alora"]["examples"]
@@ -289,13 +321,17 @@ fn roundtrip_through_peft() {
     let made = weights(&fresh);
     assert_eq!(committed.len(), made.len());
     for (k, v) in &committed {
-        assert!(max_abs_diff(v, &made[k]) < 1e-5, "{k}: the trainer no longer makes this adapter");
+        assert!(
+            max_abs_diff(v, &made[k]) < 1e-5,
+            "{k}: the trainer no longer makes this adapter"
+        );
     }
 
     let dev = Device::Cpu;
     let model = CausalLm::load_hf(&llama_dir(), DType::F32, &dev).unwrap();
-    let adapter =
-        Arc::new(LoraAdapter::load("rt", &dir.join("adapter"), model.config(), &dev, None).unwrap());
+    let adapter = Arc::new(
+        LoraAdapter::load("rt", &dir.join("adapter"), model.config(), &dev, None).unwrap(),
+    );
     let inputs: Vec<Vec<u32>> =
         serde_json::from_str(&std::fs::read_to_string(dir.join("inputs.json")).unwrap()).unwrap();
     let want = candle_core::safetensors::load(dir.join("peft_logits.safetensors"), &dev).unwrap();
