@@ -27,7 +27,7 @@ pub struct Target {
 }
 
 /// What one request measured. Times are seconds.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Outcome {
     pub ok: bool,
     pub error: Option<String>,
@@ -39,6 +39,8 @@ pub struct Outcome {
     pub output_tokens: usize,
     /// From `usage.prompt_tokens_details.cached_tokens`, when the server reports it.
     pub cached_tokens: Option<usize>,
+    /// The generated text (a conversation's next turn); not kept in results.
+    #[serde(skip)]
     pub text: String,
 }
 

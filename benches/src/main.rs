@@ -173,10 +173,10 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         };
         let out =
             alora_bench::run(Client::new(target.clone())?, Workload::new(w, None)?, &warm).await?;
-        if let Some(r) = out.records.iter().find(|r| !r.ok) {
+        if let Some(r) = out.records.iter().find(|r| !r.out.ok) {
             anyhow::bail!(
                 "warm-up request failed: {}",
-                r.error.clone().unwrap_or_default()
+                r.out.error.clone().unwrap_or_default()
             );
         }
     }

@@ -18,8 +18,8 @@ fn ttft_points(r: &Report) -> (Points, Points) {
     let pts: Vec<(f64, f64)> = r
         .records
         .iter()
-        .filter(|x| x.ok && x.kind != "base")
-        .map(|x| (x.prompt_tokens as f64, x.ttft * 1e3))
+        .filter(|x| x.out.ok && x.kind != "base")
+        .map(|x| (x.out.prompt_tokens as f64, x.out.ttft * 1e3))
         .collect();
     let med = r
         .by_length
@@ -97,7 +97,7 @@ pub fn cdf(
     let series: Vec<Vec<f64>> = reports
         .iter()
         .map(|r| {
-            let mut v: Vec<f64> = r.records.iter().filter(|x| x.ok).map(&value).collect();
+            let mut v: Vec<f64> = r.records.iter().filter(|x| x.out.ok).map(&value).collect();
             v.sort_by(|a, b| a.total_cmp(b));
             v
         })
@@ -148,7 +148,12 @@ pub fn all(reports: &[Report], dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         dir.join("e2el_cdf.svg"),
     ];
     ttft_vs_length(reports, &files[0])?;
-    cdf(reports, "TTFT", |r| r.ttft * 1e3, &files[1])?;
-    cdf(reports, "End-to-end latency", |r| r.e2e * 1e3, &files[2])?;
+    cdf(reports, "TTFT", |r| r.out.ttft * 1e3, &files[1])?;
+    cdf(
+        reports,
+        "End-to-end latency",
+        |r| r.out.e2e * 1e3,
+        &files[2],
+    )?;
     Ok(files)
 }

@@ -44,11 +44,12 @@ impl Slo {
     }
 
     fn met(&self, r: &Record) -> bool {
-        r.ok && self.ttft_ms.is_none_or(|t| r.ttft * 1e3 <= t)
+        r.out.ok
+            && self.ttft_ms.is_none_or(|t| r.out.ttft * 1e3 <= t)
             && self
                 .tpot_ms
                 .is_none_or(|t| r.tpot().unwrap_or(0.0) * 1e3 <= t)
-            && self.e2el_ms.is_none_or(|t| r.e2e * 1e3 <= t)
+            && self.e2el_ms.is_none_or(|t| r.out.e2e * 1e3 <= t)
     }
 }
 
@@ -74,20 +75,20 @@ impl Group {
         let (mut ttft, mut tpot, mut itl, mut e2e) = (vec![], vec![], vec![], vec![]);
         let mut reported_cache = false;
         for r in records {
-            if !r.ok {
+            if !r.out.ok {
                 g.failed += 1;
                 continue;
             }
             g.completed += 1;
-            g.total_input_tokens += r.prompt_tokens;
-            g.total_output_tokens += r.output_tokens;
-            if let Some(c) = r.cached_tokens {
+            g.total_input_tokens += r.out.prompt_tokens;
+            g.total_output_tokens += r.out.output_tokens;
+            if let Some(c) = r.out.cached_tokens {
                 reported_cache = true;
                 g.total_cached_tokens += c;
             }
-            ttft.push(r.ttft);
-            e2e.push(r.e2e);
-            itl.extend_from_slice(&r.itl);
+            ttft.push(r.out.ttft);
+            e2e.push(r.out.e2e);
+            itl.extend_from_slice(&r.out.itl);
             if let Some(t) = r.tpot() {
                 tpot.push(t);
             }
@@ -148,7 +149,7 @@ impl Report {
             if r.kind != "base" {
                 by_length.entry(r.length).or_default().push(r);
             }
-            if let Some(e) = &r.error {
+            if let Some(e) = &r.out.error {
                 let n = errors.len();
                 if n < 10 || errors.contains_key(e) {
                     *errors.entry(e.clone()).or_insert(0) += 1;

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
-use crate::client::{metric_sum, Client};
+use crate::client::{metric_sum, Client, Outcome};
 use crate::workload::{Endpoint, Session, Step, Workload};
 
 #[derive(Debug, Clone, Serialize)]
@@ -43,21 +43,15 @@ pub struct Record {
     pub length: usize,
     /// Seconds from the start of the run to the request being sent.
     pub start: f64,
-    pub ok: bool,
-    pub error: Option<String>,
-    pub ttft: f64,
-    pub e2e: f64,
-    pub itl: Vec<f64>,
-    pub prompt_tokens: usize,
-    pub output_tokens: usize,
-    pub cached_tokens: Option<usize>,
+    #[serde(flatten)]
+    pub out: Outcome,
 }
 
 impl Record {
     /// Time per output token after the first, seconds.
     pub fn tpot(&self) -> Option<f64> {
-        (self.ok && self.output_tokens > 1)
-            .then(|| (self.e2e - self.ttft) / (self.output_tokens - 1) as f64)
+        let o = &self.out;
+        (o.ok && o.output_tokens > 1).then(|| (o.e2e - o.ttft) / (o.output_tokens - 1) as f64)
     }
 }
 
@@ -143,14 +137,7 @@ async fn run_session(sh: &Shared, s: Session) {
             adapter,
             length: s.length,
             start,
-            ok: out.ok,
-            error: out.error,
-            ttft: out.ttft,
-            e2e: out.e2e,
-            itl: out.itl,
-            prompt_tokens: out.prompt_tokens,
-            output_tokens: out.output_tokens,
-            cached_tokens: out.cached_tokens,
+            out,
         };
         let n = {
             let mut r = sh.records.lock().unwrap();

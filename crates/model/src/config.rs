@@ -151,6 +151,22 @@ fn parse_rope(
 }
 
 impl ModelConfig {
+    /// `x + branch * residual_multiplier`: the residual add after attention and after the MLP
+    /// (Granite scales the branch; Llama's multiplier is 1). Shared by the serving and the
+    /// training forward.
+    pub fn residual(
+        &self,
+        x: &candle_core::Tensor,
+        branch: candle_core::Tensor,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        let r = self.residual_multiplier;
+        if r == 1.0 {
+            x + branch
+        } else {
+            x + branch.affine(r, 0.0)?
+        }
+    }
+
     /// Parses an HF `config.json`.
     pub fn from_hf_json(text: &str) -> Result<Self> {
         let c: HfConfig = serde_json::from_str(text)

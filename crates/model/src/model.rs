@@ -405,12 +405,7 @@ impl CausalLm {
     }
 
     fn residual(&self, x: &Tensor, branch: Tensor) -> Result<Tensor> {
-        let r = self.cfg.residual_multiplier;
-        Ok(if r == 1.0 {
-            (x + branch)?
-        } else {
-            (x + branch.affine(r, 0.0)?)?
-        })
+        Ok(self.cfg.residual(x, branch)?)
     }
 
     fn layer_forward(

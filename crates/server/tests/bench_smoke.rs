@@ -59,7 +59,7 @@ async fn go(t: &Target, w: WorkloadConfig, l: &LoadConfig) -> RunOutput {
     .await
     .unwrap();
     for r in &out.records {
-        assert!(r.ok, "request failed: {:?}", r.error);
+        assert!(r.out.ok, "request failed: {:?}", r.out.error);
     }
     out
 }
@@ -79,8 +79,8 @@ async fn intrinsics_reuse_the_base_turn_as_alora_and_not_as_lora() {
     assert_eq!(out.records.len(), 2 * 2 * 3);
     let mut intrinsic_calls = 0;
     for r in &out.records {
-        assert_eq!(r.output_tokens, if r.kind == "base" { 5 } else { 2 });
-        assert!(r.ttft > 0.0 && r.e2e >= r.ttft);
+        assert_eq!(r.out.output_tokens, if r.kind == "base" { 5 } else { 2 });
+        assert!(r.out.ttft > 0.0 && r.out.e2e >= r.out.ttft);
         if r.kind == "intrinsic" {
             intrinsic_calls += 1;
             // The base turn this call follows: its prompt's full blocks (size 4) are reused.
@@ -90,12 +90,12 @@ async fn intrinsics_reuse_the_base_turn_as_alora_and_not_as_lora() {
                 .filter(|b| b.session == r.session && b.kind == "base" && b.step < r.step)
                 .max_by_key(|b| b.step)
                 .unwrap();
-            let cached = r.cached_tokens.expect("alora reports cached_tokens");
+            let cached = r.out.cached_tokens.expect("alora reports cached_tokens");
             assert!(
-                cached >= base.prompt_tokens / 4 * 4 && cached < r.prompt_tokens,
+                cached >= base.out.prompt_tokens / 4 * 4 && cached < r.out.prompt_tokens,
                 "aLoRA call cached {cached} of {}, base prompt {}",
-                r.prompt_tokens,
-                base.prompt_tokens
+                r.out.prompt_tokens,
+                base.out.prompt_tokens
             );
         }
     }
@@ -125,9 +125,9 @@ async fn intrinsics_reuse_the_base_turn_as_alora_and_not_as_lora() {
             .iter()
             .position(|b| b.session == r.session)
             .unwrap()];
-        let cached = r.cached_tokens.unwrap();
+        let cached = r.out.cached_tokens.unwrap();
         assert!(
-            cached <= 4 && cached < base.prompt_tokens / 4 * 4,
+            cached <= 4 && cached < base.out.prompt_tokens / 4 * 4,
             "LoRA call reused {cached}"
         );
     }

@@ -210,12 +210,7 @@ impl TrainModel {
     }
 
     fn residual(&self, x: &Tensor, branch: Tensor) -> Result<Tensor> {
-        let r = self.cfg.residual_multiplier;
-        Ok(if r == 1.0 {
-            (x + branch)?
-        } else {
-            (x + branch.affine(r, 0.0)?)?
-        })
+        Ok(self.cfg.residual(x, branch)?)
     }
 
     /// Runs `ids` at the positions after `past` (0 if none). Returns the final-normed hidden
