@@ -3,7 +3,7 @@
 # last answer in a conversation (sports, food, weather, science), from the data in demo/topic
 # (made by `cargo run -p alora-trainer --example make_topic_data -- demo/topic`). Writes the
 # adapter to demo/topic-adapter and prints held-out accuracy next to the majority baseline.
-# About 7 minutes on 2 CPU cores. Extra arguments go to `alora train`.
+# 7-8 minutes on 2 CPU cores. Extra arguments go to `alora train`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/fetch-model.sh
