@@ -87,6 +87,22 @@ pub fn ttft_vs_length(reports: &[Report], path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The requests a latency CDF is about: the adapter calls when a run has any (the intrinsics
+/// workload, whose base turns would otherwise dominate), else every successful request.
+fn cdf_records(r: &Report) -> Vec<&crate::run::Record> {
+    let ok: Vec<_> = r.records.iter().filter(|x| x.out.ok).collect();
+    let calls: Vec<_> = ok
+        .iter()
+        .copied()
+        .filter(|x| x.kind == "intrinsic")
+        .collect();
+    if calls.is_empty() {
+        ok
+    } else {
+        calls
+    }
+}
+
 /// Empirical CDF of one latency per report (milliseconds). Writes `path`.
 pub fn cdf(
     reports: &[Report],
@@ -97,12 +113,20 @@ pub fn cdf(
     let series: Vec<Vec<f64>> = reports
         .iter()
         .map(|r| {
-            let mut v: Vec<f64> = r.records.iter().filter(|x| x.out.ok).map(&value).collect();
+            let mut v: Vec<f64> = cdf_records(r).into_iter().map(&value).collect();
             v.sort_by(|a, b| a.total_cmp(b));
             v
         })
         .collect();
-    let xmax = series.iter().flatten().copied().fold(1e-3, f64::max) * 1.05;
+    // Log scale: adapter calls with reuse and without differ by orders of magnitude.
+    let xmax = series.iter().flatten().copied().fold(1e-3, f64::max) * 1.5;
+    let xmin = series
+        .iter()
+        .flatten()
+        .copied()
+        .fold(f64::INFINITY, f64::min)
+        .clamp(1e-3, xmax / 10.0)
+        / 1.5;
     let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let mut chart = ChartBuilder::on(&root)
@@ -110,11 +134,11 @@ pub fn cdf(
         .margin(12)
         .x_label_area_size(44)
         .y_label_area_size(64)
-        .build_cartesian_2d(0f64..xmax, 0f64..1f64)
+        .build_cartesian_2d((xmin..xmax).log_scale(), 0f64..1f64)
         .map_err(err)?;
     chart
         .configure_mesh()
-        .x_desc(format!("{what} (ms)"))
+        .x_desc(format!("{what} (ms, log)"))
         .y_desc("fraction of requests")
         .draw()
         .map_err(err)?;
@@ -148,10 +172,20 @@ pub fn all(reports: &[Report], dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         dir.join("e2el_cdf.svg"),
     ];
     ttft_vs_length(reports, &files[0])?;
-    cdf(reports, "TTFT", |r| r.out.ttft * 1e3, &files[1])?;
+    let calls = reports
+        .iter()
+        .any(|r| r.records.iter().any(|x| x.kind == "intrinsic"));
+    let what = |m: &str| {
+        if calls {
+            format!("{m} of adapter calls")
+        } else {
+            m.to_string()
+        }
+    };
+    cdf(reports, &what("TTFT"), |r| r.out.ttft * 1e3, &files[1])?;
     cdf(
         reports,
-        "End-to-end latency",
+        &what("End-to-end latency"),
         |r| r.out.e2e * 1e3,
         &files[2],
     )?;
