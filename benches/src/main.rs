@@ -81,7 +81,7 @@ struct RunArgs {
     dataset: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Closed loop: sessions in flight.
+    /// Closed loop: sessions in flight (the default, with 1, when no --request-rate is given).
     #[arg(long, conflicts_with = "request_rate")]
     concurrency: Option<usize>,
     /// Open loop: sessions per second, Poisson arrivals (`inf`: all at once).
@@ -90,7 +90,8 @@ struct RunArgs {
     /// Open loop: cap on sessions in flight.
     #[arg(long)]
     max_concurrency: Option<usize>,
-    /// Sessions to run (a session is one request, or one conversation for intrinsics).
+    /// Sessions to run (a session is one request, or one conversation for intrinsics); 10 when
+    /// neither this nor --duration is given.
     #[arg(long)]
     num_prompts: Option<usize>,
     /// Or: seconds to keep starting sessions.
