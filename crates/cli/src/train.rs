@@ -234,10 +234,12 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
     };
     let r = t.run(&train, &val, a.resume)?;
     eprintln!(
-        "{} steps in {:.1}s; last training loss {:.4}{}; adapter in {}",
+        "{} steps in {:.1}s; {}{}; adapter in {}",
         r.steps,
         r.seconds,
-        r.last_loss,
+        r.last_loss
+            .map(|l| format!("last training loss {l:.4}"))
+            .unwrap_or_else(|| "nothing left to train".into()),
         r.best_val
             .map(|v| format!(", best validation loss {v:.4}"))
             .unwrap_or_default(),

@@ -132,7 +132,8 @@ pub struct LogLine {
 #[derive(Debug, Clone)]
 pub struct Outcome {
     pub steps: u64,
-    pub last_loss: f64,
+    /// Training loss of the last step this call ran (`None` if it ran none: already done).
+    pub last_loss: Option<f64>,
     pub best_val: Option<f64>,
     pub seconds: f64,
 }
@@ -221,7 +222,7 @@ impl Trainer<'_> {
             .append(true)
             .open(self.out.join("train_log.jsonl"))?;
         let t0 = Instant::now();
-        let mut last_loss = f64::NAN;
+        let mut last_loss = None;
         let mut order: Option<(u64, Vec<usize>)> = None;
         let mut ran = 0u64;
         while state.step < total {
@@ -262,7 +263,7 @@ impl Trainer<'_> {
                 opt.step(&vars, &grads, lr)?;
             }
             state.step += 1;
-            last_loss = loss;
+            last_loss = Some(loss);
             let tokens: usize = batch.iter().map(|e| e.ids.len()).sum();
             let mut line = LogLine {
                 step: state.step,
