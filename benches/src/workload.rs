@@ -300,10 +300,6 @@ impl Workload {
         })
     }
 
-    pub fn config(&self) -> &WorkloadConfig {
-        &self.cfg
-    }
-
     /// The next session; `None` once a dataset is used up (generated workloads never end).
     pub fn next_session(&mut self) -> Option<Session> {
         let id = self.next_id;

@@ -33,7 +33,7 @@ pub use generate::{generate, FinishReason, GenerateOptions, Generation};
 pub use kv::KvStore;
 pub use loader::{LoadOptions, LoadedModel};
 pub use lora::{find_activation_start, AdapterKind, LoraAdapter, Module};
-pub use model::{AttentionImpl, CausalLm, DenseLayer, DenseWeights};
+pub use model::{causal_mask, AttentionImpl, CausalLm, DenseLayer, DenseWeights};
 pub use sampling::{Sampled, Sampler, SamplingParams, StopCheck, StopStrings};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};
 pub use weights::{LinearWeight, QuantPolicy};

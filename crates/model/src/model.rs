@@ -26,6 +26,24 @@ use crate::lora::{LoraAdapter, Module};
 use crate::rope::Rope;
 use crate::weights::{lm_head_is_tied, LinearWeight, Permute, QuantPolicy, WeightSource};
 
+/// The additive causal mask [rows, keys] for queries at positions `first ..first + rows` over
+/// keys at positions `0 ..keys`: 0 where the key is visible (position <= the query's),
+/// -inf elsewhere. Every attention path that masks (serving and training) builds it here.
+pub fn causal_mask(first: usize, rows: usize, keys: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..rows)
+        .flat_map(|j| {
+            (0..keys).map(move |t| {
+                if t <= first + j {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (rows, keys), device)?)
+}
+
 /// Which attention kernel a step uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionImpl {
@@ -557,18 +575,7 @@ impl CausalLm {
                 let mut scores =
                     (qb.matmul(&kb.t()?)? * c.attention_scale)?.reshape((hk, g, nb, visible))?;
                 if nb > 1 {
-                    let mask: Vec<f32> = (0..nb)
-                        .flat_map(|j| {
-                            (0..visible).map(move |t| {
-                                if t <= start + j0 + j {
-                                    0.0
-                                } else {
-                                    f32::NEG_INFINITY
-                                }
-                            })
-                        })
-                        .collect();
-                    let mask = Tensor::from_vec(mask, (nb, visible), &self.device)?;
+                    let mask = causal_mask(start + j0, nb, visible, &self.device)?;
                     scores = scores.broadcast_add(&mask)?;
                 }
                 let probs =

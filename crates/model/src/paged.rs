@@ -167,18 +167,7 @@ pub(crate) fn attention_gemm(
         let ks = k_pool.index_select(&slots, 0)?.reshape((nk, kvh * d))?;
         let vs = v_pool.index_select(&slots, 0)?.reshape((nk, kvh * d))?;
         // Query j sees keys 0 ..= start + j.
-        let mask: Vec<f32> = (0..nq)
-            .flat_map(|j| {
-                (0..nk).map(move |t| {
-                    if t <= start + j {
-                        0.0
-                    } else {
-                        f32::NEG_INFINITY
-                    }
-                })
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (nq, 1, nk), &dev)?;
+        let mask = crate::model::causal_mask(start, nq, nk, &dev)?.reshape((nq, 1, nk))?;
         let qi = q.narrow(0, qo, nq)?; // [nq, nh, d]
         let mut heads = Vec::with_capacity(kvh);
         for h in 0..kvh {

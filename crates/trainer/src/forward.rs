@@ -10,7 +10,9 @@
 
 use std::cell::RefCell;
 
-use alora_model::{rope::Rope, Architecture, CausalLm, DenseWeights, ModelConfig, Module};
+use alora_model::{
+    causal_mask, rope::Rope, Architecture, CausalLm, DenseWeights, ModelConfig, Module,
+};
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, D};
 use rand::rngs::StdRng;
@@ -238,18 +240,7 @@ impl TrainModel {
         let sin = self.sin.narrow(0, start, t)?;
         // Causal mask over [past + new] keys: query i sees keys <= start + i.
         let total = start + t;
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| {
-                (0..total).map(move |j| {
-                    if j <= start + i {
-                        0.0
-                    } else {
-                        f32::NEG_INFINITY
-                    }
-                })
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (t, total), &self.device)?;
+        let mask = causal_mask(start, t, total, &self.device)?;
 
         let ids_t = Tensor::new(ids, &self.device)?;
         let mut x = self.w.embed_tokens.index_select(&ids_t, 0)?;
