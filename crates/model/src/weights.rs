@@ -50,7 +50,7 @@ impl std::str::FromStr for QuantPolicy {
 }
 
 /// Up to this many rows, dense projections run as `(W x^T)^T` on the CPU.
-const SMALL_ROWS: usize = 64;
+const SMALL_ROWS: usize = 32;
 
 /// A projection's base weight, [out, in].
 #[derive(Debug, Clone)]
@@ -63,9 +63,10 @@ impl LinearWeight {
     /// `x W^T` for x [N, in].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            // For a few rows on the CPU, `(W x^T)^T` runs up to 1.9x faster than `x W^T` in
-            // candle's gemm (weight as the left operand; measured for SmolLM2's shapes at
-            // 2-64 rows, equal at 1 and from ~128 on). Decode batches and aLoRA calls are here.
+            // For a few rows on the CPU, `(W x^T)^T` (weight as the left operand, result copied
+            // back) beats `x W^T` in candle's gemm: 1.5x at 7 rows, 1.07x at 32, equal at 1,
+            // 0.77x at 128 (benches/linear_rows.rs, SmolLM2's 1536 x 576). Decode batches and
+            // aLoRA calls take this path.
             LinearWeight::Dense(w)
                 if x.device().is_cpu()
                     && x.rank() == 2
