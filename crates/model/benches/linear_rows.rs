@@ -1,19 +1,27 @@
-//! A dense projection over a few rows, two ways: `x W^T` (x as the left operand) and
-//! `(W x^T)^T` (the weight as the left operand), at SmolLM2's gate/up shape (1536 x 576, f32).
-//! `LinearWeight::forward` takes the second form for 2-32 rows on the CPU because of this
-//! comparison (BENCHMARKS.md).
+//! A projection over a few rows, at SmolLM2's gate/up shape (1536 x 576):
+//! - dense f32 as `x W^T` (x as the left operand) and `(W x^T)^T` (the weight as the left
+//!   operand): `LinearWeight::forward` takes the second form for 2-32 rows on the CPU;
+//! - Q4_1 blocks (the default GGUF's format) through `qmatmul` with f32 activations, and the
+//!   same blocks dequantized then multiplied densely: where the first stops paying is where
+//!   `LinearWeight` switches to the second (BENCHMARKS.md).
 //!
 //!     RAYON_NUM_THREADS=2 cargo bench -p alora-model --bench linear_rows
 
+use alora_model::qmatmul::{BlockFormat, BlockMatrix};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
 fn bench(c: &mut Criterion) {
     let d = Device::Cpu;
     let w = Tensor::randn(0f32, 1.0, (1536, 576), &d).unwrap();
+    let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
+    let blocks =
+        BlockMatrix::new(BlockFormat::Q4_1, 1536, 576, q.data().unwrap().into_owned()).unwrap();
     let mut g = c.benchmark_group("linear_rows");
-    for rows in [1usize, 7, 32, 128] {
+    for rows in [1usize, 7, 8, 32, 64, 128] {
         let x = Tensor::randn(0f32, 1.0, (rows, 576), &d).unwrap();
+        let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
         g.bench_with_input(BenchmarkId::new("x_wt", rows), &rows, |b, _| {
             b.iter(|| x.matmul(&w.t().unwrap()).unwrap())
         });
@@ -27,6 +35,19 @@ fn bench(c: &mut Criterion) {
                     .unwrap()
             })
         });
+        g.bench_with_input(BenchmarkId::new("q4_1_blocks", rows), &rows, |b, &m| {
+            b.iter(|| blocks.matmul(&xs, m))
+        });
+        g.bench_with_input(
+            BenchmarkId::new("q4_1_dequant_gemm", rows),
+            &rows,
+            |b, _| {
+                b.iter(|| {
+                    let wd = Tensor::from_vec(blocks.dequantize(), (1536, 576), &d).unwrap();
+                    x.matmul(&wd.t().unwrap()).unwrap()
+                })
+            },
+        );
     }
     g.finish();
 }

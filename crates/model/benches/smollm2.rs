@@ -1,8 +1,9 @@
 //! Prefill (128 / 512 / 2048 tokens, batch 1) and decode (batch 1 and 8 at a 128-token
-//! context) on the default model, SmolLM2-135M-Instruct (GGUF, fetched by
+//! context), and the 7-token step of an aLoRA call after a cached 256 / 2048-token context, on
+//! the default model, SmolLM2-135M-Instruct (GGUF, fetched by
 //! scripts/fetch-model.sh). Throughput is in tokens.
 //!
-//! `ALORA_BENCH_WEIGHTS` picks how the GGUF weights are held (dense, keep, q8_0, q4k, ...);
+//! `ALORA_BENCH_WEIGHTS` picks how the GGUF weights are held (blocks, the default; dense, keep, q8_0, q4k, ...);
 //! `ALORA_BENCH_ATTENTION=reference` forces the matmul attention path and
 //! `ALORA_BENCH_ATTENTION_BLOCK` sets its query block rows; `RAYON_NUM_THREADS` the
 //! thread count. BENCHMARKS.md has the commands and results.
@@ -25,7 +26,7 @@ fn load() -> CausalLm {
         path.display()
     );
     let policy: QuantPolicy = std::env::var("ALORA_BENCH_WEIGHTS")
-        .unwrap_or_else(|_| "dense".into())
+        .unwrap_or_else(|_| "blocks".into())
         .parse()
         .unwrap();
     let mut m = CausalLm::load_gguf(&path, policy, &Device::Cpu).unwrap().0;
@@ -111,6 +112,44 @@ fn bench(c: &mut Criterion) {
                     })
                     .collect();
                 model.forward(&steps, &kv).unwrap()
+            })
+        });
+    }
+    g.finish();
+
+    // An aLoRA call on a cached conversation: the KV of `ctx` tokens is in place and one
+    // forward computes the 7 tokens after it (the last block's tail, `<|im_end|>\n` and the
+    // invocation), the step that sets an intrinsic call's TTFT.
+    let mut g = c.benchmark_group("smollm2_tail7_after_ctx");
+    g.sample_size(20);
+    for ctx in [256usize, 2048] {
+        let per = (ctx + 7).div_ceil(BS);
+        let kv = model.new_kv_store(per, BS).unwrap();
+        let tab = table(0, per);
+        let prompt = tokens(ctx, 3);
+        model
+            .forward(
+                &[SeqStep {
+                    tokens: &prompt,
+                    start_pos: 0,
+                    adapter: None,
+                    block_table: &tab,
+                    all_logits: false,
+                }],
+                &kv,
+            )
+            .unwrap();
+        let tail = tokens(7, 5);
+        g.bench_with_input(BenchmarkId::from_parameter(ctx), &ctx, |b, _| {
+            b.iter(|| {
+                let step = SeqStep {
+                    tokens: &tail,
+                    start_pos: ctx,
+                    adapter: None,
+                    block_table: &tab,
+                    all_logits: false,
+                };
+                model.forward(&[step], &kv).unwrap()
             })
         });
     }

@@ -18,6 +18,7 @@ pub mod loader;
 pub mod lora;
 pub mod model;
 mod paged;
+pub mod qmatmul;
 pub mod rope;
 pub mod sampling;
 #[doc(hidden)]

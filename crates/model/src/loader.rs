@@ -26,7 +26,7 @@ impl Default for LoadOptions {
         LoadOptions {
             dtype: DType::F32,
             device: Device::Cpu,
-            quant: QuantPolicy::Dequantize,
+            quant: QuantPolicy::Blocks,
         }
     }
 }

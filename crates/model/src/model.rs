@@ -57,10 +57,6 @@ pub enum AttentionImpl {
     Paged,
 }
 
-/// Longest per-sequence query chunk the paged loop kernel takes; longer decode-like chunks use
-/// the paged gemm path (measured on SmolLM2, BENCHMARKS.md).
-pub const PAGED_LOOP_MAX_QUERY: usize = 1;
-
 /// Longest per-sequence query chunk that still goes to the CPU flash kernel in `Auto` mode.
 pub const FLASH_MAX_QUERY: usize = 32;
 
@@ -481,18 +477,7 @@ impl CausalLm {
                 head_dim: c.head_dim,
                 scale: c.attention_scale as f32,
             };
-            // Single-token decode: the loop kernel; a few tokens per sequence: gemm per head.
-            let out = if ctx
-                .prep
-                .seqlens_q
-                .iter()
-                .all(|&n| n <= PAGED_LOOP_MAX_QUERY)
-            {
-                crate::paged::attention(&q, kp, vp, ctx.prep, &shape)?
-            } else {
-                crate::paged::attention_gemm(&q, kp, vp, ctx.prep, &shape)?
-            };
-            let out = out
+            let out = crate::paged::attention(&q, kp, vp, ctx.prep, &shape)?
                 .to_dtype(self.dtype)?
                 .reshape((n, c.num_heads * c.head_dim))?;
             return a.o_proj.forward(&out, groups);

@@ -11,22 +11,29 @@
 use std::cell::RefCell;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module as _, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{io_err, read_json, ModelError, Result};
+use crate::qmatmul::{BlockFormat, BlockMatrix};
 
 /// How to hold GGUF weights in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuantPolicy {
-    /// Dequantize to the model dtype (f32 on CPU): exact against transformers' GGUF loading,
-    /// fastest prefill, most memory traffic per decoded token.
+    /// Q4_0 / Q4_1 / Q8_0 tensors stay in their blocks and run through alora's kernel with f32
+    /// activations ([`crate::qmatmul`]): the dequantized model's arithmetic up to summation
+    /// order, a quarter to a sixth of the memory traffic per decoded token. Other formats are
+    /// dequantized. On a GPU the same as `Dequantize`. The default.
+    Blocks,
+    /// Dequantize to the model dtype (f32 on CPU): exact against transformers' GGUF loading.
     Dequantize,
-    /// Keep the file's quantization.
+    /// Keep the file's quantization, through candle's `QMatMul` (activations quantized to Q8).
     Keep,
-    /// Dequantize then quantize to this format (e.g. Q8_0, Q4K have fast x86 kernels).
+    /// Dequantize then quantize to this format: Q4_0 and Q8_0 through alora's kernel, others
+    /// through candle's `QMatMul`.
     Requantize(GgmlDType),
 }
 
@@ -34,6 +41,7 @@ impl std::str::FromStr for QuantPolicy {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         Ok(match s.to_ascii_lowercase().as_str() {
+            "blocks" | "auto" => QuantPolicy::Blocks,
             "dequantize" | "f32" | "dense" => QuantPolicy::Dequantize,
             "keep" => QuantPolicy::Keep,
             "q8_0" => QuantPolicy::Requantize(GgmlDType::Q8_0),
@@ -42,7 +50,7 @@ impl std::str::FromStr for QuantPolicy {
             "q6k" | "q6_k" => QuantPolicy::Requantize(GgmlDType::Q6K),
             _ => {
                 return Err(format!(
-                    "unknown weight format `{s}` (dense, keep, q8_0, q4_0, q4k, q6k)"
+                    "unknown weight format `{s}` (blocks, dense, keep, q8_0, q4_0, q4k, q6k)"
                 ))
             }
         })
@@ -52,10 +60,18 @@ impl std::str::FromStr for QuantPolicy {
 /// Up to this many rows, dense projections run as `(W x^T)^T` on the CPU.
 const SMALL_ROWS: usize = 32;
 
+/// Up to this many rows, block-quantized projections run through [`BlockMatrix::matmul`];
+/// more rows (prefill) dequantize the matrix and use the dense gemm (crossover measured by
+/// `benches/linear_rows.rs`, BENCHMARKS.md).
+pub const BLOCK_KERNEL_MAX_ROWS: usize = 16;
+
 /// A projection's base weight, [out, in].
 #[derive(Debug, Clone)]
 pub enum LinearWeight {
     Dense(Tensor),
+    /// GGML blocks computed by alora's CPU kernel.
+    Blocks(Arc<BlockMatrix>),
+    /// candle's quantized matmul.
     Quant(QMatMul),
 }
 
@@ -75,6 +91,20 @@ impl LinearWeight {
                 w.matmul(&x.t()?)?.t()?.contiguous()?
             }
             LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
+            LinearWeight::Blocks(b) => {
+                let (m, k) = x.dims2()?;
+                let (n, _) = b.dims();
+                let dt = x.dtype();
+                let x = x.to_dtype(DType::F32)?.contiguous()?;
+                let y = if m <= BLOCK_KERNEL_MAX_ROWS {
+                    let y = crate::paged::with_f32(&x, |xs| b.matmul(xs, m))?;
+                    Tensor::from_vec(y, (m, n), x.device())?
+                } else {
+                    let w = Tensor::from_vec(b.dequantize(), (n, k), x.device())?;
+                    x.matmul(&w.t()?)?
+                };
+                y.to_dtype(dt)?
+            }
             LinearWeight::Quant(q) => {
                 let dt = x.dtype();
                 q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dt)?
@@ -86,6 +116,9 @@ impl LinearWeight {
     pub fn dense(&self) -> Result<Tensor> {
         Ok(match self {
             LinearWeight::Dense(w) => w.clone(),
+            LinearWeight::Blocks(b) => {
+                Tensor::from_vec(b.dequantize(), b.dims(), &candle_core::Device::Cpu)?
+            }
             LinearWeight::Quant(QMatMul::QTensor(q)) => q.dequantize(&q.device())?,
             LinearWeight::Quant(QMatMul::Tensor(t))
             | LinearWeight::Quant(QMatMul::TensorF16(t)) => t.to_dtype(DType::F32)?,
@@ -284,54 +317,83 @@ impl WeightSource {
     ) -> Result<LinearWeight> {
         let policy = match self {
             WeightSource::Safetensors(_) => QuantPolicy::Dequantize,
+            // The block kernel is CPU code; other devices get dense weights.
+            WeightSource::Gguf { .. } if !device.is_cpu() => QuantPolicy::Dequantize,
             WeightSource::Gguf { policy, .. } => *policy,
         };
+        let dense = |dtype: DType| self.dense(hf, &[out, inp], dtype, device, permute);
         match policy {
-            QuantPolicy::Dequantize => Ok(LinearWeight::Dense(self.dense(
-                hf,
-                &[out, inp],
-                dtype,
-                device,
-                permute,
-            )?)),
+            QuantPolicy::Dequantize => Ok(LinearWeight::Dense(dense(dtype)?)),
+            QuantPolicy::Blocks => {
+                let qt = self.qtensor(hf, device)?;
+                match BlockFormat::from_ggml(qt.dtype()) {
+                    Some(f) => {
+                        let qt = self.check_and_unpermute(hf, qt, out, inp, permute)?;
+                        let data = qt.data()?.into_owned();
+                        Ok(LinearWeight::Blocks(Arc::new(BlockMatrix::new(
+                            f, out, inp, data,
+                        )?)))
+                    }
+                    None => Ok(LinearWeight::Dense(dense(dtype)?)),
+                }
+            }
             QuantPolicy::Requantize(q) => {
-                let t = self.dense(hf, &[out, inp], DType::F32, device, permute)?;
-                let qt = if inp.is_multiple_of(q.block_size()) {
-                    QTensor::quantize(&t, q)?
-                } else {
-                    QTensor::quantize(&t, GgmlDType::F32)?
-                };
-                Ok(LinearWeight::Quant(QMatMul::from_qtensor(qt)?))
+                let t = dense(DType::F32)?;
+                if !inp.is_multiple_of(q.block_size()) {
+                    return Ok(LinearWeight::Dense(t.to_dtype(dtype)?));
+                }
+                let qt = QTensor::quantize(&t, q)?;
+                Ok(match BlockFormat::from_ggml(q) {
+                    Some(f) => LinearWeight::Blocks(Arc::new(BlockMatrix::new(
+                        f,
+                        out,
+                        inp,
+                        qt.data()?.into_owned(),
+                    )?)),
+                    None => LinearWeight::Quant(QMatMul::from_qtensor(qt)?),
+                })
             }
             QuantPolicy::Keep => {
                 let qt = self.qtensor(hf, device)?;
-                if qt.shape().dims() != [out, inp] {
-                    return Err(ModelError::Weight {
-                        key: hf.into(),
-                        msg: format!("shape {:?}, expected [{out}, {inp}]", qt.shape().dims()),
-                    });
-                }
-                let qt = match permute {
-                    Permute::None => qt,
-                    Permute::Heads(h) => {
-                        let data = qt.data()?;
-                        let row = data.len() / out;
-                        let mut shuffled = Vec::with_capacity(data.len());
-                        for r in unpermute_rows(out, h) {
-                            let r = r as usize;
-                            shuffled.extend_from_slice(&data[r * row..(r + 1) * row]);
-                        }
-                        let storage = QStorage::from_data(
-                            std::borrow::Cow::Owned(shuffled),
-                            device,
-                            qt.dtype(),
-                        )?;
-                        QTensor::new(storage, (out, inp))?
-                    }
-                };
+                let qt = self.check_and_unpermute(hf, qt, out, inp, permute)?;
                 Ok(LinearWeight::Quant(QMatMul::from_qtensor(qt)?))
             }
         }
+    }
+
+    /// Checks a kept tensor's shape and undoes llama.cpp's Q/K row permutation on its blocks.
+    fn check_and_unpermute(
+        &self,
+        hf: &str,
+        qt: QTensor,
+        out: usize,
+        inp: usize,
+        permute: Permute,
+    ) -> Result<QTensor> {
+        if qt.shape().dims() != [out, inp] {
+            return Err(ModelError::Weight {
+                key: hf.into(),
+                msg: format!("shape {:?}, expected [{out}, {inp}]", qt.shape().dims()),
+            });
+        }
+        Ok(match permute {
+            Permute::None => qt,
+            Permute::Heads(h) => {
+                let data = qt.data()?;
+                let row = data.len() / out;
+                let mut shuffled = Vec::with_capacity(data.len());
+                for r in unpermute_rows(out, h) {
+                    let r = r as usize;
+                    shuffled.extend_from_slice(&data[r * row..(r + 1) * row]);
+                }
+                let storage = QStorage::from_data(
+                    std::borrow::Cow::Owned(shuffled),
+                    &qt.device(),
+                    qt.dtype(),
+                )?;
+                QTensor::new(storage, (out, inp))?
+            }
+        })
     }
 }
 

@@ -1,0 +1,464 @@
+//! Projections against GGML block-quantized weights (Q4_0, Q4_1, Q8_0) with f32 activations,
+//! on the CPU.
+//!
+//! Why not candle's `QMatMul`: it quantizes the activations to Q8 (so results move away from
+//! the dequantized model that transformers and the golden tests run), has no SIMD path for Q4_1
+//! on x86 (the default SmolLM2 file is Q4_1), and re-reads the weights once per activation row.
+//! Here each 32-weight block is decoded into four 8-lane f32 registers exactly as
+//! `QTensor::dequantize` would (`q * d + m`, `(q - 8) * d`, `q * d`) and multiplied into up to
+//! four activation rows while it is in registers, so a weight is read from memory once per call
+//! and the arithmetic is the dense model's up to summation order. Work is split over output rows
+//! with rayon.
+//!
+//! ```text
+//!   x [m, k] f32      W [n, k] in blocks of 32      y [m, n] = x W^T
+//!   for each output row j (parallel):  for each block b of W_j:  decode 32 f32 -> 4 ymm
+//!       for each tile of <= 4 rows of x:  acc[row] += w * x[row, b*32 .. b*32+32]
+//! ```
+//!
+//! Few rows (decode steps, the few tokens of an aLoRA call) are memory-bound: this reads 20
+//! bytes per 32 weights (Q4_1) instead of 128 (dense f32). Many rows (prefill) are compute-bound:
+//! [`crate::weights::LinearWeight`] then dequantizes the matrix and uses the dense gemm. The
+//! crossover and the speeds are in BENCHMARKS.md (`benches/linear_rows.rs`).
+
+use candle_core::quantized::GgmlDType;
+use rayon::prelude::*;
+
+use crate::error::{ModelError, Result};
+
+/// Weights per block in every supported format.
+pub const BLOCK: usize = 32;
+
+/// A GGML block format this module computes with directly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockFormat {
+    /// f16 scale, 16 bytes of nibbles: `(q - 8) * d`.
+    Q4_0,
+    /// f16 scale and minimum, 16 bytes of nibbles: `q * d + m`.
+    Q4_1,
+    /// f16 scale, 32 signed bytes: `q * d`.
+    Q8_0,
+}
+
+impl BlockFormat {
+    pub fn from_ggml(t: GgmlDType) -> Option<Self> {
+        match t {
+            GgmlDType::Q4_0 => Some(BlockFormat::Q4_0),
+            GgmlDType::Q4_1 => Some(BlockFormat::Q4_1),
+            GgmlDType::Q8_0 => Some(BlockFormat::Q8_0),
+            _ => None,
+        }
+    }
+
+    /// Bytes per block of 32 weights.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            BlockFormat::Q4_0 => 18,
+            BlockFormat::Q4_1 => 20,
+            BlockFormat::Q8_0 => 34,
+        }
+    }
+}
+
+/// A [rows, cols] matrix held as GGML blocks, row-major (each row `cols / 32` blocks).
+#[derive(Clone)]
+pub struct BlockMatrix {
+    format: BlockFormat,
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+}
+
+impl std::fmt::Debug for BlockMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "BlockMatrix({:?}, [{}, {}])",
+            self.format, self.rows, self.cols
+        )
+    }
+}
+
+#[inline]
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+impl BlockMatrix {
+    /// Takes GGML block bytes (as in a GGUF file or `QTensor::data`) for a [rows, cols] matrix.
+    pub fn new(format: BlockFormat, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self> {
+        if !cols.is_multiple_of(BLOCK) {
+            return Err(ModelError::Config(format!(
+                "{format:?} matrix with {cols} columns: not a multiple of {BLOCK}"
+            )));
+        }
+        let want = rows * cols / BLOCK * format.block_bytes();
+        if data.len() != want {
+            return Err(ModelError::Config(format!(
+                "{format:?} [{rows}, {cols}]: {} bytes of blocks, expected {want}",
+                data.len()
+            )));
+        }
+        Ok(BlockMatrix {
+            format,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    pub fn format(&self) -> BlockFormat {
+        self.format
+    }
+
+    /// [rows, cols].
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.cols / BLOCK * self.format.block_bytes()
+    }
+
+    fn row(&self, r: usize) -> &[u8] {
+        let n = self.row_bytes();
+        &self.data[r * n..(r + 1) * n]
+    }
+
+    /// Row `r` as f32, exactly what `QTensor::dequantize` gives.
+    pub fn decode_row(&self, r: usize, out: &mut [f32]) {
+        decode_row(self.format, self.row(r), out);
+    }
+
+    /// The whole matrix as f32 [rows, cols], rows decoded in parallel.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        out.par_chunks_mut(self.cols)
+            .enumerate()
+            .for_each(|(r, o)| self.decode_row(r, o));
+        out
+    }
+
+    /// `x W^T` for `x` [m, cols] row-major; returns [m, rows].
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        self.matmul_with(x, m, has_avx2())
+    }
+
+    fn matmul_with(&self, x: &[f32], m: usize, avx2: bool) -> Vec<f32> {
+        assert_eq!(x.len(), m * self.cols, "activation shape");
+        let n = self.rows;
+        if m == 0 || n == 0 {
+            return vec![0f32; m * n];
+        }
+        // Output rows per task: a few tasks per thread for balance, not so few rows that the
+        // scheduling costs more than the work.
+        let threads = rayon::current_num_threads().max(1);
+        let chunk = n.div_ceil(threads * 4).clamp(8, 256);
+        // Computed as [n, m] (each task owns whole output rows), transposed at the end.
+        let mut out_t = vec![0f32; n * m];
+        out_t
+            .par_chunks_mut(chunk * m)
+            .enumerate()
+            .for_each(|(c, dst)| {
+                let mut scratch = Vec::new();
+                for (jj, o) in dst.chunks_mut(m).enumerate() {
+                    let row = self.row(c * chunk + jj);
+                    if avx2 {
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: `has_avx2` checked the CPU has AVX2, FMA and F16C; slices are sized
+                        // by `new` (row) and the assert above (x).
+                        unsafe {
+                            avx2::row_times_x(self.format, row, x, m, o)
+                        }
+                    } else {
+                        scratch.resize(self.cols, 0f32);
+                        decode_row(self.format, row, &mut scratch);
+                        for (i, oi) in o.iter_mut().enumerate() {
+                            *oi = dot(&scratch, &x[i * self.cols..(i + 1) * self.cols]);
+                        }
+                    }
+                }
+            });
+        if m == 1 {
+            return out_t;
+        }
+        let mut out = vec![0f32; m * n];
+        for j in 0..n {
+            for i in 0..m {
+                out[i * n + j] = out_t[j * m + i];
+            }
+        }
+        out
+    }
+}
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum()
+}
+
+/// Portable decoding, the reference for the SIMD path (and what `QTensor::dequantize` does).
+fn decode_row(format: BlockFormat, row: &[u8], out: &mut [f32]) {
+    let bb = format.block_bytes();
+    for (b, o) in row.chunks_exact(bb).zip(out.chunks_exact_mut(BLOCK)) {
+        let d = f16_at(b, 0);
+        match format {
+            BlockFormat::Q4_0 => {
+                for (j, &q) in b[2..18].iter().enumerate() {
+                    o[j] = ((q & 0x0F) as i16 - 8) as f32 * d;
+                    o[j + 16] = ((q >> 4) as i16 - 8) as f32 * d;
+                }
+            }
+            BlockFormat::Q4_1 => {
+                let m = f16_at(b, 2);
+                for (j, &q) in b[4..20].iter().enumerate() {
+                    o[j] = (q & 0x0F) as f32 * d + m;
+                    o[j + 16] = (q >> 4) as f32 * d + m;
+                }
+            }
+            BlockFormat::Q8_0 => {
+                for (j, &q) in b[2..34].iter().enumerate() {
+                    o[j] = q as i8 as f32 * d;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+// Register tiles are indexed [row][lane group] in several arrays at once; index loops say so
+// more plainly than zipped iterators.
+#[allow(clippy::needless_range_loop)]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{BlockFormat, BLOCK};
+
+    /// The f16 at `p` broadcast to 8 lanes of f32 (F16C).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn splat_f16(p: *const u8) -> __m256 {
+        let bits = u16::from_le_bytes([*p, *p.add(1)]);
+        _mm256_cvtph_ps(_mm_set1_epi16(bits as i16))
+    }
+
+    /// Low and high 8 bytes of `v` (signed bytes) as f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn widen(v: __m128i) -> (__m256, __m256) {
+        (
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)),
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(v))),
+        )
+    }
+
+    /// One block as four registers of 8 weights (elements 0-7, 8-15, 16-23, 24-31).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn decode(format: BlockFormat, b: *const u8) -> [__m256; 4] {
+        let d = splat_f16(b);
+        match format {
+            BlockFormat::Q8_0 => {
+                let lo = _mm_loadu_si128(b.add(2) as *const __m128i);
+                let hi = _mm_loadu_si128(b.add(18) as *const __m128i);
+                let (a0, a1) = widen(lo);
+                let (a2, a3) = widen(hi);
+                [
+                    _mm256_mul_ps(a0, d),
+                    _mm256_mul_ps(a1, d),
+                    _mm256_mul_ps(a2, d),
+                    _mm256_mul_ps(a3, d),
+                ]
+            }
+            BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
+                let off = if format == BlockFormat::Q4_1 { 4 } else { 2 };
+                let qs = _mm_loadu_si128(b.add(off) as *const __m128i);
+                let nib = _mm_set1_epi8(0x0F);
+                let mut lo = _mm_and_si128(qs, nib); // elements 0..16
+                let mut hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), nib); // elements 16..32
+                if format == BlockFormat::Q4_0 {
+                    let eight = _mm_set1_epi8(8);
+                    lo = _mm_sub_epi8(lo, eight);
+                    hi = _mm_sub_epi8(hi, eight);
+                }
+                let (a0, a1) = widen(lo);
+                let (a2, a3) = widen(hi);
+                if format == BlockFormat::Q4_1 {
+                    // mul then add, not fma: the same rounding as dequantize.
+                    let m = splat_f16(b.add(2));
+                    [
+                        _mm256_add_ps(_mm256_mul_ps(a0, d), m),
+                        _mm256_add_ps(_mm256_mul_ps(a1, d), m),
+                        _mm256_add_ps(_mm256_mul_ps(a2, d), m),
+                        _mm256_add_ps(_mm256_mul_ps(a3, d), m),
+                    ]
+                } else {
+                    [
+                        _mm256_mul_ps(a0, d),
+                        _mm256_mul_ps(a1, d),
+                        _mm256_mul_ps(a2, d),
+                        _mm256_mul_ps(a3, d),
+                    ]
+                }
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// `out[i] = W_row . x_i` for `R` rows of x starting at `xs`, `A` accumulators per row.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile<const R: usize, const A: usize>(
+        format: BlockFormat,
+        row: &[u8],
+        xs: *const f32,
+        cols: usize,
+        out: &mut [f32],
+    ) {
+        let bb = format.block_bytes();
+        let mut acc = [[_mm256_setzero_ps(); A]; R];
+        for b in 0..cols / BLOCK {
+            let w = decode(format, row.as_ptr().add(b * bb));
+            for r in 0..R {
+                let x = xs.add(r * cols + b * BLOCK);
+                for (c, wc) in w.iter().enumerate() {
+                    acc[r][c % A] =
+                        _mm256_fmadd_ps(*wc, _mm256_loadu_ps(x.add(c * 8)), acc[r][c % A]);
+                }
+            }
+        }
+        for r in 0..R {
+            let mut s = acc[r][0];
+            for a in &acc[r][1..] {
+                s = _mm256_add_ps(s, *a);
+            }
+            out[r] = hsum(s);
+        }
+    }
+
+    /// `out[i] = W_row . x_i` for every row i of x [m, cols].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn row_times_x(
+        format: BlockFormat,
+        row: &[u8],
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+    ) {
+        let cols = x.len() / m;
+        let mut i = 0;
+        // Tiles of four rows keep 4 weight + 8 accumulator registers live.
+        while i + 4 <= m {
+            tile::<4, 2>(format, row, x.as_ptr().add(i * cols), cols, &mut out[i..]);
+            i += 4;
+        }
+        match m - i {
+            3 => tile::<3, 2>(format, row, x.as_ptr().add(i * cols), cols, &mut out[i..]),
+            2 => tile::<2, 4>(format, row, x.as_ptr().add(i * cols), cols, &mut out[i..]),
+            1 => tile::<1, 4>(format, row, x.as_ptr().add(i * cols), cols, &mut out[i..]),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Tensor};
+
+    fn quantized(format: GgmlDType, rows: usize, cols: usize) -> (QTensor, BlockMatrix) {
+        let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
+        // An offset so Q4_1's minimum is not symmetric around zero.
+        let w = (w + 0.3).unwrap();
+        let q = QTensor::quantize(&w, format).unwrap();
+        let bm = BlockMatrix::new(
+            BlockFormat::from_ggml(format).unwrap(),
+            rows,
+            cols,
+            q.data().unwrap().into_owned(),
+        )
+        .unwrap();
+        (q, bm)
+    }
+
+    /// Decoding (portable and through the matmul) gives exactly `QTensor::dequantize`.
+    #[test]
+    fn decode_matches_candle_dequantize() {
+        for f in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let (q, bm) = quantized(f, 5, 96);
+            let want: Vec<f32> = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(bm.dequantize(), want, "{f:?}");
+        }
+    }
+
+    /// The SIMD and portable kernels agree with dense f32 `x W^T` for every tile shape
+    /// (1..=9 rows covers the 4-row tiles and each tail).
+    #[test]
+    fn matmul_matches_dense() {
+        for f in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let (q, bm) = quantized(f, 77, 192);
+            let w = q.dequantize(&Device::Cpu).unwrap();
+            for m in 1..=9 {
+                let x = Tensor::randn(0f32, 1.0, (m, 192), &Device::Cpu).unwrap();
+                let want: Vec<f32> = x
+                    .matmul(&w.t().unwrap())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+                for simd in [false, has_avx2()] {
+                    let got = bm.matmul_with(&xs, m, simd);
+                    assert_eq!(got.len(), want.len());
+                    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                            "{f:?} m={m} simd={simd} element {i}: {g} vs {e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_bad_shapes() {
+        assert!(BlockMatrix::new(BlockFormat::Q8_0, 2, 40, vec![0; 68]).is_err());
+        assert!(BlockMatrix::new(BlockFormat::Q8_0, 2, 32, vec![0; 67]).is_err());
+        assert!(BlockMatrix::new(BlockFormat::Q8_0, 2, 32, vec![0; 68]).is_ok());
+    }
+}
