@@ -66,8 +66,8 @@ struct GenerateArgs {
     top_k: usize,
     #[arg(long)]
     seed: Option<u64>,
-    /// GGUF weights in memory: dense (f32), keep, q8_0, q4_0, q4k, q6k.
-    #[arg(long, env = "ALORA_WEIGHTS", default_value = "dense")]
+    /// GGUF weights in memory: blocks (Q4_0/Q4_1/Q8_0 kept, alora kernel), dense (f32), keep (candle QMatMul), q8_0, q4_0, q4k, q6k.
+    #[arg(long, env = "ALORA_WEIGHTS", default_value = "blocks")]
     weights: QuantPolicy,
 }
 

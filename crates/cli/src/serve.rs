@@ -56,8 +56,8 @@ pub struct ServeArgs {
     enable_adapter_loading: bool,
     #[arg(long, env = "ALORA_ADAPTER_DIR")]
     adapter_dir: Option<PathBuf>,
-    /// GGUF weights in memory: dense (f32), keep, q8_0, q4_0, q4k, q6k.
-    #[arg(long, env = "ALORA_WEIGHTS", default_value = "dense")]
+    /// GGUF weights in memory: blocks (Q4_0/Q4_1/Q8_0 kept, alora kernel), dense (f32), keep (candle QMatMul), q8_0, q4_0, q4k, q6k.
+    #[arg(long, env = "ALORA_WEIGHTS", default_value = "blocks")]
     weights: QuantPolicy,
     /// Log prompts and outputs (off by default: prompts are user data).
     #[arg(long, env = "ALORA_LOG_PROMPTS")]
