@@ -328,7 +328,7 @@ mod avx2 {
         }
     }
 
-    /// `out[r] += sum_t p[r][t] V_t` over keys `0..keys` for `R` rows, on `W` registers (8W
+    /// `out[r] += sum_t p[r][t] V_t` over keys `keys` for `R` rows, on `W` registers (8W
     /// floats) of head_dim starting at `c0`.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -336,12 +336,17 @@ mod avx2 {
         it: &Item<'_>,
         pools: &Pools<'_>,
         probs: [&[f32]; R],
-        keys: usize,
+        keys: std::ops::Range<usize>,
         c0: usize,
         out: [*mut f32; R],
     ) {
         let mut acc = [[_mm256_setzero_ps(); W]; R];
-        for t in 0..keys {
+        for r in 0..R {
+            for w in 0..W {
+                acc[r][w] = _mm256_loadu_ps(out[r].add(c0 + 8 * w));
+            }
+        }
+        for t in keys {
             let v = pools.v_row(it.keys[t], it.head).as_ptr().add(c0);
             let mut p = [_mm256_setzero_ps(); R];
             for r in 0..R {
@@ -409,7 +414,20 @@ mod avx2 {
         for r in 0..nr {
             let vis = it.visible[r];
             let row = &mut s[r * nk..(r + 1) * nk];
-            let max = row[..vis].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            // Max over the visible scores, 8 lanes at a time (a scalar fold is a serial chain).
+            let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
+            let mut t = 0;
+            while t + 8 <= vis {
+                mv = _mm256_max_ps(mv, _mm256_loadu_ps(row.as_ptr().add(t)));
+                t += 8;
+            }
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), mv);
+            let max = lanes
+                .iter()
+                .chain(&row[t..vis])
+                .copied()
+                .fold(f32::NEG_INFINITY, f32::max);
             let m = _mm256_set1_ps(max);
             let mut sum = _mm256_setzero_ps();
             let mut t = 0;
@@ -427,48 +445,58 @@ mod avx2 {
             row[vis..].iter_mut().for_each(|x| *x = 0.0);
             inv[r] = 1.0 / total;
         }
-        // Weighted sums of V.
+        // Weighted sums of V, in tiles of keys so a tile's V rows stay in L1 while every row
+        // pair reads them.
+        const KEY_TILE: usize = 64;
         let mut out = vec![0f32; nr * d];
         let o = out.as_mut_ptr();
         let prob = |r: usize| &s[r * nk..(r + 1) * nk];
-        let mut r = 0;
-        while r < nr {
-            let two = r + 2 <= nr;
-            let keys = if two {
-                it.visible[r].max(it.visible[r + 1])
-            } else {
-                it.visible[r]
-            };
-            let mut c = 0;
-            while c < d {
-                let wide = c + 32 <= d;
-                match (two, wide) {
-                    (true, true) => values_tile::<2, 4>(
-                        it,
-                        pools,
-                        [prob(r), prob(r + 1)],
-                        keys,
-                        c,
-                        [o.add(r * d), o.add((r + 1) * d)],
-                    ),
-                    (true, false) => values_tile::<2, 1>(
-                        it,
-                        pools,
-                        [prob(r), prob(r + 1)],
-                        keys,
-                        c,
-                        [o.add(r * d), o.add((r + 1) * d)],
-                    ),
-                    (false, true) => {
-                        values_tile::<1, 4>(it, pools, [prob(r)], keys, c, [o.add(r * d)])
+        let all = it.visible.iter().copied().max().unwrap_or(0);
+        let mut t0 = 0;
+        while t0 < all {
+            let t1 = (t0 + KEY_TILE).min(all);
+            let mut r = 0;
+            while r < nr {
+                let two = r + 2 <= nr;
+                let vis = if two {
+                    it.visible[r].max(it.visible[r + 1])
+                } else {
+                    it.visible[r]
+                };
+                let keys = t0..t1.min(vis);
+                let mut c = 0;
+                while c < d && !keys.is_empty() {
+                    let wide = c + 32 <= d;
+                    let k = keys.clone();
+                    match (two, wide) {
+                        (true, true) => values_tile::<2, 4>(
+                            it,
+                            pools,
+                            [prob(r), prob(r + 1)],
+                            k,
+                            c,
+                            [o.add(r * d), o.add((r + 1) * d)],
+                        ),
+                        (true, false) => values_tile::<2, 1>(
+                            it,
+                            pools,
+                            [prob(r), prob(r + 1)],
+                            k,
+                            c,
+                            [o.add(r * d), o.add((r + 1) * d)],
+                        ),
+                        (false, true) => {
+                            values_tile::<1, 4>(it, pools, [prob(r)], k, c, [o.add(r * d)])
+                        }
+                        (false, false) => {
+                            values_tile::<1, 1>(it, pools, [prob(r)], k, c, [o.add(r * d)])
+                        }
                     }
-                    (false, false) => {
-                        values_tile::<1, 1>(it, pools, [prob(r)], keys, c, [o.add(r * d)])
-                    }
+                    c += if wide { 32 } else { 8 };
                 }
-                c += if wide { 32 } else { 8 };
+                r += if two { 2 } else { 1 };
             }
-            r += if two { 2 } else { 1 };
+            t0 = t1;
         }
         for (r, x) in inv.iter().enumerate() {
             out[r * d..(r + 1) * d].iter_mut().for_each(|v| *v *= x);

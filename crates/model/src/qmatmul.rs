@@ -5,9 +5,11 @@
 //! the dequantized model that transformers and the golden tests run), has no SIMD path for Q4_1
 //! on x86 (the default SmolLM2 file is Q4_1), and re-reads the weights once per activation row.
 //! Here each 32-weight block is decoded into four 8-lane f32 registers exactly as
-//! `QTensor::dequantize` would (`q * d + m`, `(q - 8) * d`, `q * d`) and multiplied into up to
-//! four activation rows while it is in registers, so a weight is read from memory once per call
-//! and the arithmetic is the dense model's up to summation order. Work is split over output rows
+//! `QTensor::dequantize` would and multiplied into up to four activation rows while it is in
+//! registers, so a weight is read from memory once per call and the arithmetic is the dense
+//! model's up to summation order. A single row (a decode step) skips the per-weight scaling:
+//! `sum_j (q_j d + m) x_j = d sum_j q_j x_j + m sum_j x_j`, the same sum up to rounding. Both
+//! are tested against dense `x W^T` on the dequantized weights. Work is split over output rows
 //! with rayon.
 //!
 //! ```text
@@ -141,10 +143,10 @@ impl BlockMatrix {
 
     /// `x W^T` for `x` [m, cols] row-major; returns [m, rows].
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        self.matmul_with(x, m, has_avx2())
+        self.matmul_with(x, m, Isa::detect())
     }
 
-    fn matmul_with(&self, x: &[f32], m: usize, avx2: bool) -> Vec<f32> {
+    fn matmul_with(&self, x: &[f32], m: usize, isa: Isa) -> Vec<f32> {
         assert_eq!(x.len(), m * self.cols, "activation shape");
         let n = self.rows;
         if m == 0 || n == 0 {
@@ -156,6 +158,14 @@ impl BlockMatrix {
         let chunk = n.div_ceil(threads * 4).clamp(8, 256);
         // Computed as [n, m] (each task owns whole output rows), transposed at the end.
         let mut out_t = vec![0f32; n * m];
+        // The single row's sum over each block (see `avx2::single`).
+        let sums: Vec<f32> = if isa != Isa::Portable && m == 1 {
+            x.chunks_exact(BLOCK)
+                .map(|c| c.iter().sum::<f32>())
+                .collect()
+        } else {
+            Vec::new()
+        };
         out_t
             .par_chunks_mut(chunk * m)
             .enumerate()
@@ -163,18 +173,21 @@ impl BlockMatrix {
                 let mut scratch = Vec::new();
                 for (jj, o) in dst.chunks_mut(m).enumerate() {
                     let row = self.row(c * chunk + jj);
-                    if avx2 {
+                    match isa {
+                        // SAFETY: `Isa::detect` checked the CPU has the features; slices are
+                        // sized by `new` (row) and the assert above (x, sums).
                         #[cfg(target_arch = "x86_64")]
-                        // SAFETY: `has_avx2` checked the CPU has AVX2, FMA and F16C; slices are sized
-                        // by `new` (row) and the assert above (x).
-                        unsafe {
-                            avx2::row_times_x(self.format, row, x, m, o)
-                        }
-                    } else {
-                        scratch.resize(self.cols, 0f32);
-                        decode_row(self.format, row, &mut scratch);
-                        for (i, oi) in o.iter_mut().enumerate() {
-                            *oi = dot(&scratch, &x[i * self.cols..(i + 1) * self.cols]);
+                        Isa::Avx512 => unsafe {
+                            avx512::row_times_x(self.format, row, x, &sums, m, o)
+                        },
+                        #[cfg(target_arch = "x86_64")]
+                        Isa::Avx2 => unsafe { avx2::row_times_x(self.format, row, x, &sums, m, o) },
+                        _ => {
+                            scratch.resize(self.cols, 0f32);
+                            decode_row(self.format, row, &mut scratch);
+                            for (i, oi) in o.iter_mut().enumerate() {
+                                *oi = dot(&scratch, &x[i * self.cols..(i + 1) * self.cols]);
+                            }
                         }
                     }
                 }
@@ -192,16 +205,31 @@ impl BlockMatrix {
     }
 }
 
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+/// The instruction sets the kernels use, best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    /// AVX-512F (16 lanes) with F16C and FMA.
+    Avx512,
+    /// AVX2 with FMA and F16C (8 lanes).
+    Avx2,
+    Portable,
+}
+
+impl Isa {
+    fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            if avx2 && is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if avx2 {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
     }
 }
 
@@ -270,56 +298,49 @@ mod avx2 {
         )
     }
 
-    /// One block as four registers of 8 weights (elements 0-7, 8-15, 16-23, 24-31).
+    /// One block's quants as four registers of 8 f32 (elements 0-7, 8-15, 16-23, 24-31), without
+    /// scale or offset: Q4 nibbles as 0..15, Q8 bytes as -128..127.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn decode(format: BlockFormat, b: *const u8) -> [__m256; 4] {
-        let d = splat_f16(b);
+    unsafe fn quants(format: BlockFormat, b: *const u8) -> [__m256; 4] {
         match format {
             BlockFormat::Q8_0 => {
                 let lo = _mm_loadu_si128(b.add(2) as *const __m128i);
                 let hi = _mm_loadu_si128(b.add(18) as *const __m128i);
                 let (a0, a1) = widen(lo);
                 let (a2, a3) = widen(hi);
-                [
-                    _mm256_mul_ps(a0, d),
-                    _mm256_mul_ps(a1, d),
-                    _mm256_mul_ps(a2, d),
-                    _mm256_mul_ps(a3, d),
-                ]
+                [a0, a1, a2, a3]
             }
             BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
                 let off = if format == BlockFormat::Q4_1 { 4 } else { 2 };
                 let qs = _mm_loadu_si128(b.add(off) as *const __m128i);
                 let nib = _mm_set1_epi8(0x0F);
-                let mut lo = _mm_and_si128(qs, nib); // elements 0..16
-                let mut hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), nib); // elements 16..32
-                if format == BlockFormat::Q4_0 {
-                    let eight = _mm_set1_epi8(8);
-                    lo = _mm_sub_epi8(lo, eight);
-                    hi = _mm_sub_epi8(hi, eight);
-                }
+                let lo = _mm_and_si128(qs, nib); // elements 0..16
+                let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), nib); // elements 16..32
                 let (a0, a1) = widen(lo);
                 let (a2, a3) = widen(hi);
-                if format == BlockFormat::Q4_1 {
-                    // mul then add, not fma: the same rounding as dequantize.
-                    let m = splat_f16(b.add(2));
-                    [
-                        _mm256_add_ps(_mm256_mul_ps(a0, d), m),
-                        _mm256_add_ps(_mm256_mul_ps(a1, d), m),
-                        _mm256_add_ps(_mm256_mul_ps(a2, d), m),
-                        _mm256_add_ps(_mm256_mul_ps(a3, d), m),
-                    ]
-                } else {
-                    [
-                        _mm256_mul_ps(a0, d),
-                        _mm256_mul_ps(a1, d),
-                        _mm256_mul_ps(a2, d),
-                        _mm256_mul_ps(a3, d),
-                    ]
-                }
+                [a0, a1, a2, a3]
             }
         }
+    }
+
+    /// One block's weights as four registers, exactly as `QTensor::dequantize` computes them
+    /// (`q d + m`, `(q - 8) d`, `q d`; multiply then add, no fma).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn weights(format: BlockFormat, b: *const u8) -> [__m256; 4] {
+        let mut q = quants(format, b);
+        let d = splat_f16(b);
+        if format == BlockFormat::Q4_0 {
+            let eight = _mm256_set1_ps(8.0);
+            q = q.map(|v| _mm256_sub_ps(v, eight));
+        }
+        let w = q.map(|v| _mm256_mul_ps(v, d));
+        if format == BlockFormat::Q4_1 {
+            let m = splat_f16(b.add(2));
+            return w.map(|v| _mm256_add_ps(v, m));
+        }
+        w
     }
 
     #[inline]
@@ -331,10 +352,50 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
-    /// `out[i] = W_row . x_i` for `R` rows of x starting at `xs`, `A` accumulators per row.
+    /// `W_row . x` for one row of x, the decode-step case.
+    ///
+    /// Factored so a block costs no per-weight scaling: with `t = sum_j q_j x_j` over the
+    /// block (8 lanes), `W . x = d t + c S` where S is the block's sum of x and c is the
+    /// offset per unit of q (Q4_1: m; Q4_0: -8 d; Q8_0: none). `sums` holds S per block; the
+    /// 8 lanes of the offset accumulator add up to 8 c S, divided out at the end (exactly). (1.15x over decoding the weights for one row;
+    /// slower from two rows on, where the decode is shared and [`tile`] takes over.)
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile<const R: usize, const A: usize>(
+    unsafe fn single(
+        format: BlockFormat,
+        row: &[u8],
+        x: *const f32,
+        sums: *const f32,
+        cols: usize,
+    ) -> f32 {
+        let bb = format.block_bytes();
+        let mut acc_d = _mm256_setzero_ps();
+        let mut acc_c = _mm256_setzero_ps();
+        for b in 0..cols / BLOCK {
+            let p = row.as_ptr().add(b * bb);
+            let q = quants(format, p);
+            let d = splat_f16(p);
+            let x = x.add(b * BLOCK);
+            let mut t = _mm256_mul_ps(q[0], _mm256_loadu_ps(x));
+            t = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(x.add(8)), t);
+            t = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(x.add(16)), t);
+            t = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(x.add(24)), t);
+            acc_d = _mm256_fmadd_ps(t, d, acc_d);
+            let c = match format {
+                BlockFormat::Q4_1 => splat_f16(p.add(2)),
+                BlockFormat::Q4_0 => _mm256_mul_ps(d, _mm256_set1_ps(-8.0)),
+                BlockFormat::Q8_0 => continue,
+            };
+            acc_c = _mm256_fmadd_ps(c, _mm256_broadcast_ss(&*sums.add(b)), acc_c);
+        }
+        hsum(acc_d) + hsum(acc_c) / 8.0
+    }
+
+    /// `out[i] = W_row . x_i` for `R` (2..=4) rows of x starting at `xs`: each block decoded to
+    /// weights once, then 4 fma per row into 2 accumulators per row.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile<const R: usize>(
         format: BlockFormat,
         row: &[u8],
         xs: *const f32,
@@ -342,46 +403,200 @@ mod avx2 {
         out: &mut [f32],
     ) {
         let bb = format.block_bytes();
-        let mut acc = [[_mm256_setzero_ps(); A]; R];
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for b in 0..cols / BLOCK {
-            let w = decode(format, row.as_ptr().add(b * bb));
+            let w = weights(format, row.as_ptr().add(b * bb));
             for r in 0..R {
                 let x = xs.add(r * cols + b * BLOCK);
-                for (c, wc) in w.iter().enumerate() {
-                    acc[r][c % A] =
-                        _mm256_fmadd_ps(*wc, _mm256_loadu_ps(x.add(c * 8)), acc[r][c % A]);
-                }
+                acc[r][0] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(x), acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x.add(8)), acc[r][1]);
+                acc[r][0] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x.add(16)), acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x.add(24)), acc[r][1]);
             }
         }
         for r in 0..R {
-            let mut s = acc[r][0];
-            for a in &acc[r][1..] {
-                s = _mm256_add_ps(s, *a);
-            }
-            out[r] = hsum(s);
+            out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
         }
     }
 
-    /// `out[i] = W_row . x_i` for every row i of x [m, cols].
+    /// `out[i] = W_row . x_i` for every row i of x [m, cols]; `sums` as [`single`] takes them
+    /// (only read when m is 1).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn row_times_x(
         format: BlockFormat,
         row: &[u8],
         x: &[f32],
+        sums: &[f32],
         m: usize,
         out: &mut [f32],
     ) {
         let cols = x.len() / m;
+        let xp = x.as_ptr();
+        if m == 1 {
+            out[0] = single(format, row, xp, sums.as_ptr(), cols);
+            return;
+        }
         let mut i = 0;
-        // Tiles of four rows keep 4 weight + 8 accumulator registers live.
+        // Tiles of four rows: 4 weight + 8 accumulator registers live.
         while i + 4 <= m {
-            tile::<4, 2>(format, row, x.as_ptr().add(i * cols), cols, &mut out[i..]);
+            tile::<4>(format, row, xp.add(i * cols), cols, &mut out[i..]);
             i += 4;
         }
+        let (xp, o) = (xp.add(i * cols), &mut out[i..]);
         match m - i {
-            3 => tile::<3, 2>(format, row, x.as_ptr().add(i * cols), cols, &mut out[i..]),
-            2 => tile::<2, 4>(format, row, x.as_ptr().add(i * cols), cols, &mut out[i..]),
-            1 => tile::<1, 4>(format, row, x.as_ptr().add(i * cols), cols, &mut out[i..]),
+            3 => tile::<3>(format, row, xp, cols, o),
+            2 => tile::<2>(format, row, xp, cols, o),
+            1 => tile::<2>(format, row, xp.sub(cols), cols, &mut out[i - 1..]),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+// As in `avx2`: register tiles indexed [row][half].
+#[allow(clippy::needless_range_loop)]
+mod avx512 {
+    //! The AVX2 kernels' twins on 16 lanes: a block is two registers, so widening, converting
+    //! and scaling cost half the instructions.
+
+    use std::arch::x86_64::*;
+
+    use super::{BlockFormat, BLOCK};
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn splat_f16(p: *const u8) -> __m512 {
+        let bits = u16::from_le_bytes([*p, *p.add(1)]);
+        _mm512_cvtph_ps(_mm256_set1_epi16(bits as i16))
+    }
+
+    /// Quants as two registers (elements 0-15, 16-31).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn quants(format: BlockFormat, b: *const u8) -> [__m512; 2] {
+        match format {
+            BlockFormat::Q8_0 => {
+                let lo = _mm_loadu_si128(b.add(2) as *const __m128i);
+                let hi = _mm_loadu_si128(b.add(18) as *const __m128i);
+                [
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)),
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)),
+                ]
+            }
+            BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
+                let off = if format == BlockFormat::Q4_1 { 4 } else { 2 };
+                let qs = _mm_loadu_si128(b.add(off) as *const __m128i);
+                let nib = _mm_set1_epi8(0x0F);
+                let lo = _mm_and_si128(qs, nib);
+                let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), nib);
+                [
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)),
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)),
+                ]
+            }
+        }
+    }
+
+    /// Weights exactly as `QTensor::dequantize` computes them.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn weights(format: BlockFormat, b: *const u8) -> [__m512; 2] {
+        let mut q = quants(format, b);
+        let d = splat_f16(b);
+        if format == BlockFormat::Q4_0 {
+            let eight = _mm512_set1_ps(8.0);
+            q = q.map(|v| _mm512_sub_ps(v, eight));
+        }
+        let w = q.map(|v| _mm512_mul_ps(v, d));
+        if format == BlockFormat::Q4_1 {
+            let m = splat_f16(b.add(2));
+            return w.map(|v| _mm512_add_ps(v, m));
+        }
+        w
+    }
+
+    /// One row of x, factored as in `avx2::single`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn single(
+        format: BlockFormat,
+        row: &[u8],
+        x: *const f32,
+        sums: *const f32,
+        cols: usize,
+    ) -> f32 {
+        let bb = format.block_bytes();
+        let mut acc_d = _mm512_setzero_ps();
+        let mut acc_c = _mm512_setzero_ps();
+        for b in 0..cols / BLOCK {
+            let p = row.as_ptr().add(b * bb);
+            let q = quants(format, p);
+            let d = splat_f16(p);
+            let x = x.add(b * BLOCK);
+            let t = _mm512_mul_ps(q[0], _mm512_loadu_ps(x));
+            let t = _mm512_fmadd_ps(q[1], _mm512_loadu_ps(x.add(16)), t);
+            acc_d = _mm512_fmadd_ps(t, d, acc_d);
+            let c = match format {
+                BlockFormat::Q4_1 => splat_f16(p.add(2)),
+                BlockFormat::Q4_0 => _mm512_mul_ps(d, _mm512_set1_ps(-8.0)),
+                BlockFormat::Q8_0 => continue,
+            };
+            acc_c = _mm512_fmadd_ps(c, _mm512_set1_ps(*sums.add(b)), acc_c);
+        }
+        _mm512_reduce_add_ps(acc_d) + _mm512_reduce_add_ps(acc_c) / 16.0
+    }
+
+    /// `R` (2..=4) rows of x: each block decoded to weights once, 2 fma per row.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn tile<const R: usize>(
+        format: BlockFormat,
+        row: &[u8],
+        xs: *const f32,
+        cols: usize,
+        out: &mut [f32],
+    ) {
+        let bb = format.block_bytes();
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        for b in 0..cols / BLOCK {
+            let w = weights(format, row.as_ptr().add(b * bb));
+            for r in 0..R {
+                let x = xs.add(r * cols + b * BLOCK);
+                acc[r][0] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(x), acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(x.add(16)), acc[r][1]);
+            }
+        }
+        for r in 0..R {
+            out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+        }
+    }
+
+    /// As `avx2::row_times_x`.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub(super) unsafe fn row_times_x(
+        format: BlockFormat,
+        row: &[u8],
+        x: &[f32],
+        sums: &[f32],
+        m: usize,
+        out: &mut [f32],
+    ) {
+        let cols = x.len() / m;
+        let xp = x.as_ptr();
+        if m == 1 {
+            out[0] = single(format, row, xp, sums.as_ptr(), cols);
+            return;
+        }
+        let mut i = 0;
+        while i + 4 <= m {
+            tile::<4>(format, row, xp.add(i * cols), cols, &mut out[i..]);
+            i += 4;
+        }
+        let (xp, o) = (xp.add(i * cols), &mut out[i..]);
+        match m - i {
+            3 => tile::<3>(format, row, xp, cols, o),
+            2 => tile::<2>(format, row, xp, cols, o),
+            1 => tile::<2>(format, row, xp.sub(cols), cols, &mut out[i - 1..]),
             _ => {}
         }
     }
@@ -441,18 +656,28 @@ mod tests {
                     .to_vec1()
                     .unwrap();
                 let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-                for simd in [false, has_avx2()] {
-                    let got = bm.matmul_with(&xs, m, simd);
+                for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
+                    if !isa_available(isa) {
+                        continue;
+                    }
+                    let got = bm.matmul_with(&xs, m, isa);
                     assert_eq!(got.len(), want.len());
                     for (i, (g, e)) in got.iter().zip(&want).enumerate() {
                         assert!(
                             (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
-                            "{f:?} m={m} simd={simd} element {i}: {g} vs {e}"
+                            "{f:?} m={m} {isa:?} element {i}: {g} vs {e}"
                         );
                     }
                 }
             }
         }
+    }
+
+    fn isa_available(isa: Isa) -> bool {
+        matches!(
+            (isa, Isa::detect()),
+            (Isa::Portable, _) | (_, Isa::Avx512) | (Isa::Avx2, Isa::Avx2)
+        )
     }
 
     #[test]
