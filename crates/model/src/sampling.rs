@@ -173,22 +173,42 @@ impl Sampler {
         for v in x.iter_mut() {
             *v /= p.temperature;
         }
-        // Candidates sorted by logit, best first; filters cut the tail.
         let mut idx: Vec<u32> = (0..x.len() as u32)
             .filter(|&i| x[i as usize].is_finite())
             .collect();
         if idx.is_empty() {
             return argmax(&x);
         }
-        idx.sort_unstable_by(|a, b| x[*b as usize].total_cmp(&x[*a as usize]));
+        // Only top-k and top-p need candidates in order, and only as far as they cut: a full
+        // sort of a 49k vocabulary costs milliseconds per token, more than a decode step's
+        // attention. top-k selects (linear) then top-p sorts what is left.
+        let by_logit = |a: &u32, b: &u32| x[*b as usize].total_cmp(&x[*a as usize]);
         if p.top_k > 0 && p.top_k < idx.len() {
+            idx.select_nth_unstable_by(p.top_k - 1, by_logit);
             idx.truncate(p.top_k);
         }
-        let max = x[idx[0] as usize];
+        if p.top_p < 1.0 {
+            idx.sort_unstable_by(by_logit);
+        }
+        let max = idx
+            .iter()
+            .map(|&i| x[i as usize])
+            .fold(f32::NEG_INFINITY, f32::max);
         let mut probs: Vec<f32> = idx.iter().map(|&i| (x[i as usize] - max).exp()).collect();
         let sum: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|q| *q /= sum);
+        if p.min_p > 0.0 {
+            // Relative to the best candidate (probability e^0 / sum), before top-p cuts.
+            let floor = p.min_p / sum;
+            (idx, probs) = idx
+                .iter()
+                .zip(&probs)
+                .filter(|(_, q)| **q >= floor)
+                .map(|(i, q)| (*i, *q))
+                .unzip();
+        }
         if p.top_p < 1.0 {
+            // Sorted above, and min_p's filter keeps the order.
             let mut cum = 0.0;
             let mut keep = probs.len();
             for (j, q) in probs.iter().enumerate() {
@@ -198,12 +218,6 @@ impl Sampler {
                     break;
                 }
             }
-            probs.truncate(keep);
-            idx.truncate(keep);
-        }
-        if p.min_p > 0.0 {
-            let floor = probs[0] * p.min_p;
-            let keep = probs.iter().take_while(|q| **q >= floor).count().max(1);
             probs.truncate(keep);
             idx.truncate(keep);
         }

@@ -407,6 +407,38 @@ pub(crate) fn lm_head_is_tied(cfg: &ModelConfig, src: &WeightSource) -> bool {
 mod tests {
     use super::*;
 
+    /// Block weights give the dense product of their dequantized values on both paths: the
+    /// kernel (up to `BLOCK_KERNEL_MAX_ROWS` rows) and dequantize + gemm (more rows).
+    #[test]
+    fn block_weights_match_their_dense_values() {
+        let dev = candle_core::Device::Cpu;
+        let w = (Tensor::randn(0f32, 1.0, (40, 64), &dev).unwrap() + 0.2).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
+        let blocks = LinearWeight::Blocks(Arc::new(
+            BlockMatrix::new(BlockFormat::Q4_1, 40, 64, q.data().unwrap().into_owned()).unwrap(),
+        ));
+        let dense = LinearWeight::Dense(q.dequantize(&dev).unwrap());
+        for rows in [1, 3, BLOCK_KERNEL_MAX_ROWS, BLOCK_KERNEL_MAX_ROWS + 1, 40] {
+            let x = Tensor::randn(0f32, 1.0, (rows, 64), &dev).unwrap();
+            let a = blocks.forward(&x).unwrap();
+            let b = dense.forward(&x).unwrap();
+            assert_eq!(a.dims(), &[rows, 40]);
+            let diff: f32 = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(diff < 1e-4, "{rows} rows: max |diff| {diff}");
+        }
+        assert_eq!(
+            blocks.dense().unwrap().to_vec2::<f32>().unwrap(),
+            q.dequantize(&dev).unwrap().to_vec2::<f32>().unwrap()
+        );
+    }
+
     /// Permuting as llama.cpp's converter does and then applying our inverse is the identity.
     #[test]
     fn unpermute_inverts_llama_cpp_permute() {
