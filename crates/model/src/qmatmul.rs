@@ -4,8 +4,9 @@
 //! Why not candle's `QMatMul`: it quantizes the activations to Q8 (so results move away from
 //! the dequantized model that transformers and the golden tests run), has no SIMD path for Q4_1
 //! on x86 (the default SmolLM2 file is Q4_1), and re-reads the weights once per activation row.
-//! Here each 32-weight block is decoded into four 8-lane f32 registers exactly as
-//! `QTensor::dequantize` would and multiplied into up to four activation rows while it is in
+//! Here each 32-weight block is decoded into four 8-lane f32 registers (AVX2; two 16-lane ones
+//! with AVX-512, picked at run time, portable code elsewhere) exactly as `QTensor::dequantize`
+//! would and multiplied into up to four activation rows while it is in
 //! registers, so a weight is read from memory once per call and the arithmetic is the dense
 //! model's up to summation order. A single row (a decode step) skips the per-weight scaling:
 //! `sum_j (q_j d + m) x_j = d sum_j q_j x_j + m sum_j x_j`, the same sum up to rounding. Both
