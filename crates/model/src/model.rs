@@ -364,6 +364,14 @@ impl CausalLm {
     /// One step over a ragged batch: writes the new tokens' K/V into their slots and returns
     /// logits (f32) for each sequence's last token, or all its new tokens when asked.
     pub fn forward(&self, seqs: &[SeqStep<'_>], kv: &KvStore) -> Result<StepLogits> {
+        // The step runs on a rayon worker (the caller waits once), so the kernels' parallel
+        // loops (block matmuls, paged attention: ~240 per decode step) fork from a worker
+        // instead of each one parking the calling thread and waking it again: 10% of a
+        // SmolLM2 decode step on 2 cores (BENCHMARKS.md).
+        rayon::scope(|_| self.forward_on_worker(seqs, kv))
+    }
+
+    fn forward_on_worker(&self, seqs: &[SeqStep<'_>], kv: &KvStore) -> Result<StepLogits> {
         if seqs.is_empty() {
             return Err(ModelError::Batch("empty batch".into()));
         }

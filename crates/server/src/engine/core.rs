@@ -406,22 +406,30 @@ impl Engine {
             .metrics
             .e2e
             .observe(s.arrival.elapsed().as_secs_f64());
+        // Blocks go back to the pool, and the gauges say so, before the client hears it is
+        // done: whoever reads /metrics after a response sees the blocks free.
+        if let Some(b) = s.blocks.take() {
+            self.cache.free(b);
+        }
+        self.publish_kv_gauges();
         let _ = s.tx.send(Event::Done {
             text,
             finish,
             usage,
         });
-        if let Some(b) = s.blocks.take() {
-            self.cache.free(b);
-        }
+    }
+
+    fn publish_kv_gauges(&mut self) {
+        let m = &self.shared.metrics;
+        m.kv_cache_usage_perc.set(self.cache.usage());
+        m.kv_blocks_in_use.set(self.cache.num_used_blocks() as i64);
     }
 
     fn publish_gauges(&mut self) {
+        self.publish_kv_gauges();
         let m = &self.shared.metrics;
         m.num_requests_running.set(self.running.len() as i64);
         m.num_requests_waiting.set(self.waiting.len() as i64);
-        m.kv_cache_usage_perc.set(self.cache.usage());
-        m.kv_blocks_in_use.set(self.cache.num_used_blocks() as i64);
         let st = self.cache.stats();
         m.prefix_cache_queries
             .inc_by(st.query_tokens - self.last_stats.query_tokens);
