@@ -21,6 +21,7 @@ mod paged;
 pub mod qmatmul;
 pub mod rope;
 pub mod sampling;
+mod simd;
 #[doc(hidden)]
 pub mod testing;
 pub mod tokenizer;

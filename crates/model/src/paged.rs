@@ -129,17 +129,6 @@ fn item_portable(it: &Item<'_>, p: &Pools<'_>) -> Vec<f32> {
     res
 }
 
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// `q`: [tokens, heads, head_dim] (rope applied), `k_pool`/`v_pool`: one layer's pools
 /// [slots, kv_heads, head_dim], `slots`: per sequence its key slots in position order, as
 /// [`Prepared`] lays them out. Returns [tokens, heads, head_dim] f32.
@@ -157,7 +146,7 @@ pub(crate) fn attention(
     let group = nh / kvh;
     let q = q.to_dtype(DType::F32)?.contiguous()?;
     let n = prep.seqlens_q.iter().sum::<usize>();
-    let simd = has_avx2() && d.is_multiple_of(8);
+    let simd = crate::simd::has_avx2_fma() && d.is_multiple_of(8);
     // (first query row, tokens, first key, keys, start position, kv head)
     let mut items = Vec::new();
     let threads = rayon::current_num_threads().max(1);
@@ -243,15 +232,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{Item, Pools};
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
+    use crate::simd::x86::hsum;
 
     /// The sums of four registers as one [s0, s1, s2, s3].
     #[inline]
@@ -514,7 +495,7 @@ mod tests {
     /// that are not multiples of 4, an odd number of rows, causal visibility, scattered slots.
     #[test]
     fn simd_item_matches_portable() {
-        if !has_avx2() {
+        if !crate::simd::has_avx2_fma() {
             eprintln!("no AVX2 + FMA here: the portable kernel is the only one");
             return;
         }
@@ -567,7 +548,7 @@ mod tests {
 
     #[test]
     fn exp8_is_accurate() {
-        if !has_avx2() {
+        if !crate::simd::has_avx2_fma() {
             return;
         }
         #[cfg(target_arch = "x86_64")]

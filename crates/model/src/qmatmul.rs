@@ -220,9 +220,7 @@ impl Isa {
     fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
-            let avx2 = is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c");
+            let avx2 = crate::simd::has_avx2_fma() && is_x86_feature_detected!("f16c");
             if avx2 && is_x86_feature_detected!("avx512f") {
                 return Isa::Avx512;
             }
@@ -280,6 +278,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{BlockFormat, BLOCK};
+    use crate::simd::x86::hsum;
 
     /// The f16 at `p` broadcast to 8 lanes of f32 (F16C).
     #[inline]
@@ -342,15 +341,6 @@ mod avx2 {
             return w.map(|v| _mm256_add_ps(v, m));
         }
         w
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
     }
 
     /// `W_row . x` for one row of x, the decode-step case.
