@@ -11,6 +11,7 @@
 pub mod batch;
 pub mod chat;
 pub mod config;
+mod cpu;
 pub mod error;
 pub mod generate;
 pub mod kv;
@@ -21,7 +22,6 @@ mod paged;
 pub mod qmatmul;
 pub mod rope;
 pub mod sampling;
-mod simd;
 #[doc(hidden)]
 pub mod testing;
 pub mod tokenizer;

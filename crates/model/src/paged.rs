@@ -10,50 +10,18 @@
 //! of V rows. f32 throughout; work items (sequence, KV head, a run of its tokens) run in
 //! parallel with rayon. With AVX2 + FMA an item runs a register-tiled kernel (2 query rows x 4
 //! keys per score pass, a vectorised exp, 2 rows x 32 floats per value pass): the 7-token step
-//! of an aLoRA call after 2,048 cached tokens went from 125 to 77 ms on SmolLM2 with it
+//! of an aLoRA call after 2,048 cached tokens went from 125 to 75 ms on SmolLM2 with it
 //! (`benches/smollm2.rs`, `tail7`). Elsewhere the portable loop runs, which is also the SIMD
 //! kernel's reference in the tests below.
 //!
 //! [`KvStore`]: crate::kv::KvStore
 
-use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use crate::batch::Prepared;
-use crate::error::{ModelError, Result};
-
-fn err(msg: &str) -> ModelError {
-    ModelError::Batch(format!("paged attention: {msg}"))
-}
-
-/// Runs `f` on the contiguous f32 contents of `t` (a CPU tensor).
-pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let (storage, layout): (_, &Layout) = t.storage_and_layout();
-    let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
-        return Err(err("expects f32 tensors on the CPU"));
-    };
-    let (a, b) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| err("expects contiguous tensors"))?;
-    Ok(f(&data[a..b]))
-}
-
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
-}
+use crate::cpu::{dot, with_f32};
+use crate::error::Result;
 
 #[inline]
 fn axpy(out: &mut [f32], p: f32, v: &[f32]) {
@@ -146,7 +114,7 @@ pub(crate) fn attention(
     let group = nh / kvh;
     let q = q.to_dtype(DType::F32)?.contiguous()?;
     let n = prep.seqlens_q.iter().sum::<usize>();
-    let simd = crate::simd::has_avx2_fma() && d.is_multiple_of(8);
+    let simd = crate::cpu::has_avx2_fma() && d.is_multiple_of(8);
     // (first query row, tokens, first key, keys, start position, kv head)
     let mut items = Vec::new();
     let threads = rayon::current_num_threads().max(1);
@@ -232,7 +200,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{Item, Pools};
-    use crate::simd::x86::hsum;
+    use crate::cpu::x86::hsum;
 
     /// The sums of four registers as one [s0, s1, s2, s3].
     #[inline]
@@ -495,7 +463,7 @@ mod tests {
     /// that are not multiples of 4, an odd number of rows, causal visibility, scattered slots.
     #[test]
     fn simd_item_matches_portable() {
-        if !crate::simd::has_avx2_fma() {
+        if !crate::cpu::has_avx2_fma() {
             eprintln!("no AVX2 + FMA here: the portable kernel is the only one");
             return;
         }
@@ -548,7 +516,7 @@ mod tests {
 
     #[test]
     fn exp8_is_accurate() {
-        if !crate::simd::has_avx2_fma() {
+        if !crate::cpu::has_avx2_fma() {
             return;
         }
         #[cfg(target_arch = "x86_64")]

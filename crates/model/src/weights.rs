@@ -97,7 +97,7 @@ impl LinearWeight {
                 let dt = x.dtype();
                 let x = x.to_dtype(DType::F32)?.contiguous()?;
                 let y = if m <= BLOCK_KERNEL_MAX_ROWS {
-                    let y = crate::paged::with_f32(&x, |xs| b.matmul(xs, m))?;
+                    let y = crate::cpu::with_f32(&x, |xs| b.matmul(xs, m))?;
                     Tensor::from_vec(y, (m, n), x.device())?
                 } else {
                     let w = Tensor::from_vec(b.dequantize(), (n, k), x.device())?;
