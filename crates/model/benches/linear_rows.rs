@@ -8,6 +8,7 @@
 //!     RAYON_NUM_THREADS=2 cargo bench -p alora-model --bench linear_rows
 
 use alora_model::qmatmul::{BlockFormat, BlockMatrix};
+use alora_model::LinearWeight;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
@@ -18,8 +19,10 @@ fn bench(c: &mut Criterion) {
     let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
     let blocks =
         BlockMatrix::new(BlockFormat::Q4_1, 1536, 576, q.data().unwrap().into_owned()).unwrap();
+    let lin_blocks = LinearWeight::Blocks(std::sync::Arc::new(blocks.clone()));
+    let lin_dense = LinearWeight::Dense(w.clone());
     let mut g = c.benchmark_group("linear_rows");
-    for rows in [1usize, 7, 8, 32, 64, 128] {
+    for rows in [1usize, 7, 8, 32, 64, 128, 512] {
         let x = Tensor::randn(0f32, 1.0, (rows, 576), &d).unwrap();
         let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
         g.bench_with_input(BenchmarkId::new("x_wt", rows), &rows, |b, _| {
@@ -37,6 +40,12 @@ fn bench(c: &mut Criterion) {
         });
         g.bench_with_input(BenchmarkId::new("q4_1_blocks", rows), &rows, |b, &m| {
             b.iter(|| blocks.matmul(&xs, m))
+        });
+        g.bench_with_input(BenchmarkId::new("linear_blocks", rows), &rows, |b, _| {
+            b.iter(|| lin_blocks.forward(&x).unwrap())
+        });
+        g.bench_with_input(BenchmarkId::new("linear_dense", rows), &rows, |b, _| {
+            b.iter(|| lin_dense.forward(&x).unwrap())
         });
         g.bench_with_input(
             BenchmarkId::new("q4_1_dequant_gemm", rows),

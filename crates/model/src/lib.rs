@@ -13,6 +13,8 @@ pub mod chat;
 pub mod config;
 mod cpu;
 pub mod error;
+mod flash;
+mod gemm;
 pub mod generate;
 pub mod kv;
 pub mod loader;

@@ -48,17 +48,25 @@ pub fn causal_mask(first: usize, rows: usize, keys: usize, device: &Device) -> R
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionImpl {
     /// For decode-like steps (every sequence brings fewer than [`FLASH_MAX_QUERY`] tokens) on
-    /// the CPU: the paged kernel for f32, candle's varlen flash kernel for f16. The matmul path
-    /// otherwise, which measured fastest for prefill chunks (BENCHMARKS.md).
+    /// the CPU: the paged kernel for f32, candle's varlen flash kernel for f16. Other steps in
+    /// f32 on an AVX-512 CPU: alora's flash kernel (`flash.rs`). The matmul path otherwise.
     Auto,
     /// Per-sequence matmul + mask + softmax: any device and dtype.
     Reference,
     /// The CPU paged kernel for every step (f32 on the CPU only; tests).
     Paged,
+    /// The CPU flash kernel for every step (f32 on AVX-512 CPUs, head_dim 16/32/64/128; tests).
+    Flash,
 }
 
 /// Longest per-sequence query chunk that still goes to the CPU flash kernel in `Auto` mode.
 pub const FLASH_MAX_QUERY: usize = 32;
+
+/// Whether [`AttentionImpl::Flash`] runs on this CPU for this head size (AVX-512; head_dim
+/// 16, 32, 64 or 128).
+pub fn flash_available(head_dim: usize) -> bool {
+    crate::flash::available(head_dim)
+}
 
 /// A projection with its base weight; LoRA factors come from the step's adapters.
 #[derive(Debug)]
@@ -487,6 +495,27 @@ impl CausalLm {
             };
             let out = crate::paged::attention(&q, kp, vp, ctx.prep, &shape)?
                 .to_dtype(self.dtype)?
+                .reshape((n, c.num_heads * c.head_dim))?;
+            return a.o_proj.forward(&out, groups);
+        }
+        let flash = match self.attention {
+            AttentionImpl::Flash => true,
+            AttentionImpl::Auto => {
+                self.device.is_cpu()
+                    && self.dtype == DType::F32
+                    && crate::flash::available(c.head_dim)
+            }
+            _ => false,
+        };
+        if flash {
+            let (kp, vp) = ctx.kv.pools(l);
+            let shape = crate::paged::Shape {
+                num_heads: c.num_heads,
+                num_kv_heads: c.num_kv_heads,
+                head_dim: c.head_dim,
+                scale: c.attention_scale as f32,
+            };
+            let out = crate::flash::attention(&q, kp, vp, ctx.prep, &shape)?
                 .reshape((n, c.num_heads * c.head_dim))?;
             return a.o_proj.forward(&out, groups);
         }

@@ -130,6 +130,27 @@ impl BlockMatrix {
         decode_row(self.format, self.row(r), out);
     }
 
+    /// Rows `r0 .. r0 + out.len() / kc`, columns `k0 .. k0 + kc` (both multiples of 32) as f32
+    /// [rows, kc] row-major, exactly what `QTensor::dequantize` gives (the gemm's packing reads
+    /// this).
+    pub(crate) fn decode_rows(&self, r0: usize, k0: usize, kc: usize, out: &mut [f32]) {
+        debug_assert!(k0.is_multiple_of(BLOCK) && kc.is_multiple_of(BLOCK));
+        let bb = self.format.block_bytes();
+        let simd = Isa::detect() == Isa::Avx512;
+        for (i, o) in out.chunks_exact_mut(kc).enumerate() {
+            let row = &self.row(r0 + i)[k0 / BLOCK * bb..(k0 + kc) / BLOCK * bb];
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: `Isa::detect` checked the features; `row` holds kc / 32 blocks and
+                // `o` kc floats.
+                unsafe { avx512::decode_run(self.format, row, o) };
+                continue;
+            }
+            let _ = simd;
+            decode_row(self.format, row, o);
+        }
+    }
+
     /// The whole matrix as f32 [rows, cols], rows decoded in parallel.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
@@ -502,6 +523,17 @@ mod avx512 {
             return w.map(|v| _mm512_add_ps(v, m));
         }
         w
+    }
+
+    /// Decodes consecutive blocks of one row into f32 (`out`: 32 per block).
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub(super) unsafe fn decode_run(format: BlockFormat, row: &[u8], out: &mut [f32]) {
+        let bb = format.block_bytes();
+        for (b, o) in out.chunks_exact_mut(BLOCK).enumerate() {
+            let w = weights(format, row.as_ptr().add(b * bb));
+            _mm512_storeu_ps(o.as_mut_ptr(), w[0]);
+            _mm512_storeu_ps(o.as_mut_ptr().add(16), w[1]);
+        }
     }
 
     /// One row of x, factored as in `avx2::single`.

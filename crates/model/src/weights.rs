@@ -90,6 +90,26 @@ impl LinearWeight {
             {
                 w.matmul(&x.t()?)?.t()?.contiguous()?
             }
+            // Many rows of f32 on an AVX-512 CPU: alora's gemm (`gemm.rs`).
+            LinearWeight::Dense(w)
+                if x.device().is_cpu()
+                    && x.rank() == 2
+                    && x.dim(0)? > SMALL_ROWS
+                    && x.dtype() == DType::F32
+                    && w.dtype() == DType::F32
+                    && w.is_contiguous()
+                    && crate::gemm::available() =>
+            {
+                let (m, k) = x.dims2()?;
+                let n = w.dim(0)?;
+                let x = x.contiguous()?;
+                let y = crate::cpu::with_f32(&x, |xs| {
+                    crate::cpu::with_f32(w, |ws| {
+                        crate::gemm::matmul_t(xs, m, k, crate::gemm::WeightRows::Dense(ws), n)
+                    })
+                })??;
+                Tensor::from_vec(y, (m, n), x.device())?
+            }
             LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
             LinearWeight::Blocks(b) => {
                 let (m, k) = x.dims2()?;
@@ -98,6 +118,11 @@ impl LinearWeight {
                 let x = x.to_dtype(DType::F32)?.contiguous()?;
                 let y = if m <= BLOCK_KERNEL_MAX_ROWS {
                     let y = crate::cpu::with_f32(&x, |xs| b.matmul(xs, m))?;
+                    Tensor::from_vec(y, (m, n), x.device())?
+                } else if crate::gemm::available() {
+                    let y = crate::cpu::with_f32(&x, |xs| {
+                        crate::gemm::matmul_t(xs, m, k, crate::gemm::WeightRows::Blocks(b), n)
+                    })?;
                     Tensor::from_vec(y, (m, n), x.device())?
                 } else {
                     let w = Tensor::from_vec(b.dequantize(), (n, k), x.device())?;

@@ -136,8 +136,9 @@ fn full_prefill(arch: &str, attention: AttentionImpl, block: usize) {
 }
 
 /// Every case advances together: a 7-token chunk, a 5-token chunk, then one token per step.
-fn chunked_then_decode(arch: &str) {
-    let f = load(arch);
+fn chunked_then_decode(arch: &str, attention: AttentionImpl) {
+    let mut f = load(arch);
+    f.model.set_attention(attention);
     let lens: Vec<usize> = f.cases.iter().map(|c| c.input_ids.len()).collect();
     let (tables, nblocks) = tables(&lens);
     let kv: KvStore = f.model.new_kv_store(nblocks, BS).unwrap();
@@ -202,6 +203,20 @@ fn paged_attention_matches_peft() {
     full_prefill("granite", AttentionImpl::Paged, 256);
 }
 
+/// The AVX-512 flash kernel (what `Auto` runs for prefill chunks in f32 there); skipped on
+/// CPUs without it. The 50-token cases span two query blocks and two key tiles.
+#[test]
+fn flash_attention_matches_peft() {
+    if !alora_model::model::flash_available(16) {
+        eprintln!("skipped: no AVX-512 on this CPU");
+        return;
+    }
+    full_prefill("llama", AttentionImpl::Flash, 256);
+    full_prefill("granite", AttentionImpl::Flash, 256);
+    chunked_then_decode("llama", AttentionImpl::Flash);
+    chunked_then_decode("granite", AttentionImpl::Flash);
+}
+
 #[test]
 fn reference_attention_matches_peft() {
     full_prefill("llama", AttentionImpl::Reference, 256);
@@ -213,12 +228,12 @@ fn reference_attention_matches_peft() {
 
 #[test]
 fn llama_chunked_prefill_and_decode_match_peft() {
-    chunked_then_decode("llama");
+    chunked_then_decode("llama", AttentionImpl::Auto);
 }
 
 #[test]
 fn granite_chunked_prefill_and_decode_match_peft() {
-    chunked_then_decode("granite");
+    chunked_then_decode("granite", AttentionImpl::Auto);
 }
 
 /// K and V at positions < s are bit-identical between an aLoRA run and a base run on the same

@@ -1,0 +1,418 @@
+//! `y = x W^T` in f32 for many rows (prefill) on CPUs with AVX-512, the weights given as dense
+//! f32 rows or as GGML blocks decoded while they are packed.
+//!
+//! Why not candle's gemm: the `gemm` crate it calls only has AVX2 kernels on stable Rust
+//! (its AVX-512 ones are behind a nightly feature), and a perf profile of a 512-token SmolLM2
+//! prefill was ~63% in its AVX2 microkernel. torch's oneDNN runs the same shapes at ~240
+//! GFLOP/s on the 2 cores BENCHMARKS.md uses; this module is the AVX-512 counterpart, with
+//! the usual structure (GotoBLAS / BLIS):
+//!
+//! ```text
+//!   x [m, k] -> packed once per call: tiles of MR rows, k-major   xp[tile][k][MR]
+//!   W [n, k] -> per strip of NR = 32 rows and chunk of KC columns: wp[k][32]
+//!               (dense rows transposed 16 x 16 in registers; blocks decoded, then transposed)
+//!   for each strip (parallel over rayon):  for each k chunk:  pack wp
+//!       for each tile of MR rows of x:  MR x 32 outputs in 2 * MR zmm accumulators,
+//!                                       per k: 2 loads of wp, MR broadcasts of xp, 2 * MR fma
+//! ```
+//!
+//! A block's weights are decoded exactly as `QTensor::dequantize` does, so the result is the
+//! dense model's product up to summation order (tested against a plain triple loop).
+
+use rayon::prelude::*;
+
+use crate::qmatmul::BlockMatrix;
+
+/// Rows of x per register tile (2 * MR accumulators + 2 weight registers of the 32).
+pub(crate) const MR: usize = 12;
+/// Weight rows (output columns) per strip: two 16-lane registers.
+const NR: usize = 32;
+/// Columns of k per packed chunk at most (a chunk of a strip, KC x 32 f32, stays in L2).
+const KC_MAX: usize = 768;
+
+/// The weight matrix W [n, k] of `x W^T`.
+#[derive(Clone, Copy)]
+pub(crate) enum WeightRows<'a> {
+    /// Row-major f32.
+    Dense(&'a [f32]),
+    /// GGML blocks (k a multiple of 32).
+    Blocks(&'a BlockMatrix),
+}
+
+/// Whether this CPU runs the kernel (AVX-512F with FMA, checked at run time).
+pub(crate) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The k chunks: as few as fit `KC_MAX`, of equal size rounded up to 32 (block boundaries).
+fn k_chunks(k: usize) -> Vec<(usize, usize)> {
+    let parts = k.div_ceil(KC_MAX);
+    let size = k.div_ceil(parts).div_ceil(32) * 32;
+    (0..parts)
+        .map(|p| (p * size, size.min(k.saturating_sub(p * size))))
+        .filter(|&(_, len)| len > 0)
+        .collect()
+}
+
+/// 64 bytes on a 64-byte boundary: packed panels are vectors of these, so no 16-lane load
+/// from them straddles two cache lines (measured: see BENCHMARKS.md).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub(crate) struct Line([f32; 16]);
+
+/// A zeroed f32 buffer of at least `len` floats, 64-byte aligned.
+pub(crate) fn aligned(buf: &mut Vec<Line>, len: usize) -> &mut [f32] {
+    buf.clear();
+    buf.resize(len.div_ceil(16), Line([0.0; 16]));
+    // SAFETY: `Line` is 16 f32 with no padding (repr(C), size 64), so the buffer is
+    // `buf.len() * 16` initialised f32.
+    unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<f32>(), len) }
+}
+
+/// A raw pointer that rayon tasks may share: each task writes disjoint columns of the output.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: tasks write disjoint regions (one strip of columns each); see `matmul_t`.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole `SendPtr`, which is `Send`).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `x W^T` for x [m, k] row-major and W [n, k]; returns [m, n] row-major.
+///
+/// Panics if the CPU lacks the kernel's features ([`available`]) or the shapes disagree.
+pub(crate) fn matmul_t(x: &[f32], m: usize, k: usize, w: WeightRows<'_>, n: usize) -> Vec<f32> {
+    assert!(available(), "gemm: needs AVX-512F");
+    assert_eq!(x.len(), m * k, "gemm: x shape");
+    match w {
+        WeightRows::Dense(w) => assert_eq!(w.len(), n * k, "gemm: W shape"),
+        WeightRows::Blocks(b) => assert_eq!(b.dims(), (n, k), "gemm: W shape"),
+    }
+    let mut y = vec![0f32; m * n];
+    if m == 0 || n == 0 {
+        return y;
+    }
+    let tiles = m.div_ceil(MR);
+    // x packed per tile, k-major, rows past m zero.
+    let mut xp_buf = Vec::new();
+    let xp = aligned(&mut xp_buf, tiles * MR * k);
+    xp.par_chunks_mut(MR * k).enumerate().for_each(|(t, dst)| {
+        for i in 0..MR.min(m - t * MR) {
+            let row = &x[(t * MR + i) * k..(t * MR + i + 1) * k];
+            for (kk, &v) in row.iter().enumerate() {
+                dst[kk * MR + i] = v;
+            }
+        }
+    });
+    let chunks = k_chunks(k);
+    let out = SendPtr(y.as_mut_ptr());
+    (0..n.div_ceil(NR)).into_par_iter().for_each_init(
+        || (Vec::<Line>::new(), Vec::new()),
+        |(wp, scratch), s| {
+            let n0 = s * NR;
+            let cols = NR.min(n - n0);
+            for (c, &(k0, kc)) in chunks.iter().enumerate() {
+                let wp = aligned(wp, kc * NR);
+                pack_strip(w, k, n0, cols, k0, kc, wp, scratch);
+                for t in 0..tiles {
+                    let rows = MR.min(m - t * MR);
+                    // SAFETY: `available()` was asserted; xp holds tile t's [k][MR] and wp the
+                    // strip's [kc][32]; the output rows t*MR.. (rows of them) and columns
+                    // n0..n0+cols lie inside y and only this task writes those columns.
+                    unsafe {
+                        let xt = xp.as_ptr().add(t * MR * k + k0 * MR);
+                        let yt = out.get().add(t * MR * n + n0);
+                        avx512::tile(rows, xt, wp.as_ptr(), kc, yt, n, cols, c > 0);
+                    }
+                }
+            }
+        },
+    );
+    y
+}
+
+/// Packs W rows `n0 .. n0 + cols` (cols <= 32), columns `k0 .. k0 + kc`, as wp [kc][32]
+/// (zero past `cols`).
+#[allow(clippy::too_many_arguments)]
+fn pack_strip(
+    w: WeightRows<'_>,
+    k: usize,
+    n0: usize,
+    cols: usize,
+    k0: usize,
+    kc: usize,
+    wp: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let (src, stride, off): (&[f32], usize, usize) = match w {
+        WeightRows::Dense(d) => (&d[n0 * k..(n0 + cols) * k], k, k0),
+        WeightRows::Blocks(b) => {
+            scratch.resize(cols * kc, 0f32);
+            b.decode_rows(n0, k0, kc, &mut scratch[..cols * kc]);
+            (&scratch[..cols * kc], kc, 0)
+        }
+    };
+    // SAFETY: the caller checked the CPU (`available`); `src` holds `cols` rows of `stride`
+    // floats with columns off .. off + kc inside, wp holds kc * 32.
+    unsafe { avx512::transpose_into(src, stride, off, cols, kc, wp) };
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{MR, NR};
+
+    /// `tile` for a const row count: the register tile itself.
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn tile_r<const R: usize>(
+        xp: *const f32,
+        wp: *const f32,
+        kc: usize,
+        y: *mut f32,
+        ldy: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        for kk in 0..kc {
+            let w0 = _mm512_loadu_ps(wp.add(kk * NR));
+            let w1 = _mm512_loadu_ps(wp.add(kk * NR + 16));
+            let a = xp.add(kk * MR);
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let xi = _mm512_set1_ps(*a.add(i));
+                acc[0] = _mm512_fmadd_ps(xi, w0, acc[0]);
+                acc[1] = _mm512_fmadd_ps(xi, w1, acc[1]);
+            }
+        }
+        let m0: __mmask16 = if cols >= 16 { 0xFFFF } else { (1 << cols) - 1 };
+        let m1: __mmask16 = if cols >= 32 {
+            0xFFFF
+        } else if cols > 16 {
+            (1 << (cols - 16)) - 1
+        } else {
+            0
+        };
+        for (i, acc) in acc.iter().enumerate() {
+            let row = y.add(i * ldy);
+            let (mut a0, mut a1) = (acc[0], acc[1]);
+            if accumulate {
+                a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(m0, row));
+                a1 = _mm512_add_ps(a1, _mm512_maskz_loadu_ps(m1, row.add(16)));
+            }
+            _mm512_mask_storeu_ps(row, m0, a0);
+            _mm512_mask_storeu_ps(row.add(16), m1, a1);
+        }
+    }
+
+    /// `rows` (1..=MR) rows of output, columns `..cols` (<= 32) of a strip, from xp [kc][MR]
+    /// and wp [kc][32]; adds to y when `accumulate` (a later k chunk).
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,fma")]
+    pub(crate) unsafe fn tile(
+        rows: usize,
+        xp: *const f32,
+        wp: *const f32,
+        kc: usize,
+        y: *mut f32,
+        ldy: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        macro_rules! dispatch {
+            ($($r:literal)*) => {
+                match rows {
+                    $($r => tile_r::<$r>(xp, wp, kc, y, ldy, cols, accumulate),)*
+                    _ => unreachable!("tile rows 1..={MR}"),
+                }
+            };
+        }
+        dispatch!(1 2 3 4 5 6 7 8 9 10 11 12);
+    }
+
+    /// Transposes 16 registers (rows) of 16 lanes in place: `r[c]` lane `j` becomes the old
+    /// `r[j]` lane `c`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn transpose16(r: &mut [__m512; 16]) {
+        let mut a = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            a[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            a[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        // Per 128-bit lane L, b[4i + c] holds column 4L + c of rows 4i .. 4i + 4.
+        let mut b = [_mm512_setzero_ps(); 16];
+        for i in 0..4 {
+            b[4 * i] = _mm512_shuffle_ps::<0x44>(a[4 * i], a[4 * i + 2]);
+            b[4 * i + 1] = _mm512_shuffle_ps::<0xEE>(a[4 * i], a[4 * i + 2]);
+            b[4 * i + 2] = _mm512_shuffle_ps::<0x44>(a[4 * i + 1], a[4 * i + 3]);
+            b[4 * i + 3] = _mm512_shuffle_ps::<0xEE>(a[4 * i + 1], a[4 * i + 3]);
+        }
+        for c in 0..4 {
+            let c1 = _mm512_shuffle_f32x4::<0x88>(b[c], b[4 + c]);
+            let c2 = _mm512_shuffle_f32x4::<0xDD>(b[c], b[4 + c]);
+            let d1 = _mm512_shuffle_f32x4::<0x88>(b[8 + c], b[12 + c]);
+            let d2 = _mm512_shuffle_f32x4::<0xDD>(b[8 + c], b[12 + c]);
+            r[c] = _mm512_shuffle_f32x4::<0x88>(c1, d1);
+            r[8 + c] = _mm512_shuffle_f32x4::<0xDD>(c1, d1);
+            r[4 + c] = _mm512_shuffle_f32x4::<0x88>(c2, d2);
+            r[12 + c] = _mm512_shuffle_f32x4::<0xDD>(c2, d2);
+        }
+    }
+
+    /// wp[kk][j] = src[j * stride + off + kk] for j < rows (<= 32), kk < kc; zero for j >= rows.
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn transpose_into(
+        src: &[f32],
+        stride: usize,
+        off: usize,
+        rows: usize,
+        kc: usize,
+        wp: &mut [f32],
+    ) {
+        debug_assert!(rows <= NR && wp.len() >= kc * NR);
+        debug_assert!(rows == 0 || (rows - 1) * stride + off + kc <= src.len());
+        let (s, w) = (src.as_ptr(), wp.as_mut_ptr());
+        let full = kc / 16 * 16;
+        for half in 0..2 {
+            let j0 = half * 16;
+            let live = rows.saturating_sub(j0).min(16);
+            let mut kk = 0;
+            while kk < full {
+                let mut r = [_mm512_setzero_ps(); 16];
+                for (j, r) in r.iter_mut().enumerate().take(live) {
+                    *r = _mm512_loadu_ps(s.add((j0 + j) * stride + off + kk));
+                }
+                transpose16(&mut r);
+                for (c, r) in r.iter().enumerate() {
+                    _mm512_storeu_ps(w.add((kk + c) * NR + j0), *r);
+                }
+                kk += 16;
+            }
+            for kk in full..kc {
+                for j in 0..16 {
+                    *w.add(kk * NR + j0 + j) = if j < live {
+                        *s.add((j0 + j) * stride + off + kk)
+                    } else {
+                        0.0
+                    };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qmatmul::BlockFormat;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    fn reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+        let mut y = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                y[i * n + j] = (0..k)
+                    .map(|t| x[i * k + t] as f64 * w[j * k + t] as f64)
+                    .sum::<f64>() as f32;
+            }
+        }
+        y
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max)
+    }
+
+    fn randn(len: usize, seed: u64) -> Vec<f32> {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..len).map(|_| r.random_range(-1f32..1.0)).collect()
+    }
+
+    /// Every tile height, a partial strip, one and several k chunks (with a remainder that is
+    /// not a multiple of 16), against a plain loop in f64.
+    #[test]
+    fn dense_matches_reference() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return;
+        }
+        for &(m, k, n) in &[
+            (1, 16, 1),
+            (13, 40, 33),
+            (MR * 2 + 5, 96, 64),
+            (37, KC_MAX + 200, 70),
+            (5, 3 * KC_MAX + 8, 31),
+        ] {
+            let x = randn(m * k, 1);
+            let w = randn(n * k, 2);
+            let got = matmul_t(&x, m, k, WeightRows::Dense(&w), n);
+            let want = reference(&x, m, k, &w, n);
+            let d = max_diff(&got, &want);
+            assert!(d < 1e-4, "[{m},{k}] x [{n},{k}]^T: max |diff| {d}");
+        }
+    }
+
+    /// Block weights give the product with their dequantized values.
+    #[test]
+    fn blocks_match_their_dequantized_values() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return;
+        }
+        let dev = Device::Cpu;
+        for (fmt, g) in [
+            (BlockFormat::Q4_0, GgmlDType::Q4_0),
+            (BlockFormat::Q4_1, GgmlDType::Q4_1),
+            (BlockFormat::Q8_0, GgmlDType::Q8_0),
+        ] {
+            let (m, k, n) = (29, KC_MAX + 64, 45);
+            let wt = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            let q = QTensor::quantize(&wt, g).unwrap();
+            let b = BlockMatrix::new(fmt, n, k, q.data().unwrap().into_owned()).unwrap();
+            let dense: Vec<f32> = q
+                .dequantize(&dev)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let x = randn(m * k, 3);
+            let got = matmul_t(&x, m, k, WeightRows::Blocks(&b), n);
+            let want = reference(&x, m, k, &dense, n);
+            let d = max_diff(&got, &want);
+            assert!(d < 1e-3, "{fmt:?}: max |diff| {d}");
+        }
+    }
+
+    #[test]
+    fn k_chunks_cover_k_on_block_boundaries() {
+        for k in [16, 32, 576, 768, 769, 1536, 8192, 11008] {
+            let c = k_chunks(k);
+            assert_eq!(c[0].0, 0);
+            assert_eq!(c.iter().map(|x| x.1).sum::<usize>(), k, "k = {k}");
+            assert!(c.iter().all(|&(k0, len)| k0 % 32 == 0 && len <= KC_MAX));
+            assert!(c.windows(2).all(|p| p[0].0 + p[0].1 == p[1].0));
+        }
+    }
+}
