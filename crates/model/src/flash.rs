@@ -169,34 +169,8 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{Geometry, Item, Scratch, KT, MR};
+    use crate::cpu::x86::exp16;
     use crate::gemm::avx512::{tile, transpose_into};
-
-    /// e^x for 16 lanes: the Cephes-style polynomial of `paged::avx2::exp8` (relative error
-    /// about 2e-7); callers mask the lanes that must be exactly zero.
-    #[inline]
-    #[target_feature(enable = "avx512f,fma")]
-    unsafe fn exp16(x: __m512) -> __m512 {
-        let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
-        let x = _mm512_min_ps(x, _mm512_set1_ps(88.0));
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
-        );
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm512_set1_ps(1.987_569_1e-4);
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.398_199_9e-3));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.333_452e-3));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.166_579_6e-2));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.666_666_5e-1));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
-        let r2 = _mm512_mul_ps(r, r);
-        let p = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0));
-        let pow2n = _mm512_slli_epi32::<23>(_mm512_add_epi32(
-            _mm512_cvtps_epi32(n),
-            _mm512_set1_epi32(127),
-        ));
-        _mm512_mul_ps(p, _mm512_castsi512_ps(pow2n))
-    }
 
     /// `O[r] = O[r] * alpha[r] + sum_t P[r][t] V[t]` for `R` rows, `DV` registers of head_dim.
     #[inline]

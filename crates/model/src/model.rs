@@ -451,9 +451,11 @@ impl CausalLm {
         let x = self.residual(x, a)?;
         let h = self.rms_norm(&x, &layer.post_attention_layernorm)?;
         let m = &layer.mlp;
-        let gate = candle_nn::ops::silu(&m.gate_proj.forward(&h, groups)?)?;
+        let gate = m.gate_proj.forward(&h, groups)?;
         let up = m.up_proj.forward(&h, groups)?;
-        let mlp = m.down_proj.forward(&(gate * up)?, groups)?;
+        let mlp = m
+            .down_proj
+            .forward(&crate::cpu::silu_mul(&gate, &up)?, groups)?;
         self.residual(&x, mlp)
     }
 
