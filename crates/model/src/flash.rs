@@ -1,22 +1,26 @@
-//! Causal attention for prefill chunks on AVX-512 CPUs, flash-style: K and V are read where
-//! they live in the [`KvStore`] pools through each sequence's slots, in tiles of 32 keys, and
-//! the softmax is computed online (running max and sum per query row), so no score matrix
-//! over the whole context is built and no key past a row's position is computed.
+//! Causal attention for prefill chunks on AVX-512 CPUs, flash-style: K and V are read from
+//! the [`KvStore`] pools through each sequence's slots, in tiles of 48 keys, and the softmax is
+//! computed online (running max and sum per query row), so no score matrix over the whole
+//! context is built and no key past a row's position is computed.
 //!
 //! Work items are (sequence, KV head, a block of 32 query positions); an item's rows are its
-//! positions times the query heads sharing the KV head. Per key tile:
+//! positions times the query heads sharing the KV head (96 for SmolLM2). Scores are held
+//! transposed, keys by rows, so the softmax runs down columns of 16 query rows at once with
+//! no horizontal reductions:
 //!
 //! ```text
-//!   Kt [d][32]  <- the tile's K rows, transposed (the gemm's packing)
-//!   S [rows][32] = Q_scaled Kt            the gemm's 12 x 32 register tile, k = head_dim
-//!   per row: mask keys past its position, m' = max(m, max S), P = e^(S - m'),
-//!            l = l e^(m - m') + sum P,   O *= e^(m - m')
-//!   O [rows][d] += P V                    6 rows x head_dim in registers, V rows in place
+//!   once per (sequence, KV head):  Kp [groups of 12 keys][d][12]   (the gemm's x packing)
+//!   per item:                      Qt [strips of 32 rows][d][32]   (scaled; the gemm's W packing)
+//!   per tile of 48 keys:
+//!     S^T [48][rows] = Kp Qt                        the gemm's 12 x 32 register tile, k = d
+//!     per 16 rows: mask keys past each row's position, m' = max(m, max_t S^T),
+//!                  P = e^(S^T - m'),  l = l e^(m - m') + sum_t P
+//!     O [rows][d] = O e^(m - m') + P^T V            6 rows x d in registers, V rows in place
 //! ```
 //!
 //! and at the end O / l. The matmul path in `model.rs` (what every other device and dtype
-//! runs) is its reference in the tests. Decode-like steps use `paged.rs` instead, which splits
-//! few query rows over the threads differently.
+//! runs) and PEFT's logits are its references in the tests. Decode-like steps use `paged.rs`,
+//! which spreads few query rows over the threads differently.
 //!
 //! [`KvStore`]: crate::kv::KvStore
 
@@ -30,10 +34,12 @@ use crate::paged::Shape;
 
 /// Query positions per work item.
 const QB: usize = 32;
-/// Keys per tile (one strip of the gemm's register tile).
-const KT: usize = 32;
-/// Query rows per score register tile (the gemm's MR).
+/// Keys per score register tile (the gemm's MR).
 const MR: usize = crate::gemm::MR;
+/// Keys per tile: four register tiles.
+const KT: usize = 4 * MR;
+/// Query rows per register strip (the gemm's NR).
+const NR: usize = 32;
 
 /// Whether this CPU and head size run the kernel.
 pub(crate) fn available(head_dim: usize) -> bool {
@@ -62,6 +68,8 @@ struct Item {
     len: usize,
     /// The sequence's first entry in `gather_slots_host`.
     k0: usize,
+    /// The sequence's index in the step.
+    seq: usize,
     /// Position of the sequence's first new token.
     start: usize,
     head: usize,
@@ -93,6 +101,7 @@ pub(crate) fn attention(
                     j0,
                     len: QB.min(nq - j0),
                     k0: ko,
+                    seq: i,
                     start: prep.start_pos[i],
                     head,
                 });
@@ -106,12 +115,24 @@ pub(crate) fn attention(
     let mut out = vec![0f32; n * nh * d];
     let dst = SendPtr(out.as_mut_ptr());
     let slots = &prep.gather_slots_host;
+    // Where each (sequence, KV head)'s packed keys start in `kp`.
+    let mut kp_at = Vec::with_capacity(prep.seqlens_k.len() * kvh);
+    let mut total = 0;
+    for &nk in &prep.seqlens_k {
+        for _ in 0..kvh {
+            kp_at.push(total);
+            total += nk.div_ceil(MR) * MR * d;
+        }
+    }
     with_f32(&q, |qd| {
         with_f32(k_pool, |kd| {
             with_f32(v_pool, |vd| {
+                let mut kp = vec![0f32; total];
+                pack_keys(&mut kp, kd, slots, &prep.seqlens_k, kvh, d);
                 let geo = Geometry {
                     q: qd,
-                    k: kd,
+                    kp: &kp,
+                    kp_at: &kp_at,
                     v: vd,
                     slots,
                     heads: nh,
@@ -136,10 +157,44 @@ pub(crate) fn attention(
     Ok(Tensor::from_vec(out, (n, nh, d), &Device::Cpu)?)
 }
 
+/// Each (sequence, KV head)'s keys in groups of `MR`, each group [d][MR] (key-minor, zero
+/// past the last key): the x-side packing of the gemm's register tile.
+fn pack_keys(
+    kp: &mut [f32],
+    k: &[f32],
+    slots: &[u32],
+    seqlens_k: &[usize],
+    kv_heads: usize,
+    d: usize,
+) {
+    let mut jobs = Vec::with_capacity(seqlens_k.len() * kv_heads);
+    let mut rest = kp;
+    let mut k0 = 0;
+    for &nk in seqlens_k {
+        for h in 0..kv_heads {
+            let (mine, tail) = rest.split_at_mut(nk.div_ceil(MR) * MR * d);
+            rest = tail;
+            jobs.push((mine, &slots[k0..k0 + nk], h));
+        }
+        k0 += nk;
+    }
+    jobs.into_par_iter().for_each(|(dst, keys, h)| {
+        for (t, &slot) in keys.iter().enumerate() {
+            let row = &k[(slot as usize * kv_heads + h) * d..][..d];
+            let group = &mut dst[t / MR * MR * d..][..MR * d];
+            for (c, &x) in row.iter().enumerate() {
+                group[c * MR + t % MR] = x;
+            }
+        }
+    });
+}
+
 /// What every item reads.
 struct Geometry<'a> {
     q: &'a [f32],
-    k: &'a [f32],
+    /// Packed keys (see `pack_keys`) and where each (sequence, KV head) starts.
+    kp: &'a [f32],
+    kp_at: &'a [usize],
     v: &'a [f32],
     slots: &'a [u32],
     heads: usize,
@@ -150,33 +205,34 @@ struct Geometry<'a> {
 /// Per-thread buffers, reused across items.
 #[derive(Default)]
 struct Scratch {
-    /// Scaled queries, per tile of MR rows [d][MR].
-    qp: Vec<f32>,
-    /// The key tile's rows [32][d], then transposed [d][32].
-    kbuf: Vec<f32>,
-    kt: Vec<crate::gemm::Line>,
-    /// Scores, then probabilities [rows][32].
-    s: Vec<f32>,
-    /// Output accumulators [rows][d], running max and sum, this tile's rescale factor.
+    /// Scaled query rows [rows][d], then transposed per strip of 32 rows [d][32].
+    qbuf: Vec<f32>,
+    qt: Vec<crate::gemm::Line>,
+    /// Transposed scores, then probabilities [KT][padded rows].
+    s: Vec<crate::gemm::Line>,
+    /// Output accumulators [rows][d]; per padded row the running max and sum, and this
+    /// tile's rescale factor.
     o: Vec<f32>,
-    m: Vec<f32>,
-    l: Vec<f32>,
-    alpha: Vec<f32>,
+    m: Vec<crate::gemm::Line>,
+    l: Vec<crate::gemm::Line>,
+    alpha: Vec<crate::gemm::Line>,
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{Geometry, Item, Scratch, KT, MR};
+    use super::{Geometry, Item, Scratch, KT, MR, NR};
     use crate::cpu::x86::exp16;
     use crate::gemm::avx512::{tile, transpose_into};
 
-    /// `O[r] = O[r] * alpha[r] + sum_t P[r][t] V[t]` for `R` rows, `DV` registers of head_dim.
+    /// `O[r] = O[r] * alpha[r] + sum_t P[t][r] V[t]` for `R` rows, head_dim = 16 * DV; P is
+    /// [t][ldp] (transposed scores).
     #[inline]
     #[target_feature(enable = "avx512f,fma")]
     unsafe fn pv<const R: usize, const DV: usize>(
         p: *const f32,
+        ldp: usize,
         v: &[*const f32; KT],
         kn: usize,
         o: *mut f32,
@@ -188,8 +244,9 @@ mod avx512 {
             for (c, vr) in vr.iter_mut().enumerate() {
                 *vr = _mm512_loadu_ps(vt.add(16 * c));
             }
+            let pt = p.add(t * ldp);
             for (r, acc) in acc.iter_mut().enumerate() {
-                let pr = _mm512_set1_ps(*p.add(r * KT + t));
+                let pr = _mm512_set1_ps(*pt.add(r));
                 for c in 0..DV {
                     acc[c] = _mm512_fmadd_ps(pr, vr[c], acc[c]);
                 }
@@ -216,114 +273,133 @@ mod avx512 {
         let d = 16 * DV;
         let group = g.heads / g.kv_heads;
         let rows = it.len * group;
-        let tiles = rows.div_ceil(MR);
+        let strips = rows.div_ceil(NR);
+        let rp = strips * NR;
         // Row r is position j0 + r / group of the block, query head head * group + r % group.
         let q_row = |r: usize| {
             let tok = it.q0 + it.j0 + r / group;
             (tok * g.heads + it.head * group + r % group) * d
         };
-        s.qp.clear();
-        s.qp.resize(tiles * d * MR, 0.0);
+        s.qbuf.clear();
+        s.qbuf.resize(rp * d, 0.0);
         for r in 0..rows {
-            let (tl, i) = (r / MR, r % MR);
-            let q = &g.q[q_row(r)..][..d];
-            for (c, &x) in q.iter().enumerate() {
-                s.qp[(tl * d + c) * MR + i] = x * g.scale;
+            let src = &g.q[q_row(r)..][..d];
+            for (o, &x) in s.qbuf[r * d..(r + 1) * d].iter_mut().zip(src) {
+                *o = x * g.scale;
             }
         }
+        let qt = crate::gemm::aligned(&mut s.qt, strips * d * NR);
+        for st in 0..strips {
+            let live = NR.min(rows - st * NR);
+            transpose_into(
+                &s.qbuf[st * NR * d..],
+                d,
+                0,
+                live,
+                d,
+                &mut qt[st * d * NR..(st + 1) * d * NR],
+            );
+        }
+        let qt = qt.as_ptr();
         s.o.clear();
-        s.o.resize(rows * d, 0.0);
-        s.m.clear();
-        s.m.resize(rows, f32::NEG_INFINITY);
-        s.l.clear();
-        s.l.resize(rows, 0.0);
-        s.alpha.resize(rows, 1.0);
-        s.s.resize(rows * KT, 0.0);
-        s.kbuf.resize(KT * d, 0.0);
+        s.o.resize(rp * d, 0.0);
+        let m = crate::gemm::aligned(&mut s.m, rp).as_mut_ptr();
+        let l = crate::gemm::aligned(&mut s.l, rp).as_mut_ptr();
+        let alpha = crate::gemm::aligned(&mut s.alpha, rp).as_mut_ptr();
+        for r in 0..rp {
+            *m.add(r) = f32::NEG_INFINITY;
+        }
+        let st_buf = crate::gemm::aligned(&mut s.s, KT * rp).as_mut_ptr();
+        let kp = g.kp.as_ptr().add(g.kp_at[it.seq * g.kv_heads + it.head]);
         let slots = &g.slots[it.k0..];
         let first_pos = it.start + it.j0;
         // Keys the block's last row sees.
         let kend = first_pos + it.len;
-        let kv_row = |slot: u32| (slot as usize * g.kv_heads + it.head) * d;
-        let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
+        // Per 16-row column: each row's position (-1 past the last row: sees nothing).
+        let pos: Vec<__m512i> = (0..rp / 16)
+            .map(|c| {
+                let mut p = [-1i32; 16];
+                for (i, p) in p.iter_mut().enumerate() {
+                    let r = c * 16 + i;
+                    if r < rows {
+                        *p = (first_pos + r / group) as i32;
+                    }
+                }
+                _mm512_loadu_si512(p.as_ptr().cast())
+            })
+            .collect();
         let mut vptr = [std::ptr::null::<f32>(); KT];
         for t0 in (0..kend).step_by(KT) {
             let kn = KT.min(kend - t0);
-            for t in 0..kn {
-                let at = kv_row(slots[t0 + t]);
-                s.kbuf[t * d..(t + 1) * d].copy_from_slice(&g.k[at..at + d]);
-                vptr[t] = g.v.as_ptr().add(at);
+            for (t, v) in vptr.iter_mut().enumerate().take(kn) {
+                *v =
+                    g.v.as_ptr()
+                        .add((slots[t0 + t] as usize * g.kv_heads + it.head) * d);
             }
-            let kt = crate::gemm::aligned(&mut s.kt, d * KT);
-            transpose_into(&s.kbuf, d, 0, kn, d, kt);
-            let kt = kt.as_ptr();
-            for tl in 0..tiles {
-                let r0 = tl * MR;
-                tile(
-                    MR.min(rows - r0),
-                    s.qp.as_ptr().add(tl * d * MR),
-                    kt,
-                    d,
-                    s.s.as_mut_ptr().add(r0 * KT),
-                    KT,
-                    kn,
-                    false,
-                );
-            }
-            // Online softmax per row over this tile's visible keys.
-            for r in 0..rows {
-                let pos = first_pos + r / group;
-                let valid = (pos + 1).saturating_sub(t0).min(kn);
-                let row = s.s.as_mut_ptr().add(r * KT);
-                if valid == 0 {
-                    _mm512_storeu_ps(row, _mm512_setzero_ps());
-                    _mm512_storeu_ps(row.add(16), _mm512_setzero_ps());
-                    s.alpha[r] = 1.0;
-                    continue;
+            // S^T [kn][rp]: 12 keys x 32 rows per register tile.
+            for k0 in (0..kn).step_by(MR) {
+                let xk = kp.add((t0 + k0) * d);
+                for st in 0..strips {
+                    tile(
+                        MR.min(kn - k0),
+                        xk,
+                        qt.add(st * d * NR),
+                        d,
+                        st_buf.add(k0 * rp + st * NR),
+                        rp,
+                        NR,
+                        false,
+                    );
                 }
-                let bits = if valid >= 32 {
-                    u32::MAX
-                } else {
-                    (1u32 << valid) - 1
-                };
-                let (k0, k1) = (bits as __mmask16, (bits >> 16) as __mmask16);
-                let s0 = _mm512_mask_loadu_ps(neg_inf, k0, row);
-                let s1 = _mm512_mask_loadu_ps(neg_inf, k1, row.add(16));
-                let mx = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
-                let m_old = s.m[r];
-                let m_new = m_old.max(mx);
-                let mv = _mm512_set1_ps(m_new);
-                let p0 = _mm512_maskz_mov_ps(k0, exp16(_mm512_sub_ps(s0, mv)));
-                let p1 = _mm512_maskz_mov_ps(k1, exp16(_mm512_sub_ps(s1, mv)));
-                _mm512_storeu_ps(row, p0);
-                _mm512_storeu_ps(row.add(16), p1);
-                let alpha = (m_old - m_new).exp();
-                s.alpha[r] = alpha;
-                s.l[r] = s.l[r] * alpha + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
-                s.m[r] = m_new;
             }
-            // Rows per value pass: 6 (3 for head_dim 128), so R * DV <= 24 accumulators.
+            // Online softmax down each column of 16 rows.
+            for c in 0..rp / 16 {
+                let col = st_buf.add(c * 16);
+                let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+                for t in 0..kn {
+                    let vis = _mm512_cmpge_epi32_mask(pos[c], _mm512_set1_epi32((t0 + t) as i32));
+                    mx = _mm512_mask_max_ps(mx, vis, mx, _mm512_loadu_ps(col.add(t * rp)));
+                }
+                let m_old = _mm512_loadu_ps(m.add(c * 16));
+                let m_new = _mm512_max_ps(m_old, mx);
+                let mut sum = _mm512_setzero_ps();
+                for t in 0..kn {
+                    let vis = _mm512_cmpge_epi32_mask(pos[c], _mm512_set1_epi32((t0 + t) as i32));
+                    let x = _mm512_sub_ps(_mm512_loadu_ps(col.add(t * rp)), m_new);
+                    let p = _mm512_maskz_mov_ps(vis, exp16(x));
+                    _mm512_storeu_ps(col.add(t * rp), p);
+                    sum = _mm512_add_ps(sum, p);
+                }
+                // e^(m - m'): 0 on a row's first visible tile (m = -inf; exp16 clamps to
+                // e^-87, and O and l are 0 there), 1 where this tile had nothing visible.
+                let a = exp16(_mm512_sub_ps(m_old, m_new));
+                let a = _mm512_mask_mov_ps(
+                    a,
+                    _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(m_old, m_new),
+                    _mm512_set1_ps(1.0),
+                );
+                _mm512_storeu_ps(alpha.add(c * 16), a);
+                let l_old = _mm512_loadu_ps(l.add(c * 16));
+                _mm512_storeu_ps(l.add(c * 16), _mm512_fmadd_ps(l_old, a, sum));
+                _mm512_storeu_ps(m.add(c * 16), m_new);
+            }
             let rpv = (24 / DV).min(6);
             let mut r0 = 0;
             while r0 < rows {
-                let (p, o, a) = (
-                    s.s.as_ptr().add(r0 * KT),
-                    s.o.as_mut_ptr().add(r0 * d),
-                    s.alpha.as_ptr().add(r0),
-                );
+                let (p, o, a) = (st_buf.add(r0), s.o.as_mut_ptr().add(r0 * d), alpha.add(r0));
                 match rpv.min(rows - r0) {
-                    6 => pv::<6, DV>(p, &vptr, kn, o, a),
-                    5 => pv::<5, DV>(p, &vptr, kn, o, a),
-                    4 => pv::<4, DV>(p, &vptr, kn, o, a),
-                    3 => pv::<3, DV>(p, &vptr, kn, o, a),
-                    2 => pv::<2, DV>(p, &vptr, kn, o, a),
-                    _ => pv::<1, DV>(p, &vptr, kn, o, a),
+                    6 => pv::<6, DV>(p, rp, &vptr, kn, o, a),
+                    5 => pv::<5, DV>(p, rp, &vptr, kn, o, a),
+                    4 => pv::<4, DV>(p, rp, &vptr, kn, o, a),
+                    3 => pv::<3, DV>(p, rp, &vptr, kn, o, a),
+                    2 => pv::<2, DV>(p, rp, &vptr, kn, o, a),
+                    _ => pv::<1, DV>(p, rp, &vptr, kn, o, a),
                 }
                 r0 += rpv.min(rows - r0);
             }
         }
         for r in 0..rows {
-            let inv = _mm512_set1_ps(1.0 / s.l[r]);
+            let inv = _mm512_set1_ps(1.0 / *l.add(r));
             let dst = out.add(q_row(r));
             for c in 0..DV {
                 let x = _mm512_loadu_ps(s.o.as_ptr().add(r * d + 16 * c));
