@@ -22,7 +22,7 @@ fn bench(c: &mut Criterion) {
     let lin_blocks = LinearWeight::Blocks(std::sync::Arc::new(blocks.clone()));
     let lin_dense = LinearWeight::Dense(w.clone());
     let mut g = c.benchmark_group("linear_rows");
-    for rows in [1usize, 7, 8, 32, 64, 128, 512] {
+    for rows in [1usize, 7, 8, 32, 64, 128, 512, 2048] {
         let x = Tensor::randn(0f32, 1.0, (rows, 576), &d).unwrap();
         let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
         g.bench_with_input(BenchmarkId::new("x_wt", rows), &rows, |b, _| {

@@ -353,18 +353,18 @@ mod avx512 {
                 }
             }
             // Online softmax down each column of 16 rows.
-            for c in 0..rp / 16 {
+            for (c, &pos) in pos.iter().enumerate() {
                 let col = st_buf.add(c * 16);
                 let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
                 for t in 0..kn {
-                    let vis = _mm512_cmpge_epi32_mask(pos[c], _mm512_set1_epi32((t0 + t) as i32));
+                    let vis = _mm512_cmpge_epi32_mask(pos, _mm512_set1_epi32((t0 + t) as i32));
                     mx = _mm512_mask_max_ps(mx, vis, mx, _mm512_loadu_ps(col.add(t * rp)));
                 }
                 let m_old = _mm512_loadu_ps(m.add(c * 16));
                 let m_new = _mm512_max_ps(m_old, mx);
                 let mut sum = _mm512_setzero_ps();
                 for t in 0..kn {
-                    let vis = _mm512_cmpge_epi32_mask(pos[c], _mm512_set1_epi32((t0 + t) as i32));
+                    let vis = _mm512_cmpge_epi32_mask(pos, _mm512_set1_epi32((t0 + t) as i32));
                     let x = _mm512_sub_ps(_mm512_loadu_ps(col.add(t * rp)), m_new);
                     let p = _mm512_maskz_mov_ps(vis, exp16(x));
                     _mm512_storeu_ps(col.add(t * rp), p);
