@@ -24,7 +24,7 @@ use rayon::prelude::*;
 use crate::qmatmul::BlockMatrix;
 
 /// Rows of x per register tile (2 * MR accumulators + 2 weight registers of the 32).
-pub(crate) const MR: usize = 12;
+pub(crate) const MR: usize = 14;
 /// Weight rows (output columns) per strip: two 16-lane registers.
 const NR: usize = 32;
 /// Packed x larger than this (f32; 2 MB) runs in blocks of `L2_FLOATS`: below it, streaming
@@ -150,15 +150,16 @@ fn matmul_t_blocked(
     let xp_ptr = SendPtr(xp_buf.as_mut_ptr().cast::<f32>());
     (0..tiles).into_par_iter().for_each(|t| {
         let live = MR.min(m - t * MR);
-        // SAFETY: tile t owns xp[t * MR * k ..][.. MR * k], inside the capacity reserved above.
-        let dst = unsafe { xp_ptr.get().add(t * MR * k) };
-        for i in 0..MR {
-            let row = (i < live).then(|| &x[(t * MR + i) * k..(t * MR + i + 1) * k]);
-            for kk in 0..k {
-                // SAFETY: as above.
-                unsafe { *dst.add(kk * MR + i) = row.map_or(0.0, |r| r[kk]) };
-            }
-        }
+        // SAFETY: tile t owns xp[t * MR * k ..][.. MR * k], inside the capacity reserved
+        // above; x holds rows t * MR .. + live of k floats; `available()` was asserted.
+        unsafe {
+            avx512::pack_x_tile(
+                x.as_ptr().add(t * MR * k),
+                live,
+                k,
+                xp_ptr.get().add(t * MR * k),
+            )
+        };
     });
     let lines = (tiles * MR * k).div_ceil(16);
     for i in tiles * MR * k..lines * 16 {
@@ -335,7 +336,7 @@ pub(crate) mod avx512 {
                 }
             };
         }
-        dispatch!(1 2 3 4 5 6 7 8 9 10 11 12);
+        dispatch!(1 2 3 4 5 6 7 8 9 10 11 12 13 14);
     }
 
     /// Transposes 16 registers (rows) of 16 lanes in place: `r[c]` lane `j` becomes the old
@@ -365,6 +366,32 @@ pub(crate) mod avx512 {
             r[8 + c] = _mm512_shuffle_f32x4::<0xDD>(c1, d1);
             r[4 + c] = _mm512_shuffle_f32x4::<0x88>(c2, d2);
             r[12 + c] = _mm512_shuffle_f32x4::<0xDD>(c2, d2);
+        }
+    }
+
+    /// One tile of x packed k-major: dst[kk * MR + i] = x[i * k + kk] for i < live (<= MR),
+    /// zero for live <= i < MR; 16 columns at a time through `transpose16`.
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn pack_x_tile(x: *const f32, live: usize, k: usize, dst: *mut f32) {
+        const { assert!(MR <= 16) };
+        let store: __mmask16 = (1 << MR) - 1;
+        let full = k / 16 * 16;
+        let mut kk = 0;
+        while kk < full {
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (i, r) in r.iter_mut().enumerate().take(live) {
+                *r = _mm512_loadu_ps(x.add(i * k + kk));
+            }
+            transpose16(&mut r);
+            for (c, r) in r.iter().enumerate() {
+                _mm512_mask_storeu_ps(dst.add((kk + c) * MR), store, *r);
+            }
+            kk += 16;
+        }
+        for kk in full..k {
+            for i in 0..MR {
+                *dst.add(kk * MR + i) = if i < live { *x.add(i * k + kk) } else { 0.0 };
+            }
         }
     }
 
