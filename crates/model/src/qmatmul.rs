@@ -54,7 +54,15 @@ impl BlockFormat {
         }
     }
 
-    /// Bytes per block of 32 weights.
+    /// Bytes of quants per block (the rest of a GGML block is its f16 scale and offset).
+    fn quant_bytes(self) -> usize {
+        match self {
+            BlockFormat::Q4_0 | BlockFormat::Q4_1 => 16,
+            BlockFormat::Q8_0 => 32,
+        }
+    }
+
+    /// Bytes per block of 32 weights in GGML's layout.
     pub fn block_bytes(self) -> usize {
         match self {
             BlockFormat::Q4_0 => 18,
@@ -64,13 +72,45 @@ impl BlockFormat {
     }
 }
 
-/// A [rows, cols] matrix held as GGML blocks, row-major (each row `cols / 32` blocks).
+/// A [rows, cols] matrix of GGML blocks, row-major (each row `cols / 32` blocks), held split:
+/// the quants in one array, each block's scale (and Q4_1 offset) as f32 in others. The f16 to
+/// f32 conversions then happen once at load instead of per block per call (two broadcasts and
+/// two conversions per block were half of the single-row kernel's vector instructions), at
+/// 4 more bytes per block read (Q4_1: 24 instead of 20).
 #[derive(Clone)]
 pub struct BlockMatrix {
     format: BlockFormat,
     rows: usize,
     cols: usize,
-    data: Vec<u8>,
+    qs: Vec<u8>,
+    d: Vec<f32>,
+    /// Q4_1 only.
+    m: Vec<f32>,
+}
+
+/// One row (or a run of its blocks) as the kernels read it.
+#[derive(Clone, Copy)]
+struct Row<'a> {
+    qs: &'a [u8],
+    d: &'a [f32],
+    /// Empty unless Q4_1.
+    m: &'a [f32],
+}
+
+impl Row<'_> {
+    /// Blocks `b0 .. b1` of the row.
+    fn blocks(self, format: BlockFormat, b0: usize, b1: usize) -> Self {
+        let qb = format.quant_bytes();
+        Row {
+            qs: &self.qs[b0 * qb..b1 * qb],
+            d: &self.d[b0..b1],
+            m: if self.m.is_empty() {
+                self.m
+            } else {
+                &self.m[b0..b1]
+            },
+        }
+    }
 }
 
 impl std::fmt::Debug for BlockMatrix {
@@ -103,11 +143,27 @@ impl BlockMatrix {
                 data.len()
             )));
         }
+        let blocks = rows * cols / BLOCK;
+        let mut qs = Vec::with_capacity(blocks * format.quant_bytes());
+        let mut d = Vec::with_capacity(blocks);
+        let mut m = Vec::new();
+        for b in data.chunks_exact(format.block_bytes()) {
+            d.push(f16_at(b, 0));
+            match format {
+                BlockFormat::Q4_1 => {
+                    m.push(f16_at(b, 2));
+                    qs.extend_from_slice(&b[4..20]);
+                }
+                BlockFormat::Q4_0 | BlockFormat::Q8_0 => qs.extend_from_slice(&b[2..]),
+            }
+        }
         Ok(BlockMatrix {
             format,
             rows,
             cols,
-            data,
+            qs,
+            d,
+            m,
         })
     }
 
@@ -116,13 +172,18 @@ impl BlockMatrix {
         (self.rows, self.cols)
     }
 
-    fn row_bytes(&self) -> usize {
-        self.cols / BLOCK * self.format.block_bytes()
-    }
-
-    fn row(&self, r: usize) -> &[u8] {
-        let n = self.row_bytes();
-        &self.data[r * n..(r + 1) * n]
+    fn row(&self, r: usize) -> Row<'_> {
+        let nb = self.cols / BLOCK;
+        let qb = self.format.quant_bytes();
+        Row {
+            qs: &self.qs[r * nb * qb..(r + 1) * nb * qb],
+            d: &self.d[r * nb..(r + 1) * nb],
+            m: if self.m.is_empty() {
+                &self.m
+            } else {
+                &self.m[r * nb..(r + 1) * nb]
+            },
+        }
     }
 
     /// Row `r` as f32, exactly what `QTensor::dequantize` gives.
@@ -135,10 +196,11 @@ impl BlockMatrix {
     /// this).
     pub(crate) fn decode_rows(&self, r0: usize, k0: usize, kc: usize, out: &mut [f32]) {
         debug_assert!(k0.is_multiple_of(BLOCK) && kc.is_multiple_of(BLOCK));
-        let bb = self.format.block_bytes();
         let simd = Isa::detect() == Isa::Avx512;
         for (i, o) in out.chunks_exact_mut(kc).enumerate() {
-            let row = &self.row(r0 + i)[k0 / BLOCK * bb..(k0 + kc) / BLOCK * bb];
+            let row = self
+                .row(r0 + i)
+                .blocks(self.format, k0 / BLOCK, (k0 + kc) / BLOCK);
             #[cfg(target_arch = "x86_64")]
             if simd {
                 // SAFETY: `Isa::detect` checked the features; `row` holds kc / 32 blocks and
@@ -251,30 +313,45 @@ impl Isa {
 }
 
 /// Portable decoding, the reference for the SIMD path (and what `QTensor::dequantize` does).
-fn decode_row(format: BlockFormat, row: &[u8], out: &mut [f32]) {
-    let bb = format.block_bytes();
-    for (b, o) in row.chunks_exact(bb).zip(out.chunks_exact_mut(BLOCK)) {
-        let d = f16_at(b, 0);
+fn decode_row(format: BlockFormat, row: Row<'_>, out: &mut [f32]) {
+    let qb = format.quant_bytes();
+    for (b, (q, o)) in row
+        .qs
+        .chunks_exact(qb)
+        .zip(out.chunks_exact_mut(BLOCK))
+        .enumerate()
+    {
+        let d = row.d[b];
         match format {
             BlockFormat::Q4_0 => {
-                for (j, &q) in b[2..18].iter().enumerate() {
+                for (j, &q) in q.iter().enumerate() {
                     o[j] = ((q & 0x0F) as i16 - 8) as f32 * d;
                     o[j + 16] = ((q >> 4) as i16 - 8) as f32 * d;
                 }
             }
             BlockFormat::Q4_1 => {
-                let m = f16_at(b, 2);
-                for (j, &q) in b[4..20].iter().enumerate() {
+                let m = row.m[b];
+                for (j, &q) in q.iter().enumerate() {
                     o[j] = (q & 0x0F) as f32 * d + m;
                     o[j + 16] = (q >> 4) as f32 * d + m;
                 }
             }
             BlockFormat::Q8_0 => {
-                for (j, &q) in b[2..34].iter().enumerate() {
+                for (j, &q) in q.iter().enumerate() {
                     o[j] = q as i8 as f32 * d;
                 }
             }
         }
+    }
+}
+
+/// The offset part of a single-row product: `sum_b c_b S_b` with S_b the block's sum of x and
+/// c_b the offset per unit of quant (Q4_1: m; Q4_0: -8 d; Q8_0: none).
+fn offset_term(format: BlockFormat, row: Row<'_>, sums: &[f32]) -> f32 {
+    match format {
+        BlockFormat::Q4_1 => dot(row.m, sums),
+        BlockFormat::Q4_0 => -8.0 * dot(row.d, sums),
+        BlockFormat::Q8_0 => 0.0,
     }
 }
 
@@ -288,7 +365,7 @@ macro_rules! row_times_x {
         #[target_feature(enable = $features)]
         pub(super) unsafe fn row_times_x(
             format: BlockFormat,
-            row: &[u8],
+            row: Row<'_>,
             x: &[f32],
             sums: &[f32],
             m: usize,
@@ -297,7 +374,7 @@ macro_rules! row_times_x {
             let cols = x.len() / m;
             let xp = x.as_ptr();
             if m == 1 {
-                out[0] = single(format, row, xp, sums.as_ptr(), cols);
+                out[0] = single(format, row, xp, cols) + super::offset_term(format, row, sums);
                 return;
             }
             let mut i = 0;
@@ -324,16 +401,8 @@ macro_rules! row_times_x {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{BlockFormat, BLOCK};
+    use super::{BlockFormat, Row, BLOCK};
     use crate::cpu::x86::hsum;
-
-    /// The f16 at `p` broadcast to 8 lanes of f32 (F16C).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn splat_f16(p: *const u8) -> __m256 {
-        let bits = u16::from_le_bytes([*p, *p.add(1)]);
-        _mm256_cvtph_ps(_mm_set1_epi16(bits as i16))
-    }
 
     /// Low and high 8 bytes of `v` (signed bytes) as f32.
     #[inline]
@@ -345,90 +414,70 @@ mod avx2 {
         )
     }
 
-    /// One block's quants as four registers of 8 f32 (elements 0-7, 8-15, 16-23, 24-31), without
-    /// scale or offset: Q4 nibbles as 0..15, Q8 bytes as -128..127.
+    /// One block's quants (at `q`) as four registers of 8 f32 (elements 0-7, 8-15, 16-23,
+    /// 24-31), without scale or offset: Q4 nibbles as 0..15, Q8 bytes as -128..127.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn quants(format: BlockFormat, b: *const u8) -> [__m256; 4] {
-        match format {
-            BlockFormat::Q8_0 => {
-                let lo = _mm_loadu_si128(b.add(2) as *const __m128i);
-                let hi = _mm_loadu_si128(b.add(18) as *const __m128i);
-                let (a0, a1) = widen(lo);
-                let (a2, a3) = widen(hi);
-                [a0, a1, a2, a3]
-            }
+    unsafe fn quants(format: BlockFormat, q: *const u8) -> [__m256; 4] {
+        let (lo, hi) = match format {
+            BlockFormat::Q8_0 => (
+                _mm_loadu_si128(q as *const __m128i),
+                _mm_loadu_si128(q.add(16) as *const __m128i),
+            ),
             BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
-                let off = if format == BlockFormat::Q4_1 { 4 } else { 2 };
-                let qs = _mm_loadu_si128(b.add(off) as *const __m128i);
+                let qs = _mm_loadu_si128(q as *const __m128i);
                 let nib = _mm_set1_epi8(0x0F);
-                let lo = _mm_and_si128(qs, nib); // elements 0..16
-                let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), nib); // elements 16..32
-                let (a0, a1) = widen(lo);
-                let (a2, a3) = widen(hi);
-                [a0, a1, a2, a3]
+                // Elements 0..16, then 16..32.
+                (
+                    _mm_and_si128(qs, nib),
+                    _mm_and_si128(_mm_srli_epi16::<4>(qs), nib),
+                )
             }
-        }
+        };
+        let (a0, a1) = widen(lo);
+        let (a2, a3) = widen(hi);
+        [a0, a1, a2, a3]
     }
 
-    /// One block's weights as four registers, exactly as `QTensor::dequantize` computes them
-    /// (`q d + m`, `(q - 8) d`, `q d`; multiply then add, no fma).
+    /// Block `b` of `row` as four registers of weights, exactly as `QTensor::dequantize`
+    /// computes them (`q d + m`, `(q - 8) d`, `q d`; multiply then add, no fma).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn weights(format: BlockFormat, b: *const u8) -> [__m256; 4] {
-        let mut q = quants(format, b);
-        let d = splat_f16(b);
+    unsafe fn weights(format: BlockFormat, row: Row<'_>, b: usize) -> [__m256; 4] {
+        let mut q = quants(format, row.qs.as_ptr().add(b * format.quant_bytes()));
+        let d = _mm256_set1_ps(row.d[b]);
         if format == BlockFormat::Q4_0 {
             let eight = _mm256_set1_ps(8.0);
             q = q.map(|v| _mm256_sub_ps(v, eight));
         }
         let w = q.map(|v| _mm256_mul_ps(v, d));
         if format == BlockFormat::Q4_1 {
-            let m = splat_f16(b.add(2));
+            let m = _mm256_set1_ps(row.m[b]);
             return w.map(|v| _mm256_add_ps(v, m));
         }
         w
     }
 
-    /// `W_row . x` for one row of x, the decode-step case.
-    ///
-    /// Factored so a block costs no per-weight scaling: with `t = sum_j q_j x_j` over the
-    /// block (8 lanes), `W . x = d t + c S` where S is the block's sum of x and c is the
-    /// offset per unit of q (Q4_1: m; Q4_0: -8 d; Q8_0: none). `sums` holds S per block; the
-    /// 8 lanes of the offset accumulator add up to 8 c S, divided out at the end (exactly).
+    /// `sum_b d_b sum_j q_bj x_bj` for one row of x, the decode-step case: factored so a block
+    /// costs no per-weight scaling; the offset part (`offset_term`) is added by the caller.
     /// Faster than decoding the weights for one row (102 -> 89 µs per call in
-    /// `benches/linear_rows.rs` with AVX2); slower from two rows on, where the decode is shared
-    /// and [`tile`] takes over.
+    /// `benches/linear_rows.rs` with AVX2 and f16 scales); from two rows on the decode is
+    /// shared and [`tile`] takes over.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn single(
-        format: BlockFormat,
-        row: &[u8],
-        x: *const f32,
-        sums: *const f32,
-        cols: usize,
-    ) -> f32 {
-        let bb = format.block_bytes();
-        let mut acc_d = _mm256_setzero_ps();
-        let mut acc_c = _mm256_setzero_ps();
+    unsafe fn single(format: BlockFormat, row: Row<'_>, x: *const f32, cols: usize) -> f32 {
+        let qb = format.quant_bytes();
+        let mut acc = _mm256_setzero_ps();
         for b in 0..cols / BLOCK {
-            let p = row.as_ptr().add(b * bb);
-            let q = quants(format, p);
-            let d = splat_f16(p);
+            let q = quants(format, row.qs.as_ptr().add(b * qb));
             let x = x.add(b * BLOCK);
             let mut t = _mm256_mul_ps(q[0], _mm256_loadu_ps(x));
             t = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(x.add(8)), t);
             t = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(x.add(16)), t);
             t = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(x.add(24)), t);
-            acc_d = _mm256_fmadd_ps(t, d, acc_d);
-            let c = match format {
-                BlockFormat::Q4_1 => splat_f16(p.add(2)),
-                BlockFormat::Q4_0 => _mm256_mul_ps(d, _mm256_set1_ps(-8.0)),
-                BlockFormat::Q8_0 => continue,
-            };
-            acc_c = _mm256_fmadd_ps(c, _mm256_broadcast_ss(&*sums.add(b)), acc_c);
+            acc = _mm256_fmadd_ps(t, _mm256_broadcast_ss(&row.d[b]), acc);
         }
-        hsum(acc_d) + hsum(acc_c) / 8.0
+        hsum(acc)
     }
 
     /// `out[i] = W_row . x_i` for `R` (2..=4) rows of x starting at `xs`: each block decoded to
@@ -437,15 +486,14 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn tile<const R: usize>(
         format: BlockFormat,
-        row: &[u8],
+        row: Row<'_>,
         xs: *const f32,
         cols: usize,
         out: &mut [f32],
     ) {
-        let bb = format.block_bytes();
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for b in 0..cols / BLOCK {
-            let w = weights(format, row.as_ptr().add(b * bb));
+            let w = weights(format, row, b);
             for r in 0..R {
                 let x = xs.add(r * cols + b * BLOCK);
                 acc[r][0] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(x), acc[r][0]);
@@ -471,31 +519,23 @@ mod avx512 {
 
     use std::arch::x86_64::*;
 
-    use super::{BlockFormat, BLOCK};
+    use super::{BlockFormat, Row, BLOCK};
 
+    /// Quants (at `q`) as two registers (elements 0-15, 16-31).
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    unsafe fn splat_f16(p: *const u8) -> __m512 {
-        let bits = u16::from_le_bytes([*p, *p.add(1)]);
-        _mm512_cvtph_ps(_mm256_set1_epi16(bits as i16))
-    }
-
-    /// Quants as two registers (elements 0-15, 16-31).
-    #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    unsafe fn quants(format: BlockFormat, b: *const u8) -> [__m512; 2] {
+    unsafe fn quants(format: BlockFormat, q: *const u8) -> [__m512; 2] {
         match format {
             BlockFormat::Q8_0 => {
-                let lo = _mm_loadu_si128(b.add(2) as *const __m128i);
-                let hi = _mm_loadu_si128(b.add(18) as *const __m128i);
+                let lo = _mm_loadu_si128(q as *const __m128i);
+                let hi = _mm_loadu_si128(q.add(16) as *const __m128i);
                 [
                     _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)),
                     _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)),
                 ]
             }
             BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
-                let off = if format == BlockFormat::Q4_1 { 4 } else { 2 };
-                let qs = _mm_loadu_si128(b.add(off) as *const __m128i);
+                let qs = _mm_loadu_si128(q as *const __m128i);
                 let nib = _mm_set1_epi8(0x0F);
                 let lo = _mm_and_si128(qs, nib);
                 let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), nib);
@@ -507,30 +547,29 @@ mod avx512 {
         }
     }
 
-    /// Weights exactly as `QTensor::dequantize` computes them.
+    /// Block `b` of `row` as weights, exactly as `QTensor::dequantize` computes them.
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    unsafe fn weights(format: BlockFormat, b: *const u8) -> [__m512; 2] {
-        let mut q = quants(format, b);
-        let d = splat_f16(b);
+    unsafe fn weights(format: BlockFormat, row: Row<'_>, b: usize) -> [__m512; 2] {
+        let mut q = quants(format, row.qs.as_ptr().add(b * format.quant_bytes()));
+        let d = _mm512_set1_ps(row.d[b]);
         if format == BlockFormat::Q4_0 {
             let eight = _mm512_set1_ps(8.0);
             q = q.map(|v| _mm512_sub_ps(v, eight));
         }
         let w = q.map(|v| _mm512_mul_ps(v, d));
         if format == BlockFormat::Q4_1 {
-            let m = splat_f16(b.add(2));
+            let m = _mm512_set1_ps(row.m[b]);
             return w.map(|v| _mm512_add_ps(v, m));
         }
         w
     }
 
-    /// Decodes consecutive blocks of one row into f32 (`out`: 32 per block).
+    /// Decodes a run of blocks of one row into f32 (`out`: 32 per block).
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    pub(super) unsafe fn decode_run(format: BlockFormat, row: &[u8], out: &mut [f32]) {
-        let bb = format.block_bytes();
+    pub(super) unsafe fn decode_run(format: BlockFormat, row: Row<'_>, out: &mut [f32]) {
         for (b, o) in out.chunks_exact_mut(BLOCK).enumerate() {
-            let w = weights(format, row.as_ptr().add(b * bb));
+            let w = weights(format, row, b);
             _mm512_storeu_ps(o.as_mut_ptr(), w[0]);
             _mm512_storeu_ps(o.as_mut_ptr().add(16), w[1]);
         }
@@ -539,32 +578,17 @@ mod avx512 {
     /// One row of x, factored as in `avx2::single`.
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    unsafe fn single(
-        format: BlockFormat,
-        row: &[u8],
-        x: *const f32,
-        sums: *const f32,
-        cols: usize,
-    ) -> f32 {
-        let bb = format.block_bytes();
-        let mut acc_d = _mm512_setzero_ps();
-        let mut acc_c = _mm512_setzero_ps();
+    unsafe fn single(format: BlockFormat, row: Row<'_>, x: *const f32, cols: usize) -> f32 {
+        let qb = format.quant_bytes();
+        let mut acc = _mm512_setzero_ps();
         for b in 0..cols / BLOCK {
-            let p = row.as_ptr().add(b * bb);
-            let q = quants(format, p);
-            let d = splat_f16(p);
+            let q = quants(format, row.qs.as_ptr().add(b * qb));
             let x = x.add(b * BLOCK);
             let t = _mm512_mul_ps(q[0], _mm512_loadu_ps(x));
             let t = _mm512_fmadd_ps(q[1], _mm512_loadu_ps(x.add(16)), t);
-            acc_d = _mm512_fmadd_ps(t, d, acc_d);
-            let c = match format {
-                BlockFormat::Q4_1 => splat_f16(p.add(2)),
-                BlockFormat::Q4_0 => _mm512_mul_ps(d, _mm512_set1_ps(-8.0)),
-                BlockFormat::Q8_0 => continue,
-            };
-            acc_c = _mm512_fmadd_ps(c, _mm512_set1_ps(*sums.add(b)), acc_c);
+            acc = _mm512_fmadd_ps(t, _mm512_set1_ps(row.d[b]), acc);
         }
-        _mm512_reduce_add_ps(acc_d) + _mm512_reduce_add_ps(acc_c) / 16.0
+        _mm512_reduce_add_ps(acc)
     }
 
     /// `R` (2..=4) rows of x: each block decoded to weights once, 2 fma per row.
@@ -572,15 +596,14 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     unsafe fn tile<const R: usize>(
         format: BlockFormat,
-        row: &[u8],
+        row: Row<'_>,
         xs: *const f32,
         cols: usize,
         out: &mut [f32],
     ) {
-        let bb = format.block_bytes();
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         for b in 0..cols / BLOCK {
-            let w = weights(format, row.as_ptr().add(b * bb));
+            let w = weights(format, row, b);
             for r in 0..R {
                 let x = xs.add(r * cols + b * BLOCK);
                 acc[r][0] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(x), acc[r][0]);
