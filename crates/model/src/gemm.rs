@@ -11,7 +11,7 @@
 //!   x [m, k] -> packed once per call: tiles of MR rows, k-major   xp[tile][k][MR]
 //!   W [n, k] -> per strip of NR = 32 rows and chunk of KC columns: wp[k][32]
 //!               (dense rows transposed 16 x 16 in registers; blocks decoded, then transposed)
-//!   for each strip (parallel over rayon):  for each k chunk:  pack wp
+//!   for each strip (parallel over rayon):  for each k chunk:  pack wp   (x > 4 MB: blocked)
 //!       for each tile of MR rows of x:  MR x 32 outputs in 2 * MR zmm accumulators,
 //!                                       per k: 2 loads of wp, MR broadcasts of xp, 2 * MR fma
 //! ```
@@ -27,10 +27,11 @@ use crate::qmatmul::BlockMatrix;
 pub(crate) const MR: usize = 14;
 /// Weight rows (output columns) per strip: two 16-lane registers.
 const NR: usize = 32;
-/// Packed x larger than this (f32; 2 MB) runs in blocks of `L2_FLOATS`: below it, streaming
-/// x once per strip costs less than packing W ahead (1536 x 576 at 512 rows: 4.2 vs 4.6 ms;
-/// at 2048 rows 20.5 vs 17.3 ms; `benches/linear_rows.rs`).
-const X_BLOCKED_FLOATS: usize = 512 * 1024;
+/// Packed x larger than this (f32; 4 MB) runs in blocks of `L2_FLOATS`: below it, streaming
+/// x once per strip costs less than packing W ahead (SmolLM2's down projection at 512 rows,
+/// x 3 MB: 4.2 ms streamed vs 4.9 blocked; the gate projection at 2048 rows, x 4.7 MB: 20.5
+/// vs 17.3; `benches/linear_rows.rs` and a one-off down-shape run).
+const X_BLOCKED_FLOATS: usize = 1024 * 1024;
 /// f32 of packed x per block of tiles when x is larger (about half of a core's L2).
 const L2_FLOATS: usize = 128 * 1024;
 /// Strips per packed block of W when x is large (1536 output columns, 3.5 MB at k = 576).
