@@ -308,6 +308,7 @@ mod avx512 {
         let alpha = crate::gemm::aligned(&mut s.alpha, rp).as_mut_ptr();
         for r in 0..rp {
             *m.add(r) = f32::NEG_INFINITY;
+            *l.add(r) = 0.0;
         }
         let st_buf = crate::gemm::aligned(&mut s.s, KT * rp).as_mut_ptr();
         let kp = g.kp.as_ptr().add(g.kp_at[it.seq * g.kv_heads + it.head]);
