@@ -21,6 +21,8 @@ ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--reps", type=int, default=5)
 ap.add_argument("--adapter", help="PEFT adapter directory to apply (LoRA or aLoRA)")
 ap.add_argument("--decode-only", action="store_true")
+ap.add_argument("--prefill-only", action="store_true")
+ap.add_argument("--prefill-lengths", default="128,512,2048", help="comma-separated")
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 d, f = os.path.split(os.path.abspath(a.gguf))
@@ -47,11 +49,12 @@ def median_time(fn, reps):
 
 
 with torch.inference_mode():
-    for n in () if a.decode_only else (128, 512, 2048):
+    lengths = [int(n) for n in a.prefill_lengths.split(",")]
+    for n in () if a.decode_only else lengths:
         x = ids(1, n)
         t = median_time(lambda: model(x, use_cache=False), a.reps if n < 2048 else 3)
         print(f"prefill {n:5d}: {n / t:8.1f} tok/s  ({t * 1000:.0f} ms)")
-    for b in (1, 8):
+    for b in () if a.prefill_only else (1, 8):
         x = ids(b, 128)
         new = 32
 
