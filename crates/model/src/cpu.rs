@@ -7,6 +7,21 @@ use rayon::prelude::*;
 
 use crate::error::{ModelError, Result};
 
+/// A raw pointer that rayon tasks may share when each writes its own disjoint part of the
+/// buffer (gemm strips, attention items); the users say why theirs are disjoint.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: only ever used for disjoint writes from parallel tasks (see the users).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole `SendPtr`, which is `Send`).
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Runs `f` on the contiguous f32 contents of `t` (a CPU tensor).
 pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let err = |msg: &str| ModelError::Batch(format!("CPU kernel: {msg}"));

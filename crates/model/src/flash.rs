@@ -28,7 +28,7 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use crate::batch::Prepared;
-use crate::cpu::with_f32;
+use crate::cpu::{with_f32, SendPtr};
 use crate::error::Result;
 use crate::paged::Shape;
 
@@ -44,19 +44,6 @@ const NR: usize = 32;
 /// Whether this CPU and head size run the kernel.
 pub(crate) fn available(head_dim: usize) -> bool {
     crate::gemm::available() && matches!(head_dim, 16 | 32 | 64 | 128)
-}
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: every item writes its own (token, head) rows of the output; see `attention`.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// The pointer (a method, so closures capture the whole `SendPtr`, which is `Send`).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// One work item: query positions `j0 .. j0 + len` of a sequence, one KV head.

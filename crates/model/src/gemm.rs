@@ -21,6 +21,7 @@
 
 use rayon::prelude::*;
 
+use crate::cpu::SendPtr;
 use crate::qmatmul::BlockMatrix;
 
 /// Rows of x per register tile (2 * MR accumulators + 2 weight registers of the 32).
@@ -89,20 +90,6 @@ pub(crate) fn aligned(buf: &mut Vec<Line>, len: usize) -> &mut [f32] {
     // SAFETY: `Line` is 16 f32 with no padding (repr(C), size 64), so the buffer holds at
     // least `lines * 16 >= len` initialised f32.
     unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<f32>(), len) }
-}
-
-/// A raw pointer that rayon tasks may share: each task writes disjoint columns of the output.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint regions (one strip of columns each); see `matmul_t`.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// The pointer (a method, so closures capture the whole `SendPtr`, which is `Send`).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// `x W^T` for x [m, k] row-major and W [n, k]; returns [m, n] row-major.

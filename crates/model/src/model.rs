@@ -487,36 +487,30 @@ impl CausalLm {
         let decode_like = self.attention == AttentionImpl::Auto
             && self.device.is_cpu()
             && ctx.prep.seqlens_q.iter().all(|&n| n < FLASH_MAX_QUERY);
+        let shape = crate::paged::Shape {
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            scale: c.attention_scale as f32,
+        };
         if self.attention == AttentionImpl::Paged || (decode_like && self.dtype == DType::F32) {
             let (kp, vp) = ctx.kv.pools(l);
-            let shape = crate::paged::Shape {
-                num_heads: c.num_heads,
-                num_kv_heads: c.num_kv_heads,
-                head_dim: c.head_dim,
-                scale: c.attention_scale as f32,
-            };
             let out = crate::paged::attention(&q, kp, vp, ctx.prep, &shape)?
                 .to_dtype(self.dtype)?
                 .reshape((n, c.num_heads * c.head_dim))?;
             return a.o_proj.forward(&out, groups);
         }
-        let flash = match self.attention {
-            AttentionImpl::Flash => true,
-            AttentionImpl::Auto => {
-                self.device.is_cpu()
-                    && self.dtype == DType::F32
-                    && crate::flash::available(c.head_dim)
-            }
-            _ => false,
-        };
-        if flash {
+        let flash_runs =
+            self.device.is_cpu() && self.dtype == DType::F32 && crate::flash::available(c.head_dim);
+        if self.attention == AttentionImpl::Flash && !flash_runs {
+            return Err(ModelError::Batch(format!(
+                "flash attention needs f32 on an AVX-512 CPU and head_dim 16, 32, 64 or 128 \
+                 (head_dim {})",
+                c.head_dim
+            )));
+        }
+        if flash_runs && matches!(self.attention, AttentionImpl::Auto | AttentionImpl::Flash) {
             let (kp, vp) = ctx.kv.pools(l);
-            let shape = crate::paged::Shape {
-                num_heads: c.num_heads,
-                num_kv_heads: c.num_kv_heads,
-                head_dim: c.head_dim,
-                scale: c.attention_scale as f32,
-            };
             let out = crate::flash::attention(&q, kp, vp, ctx.prep, &shape)?
                 .reshape((n, c.num_heads * c.head_dim))?;
             return a.o_proj.forward(&out, groups);
