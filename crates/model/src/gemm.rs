@@ -361,30 +361,53 @@ pub(crate) mod avx512 {
         }
     }
 
-    /// One tile of x packed k-major: dst[kk * MR + i] = x[i * k + kk] for i < live (<= MR),
-    /// zero for live <= i < MR; 16 columns at a time through `transpose16`.
+    /// Up to 16 rows of a strided source, transposed: dst[kk * ld + j] = src[j * stride + kk]
+    /// for j < live, zero for live <= j < width (<= 16), kk < cols; 16 columns at a time
+    /// through `transpose16`. Both packings (x tiles, W strips) are this.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
     #[target_feature(enable = "avx512f")]
-    pub(crate) unsafe fn pack_x_tile(x: *const f32, live: usize, k: usize, dst: *mut f32) {
-        const { assert!(MR <= 16) };
-        let store: __mmask16 = (1 << MR) - 1;
-        let full = k / 16 * 16;
+    unsafe fn transpose_rows(
+        src: *const f32,
+        stride: usize,
+        live: usize,
+        cols: usize,
+        dst: *mut f32,
+        ld: usize,
+        width: usize,
+    ) {
+        debug_assert!(live <= width && width <= 16);
+        let store: __mmask16 = ((1u32 << width) - 1) as __mmask16;
+        let full = cols / 16 * 16;
         let mut kk = 0;
         while kk < full {
             let mut r = [_mm512_setzero_ps(); 16];
-            for (i, r) in r.iter_mut().enumerate().take(live) {
-                *r = _mm512_loadu_ps(x.add(i * k + kk));
+            for (j, r) in r.iter_mut().enumerate().take(live) {
+                *r = _mm512_loadu_ps(src.add(j * stride + kk));
             }
             transpose16(&mut r);
             for (c, r) in r.iter().enumerate() {
-                _mm512_mask_storeu_ps(dst.add((kk + c) * MR), store, *r);
+                _mm512_mask_storeu_ps(dst.add((kk + c) * ld), store, *r);
             }
             kk += 16;
         }
-        for kk in full..k {
-            for i in 0..MR {
-                *dst.add(kk * MR + i) = if i < live { *x.add(i * k + kk) } else { 0.0 };
+        for kk in full..cols {
+            for j in 0..width {
+                *dst.add(kk * ld + j) = if j < live {
+                    *src.add(j * stride + kk)
+                } else {
+                    0.0
+                };
             }
         }
+    }
+
+    /// One tile of x packed k-major: dst[kk * MR + i] = x[i * k + kk] for i < live (<= MR),
+    /// zero for live <= i < MR.
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn pack_x_tile(x: *const f32, live: usize, k: usize, dst: *mut f32) {
+        const { assert!(MR <= 16) };
+        transpose_rows(x, k, live, k, dst, MR, MR);
     }
 
     /// wp[kk][j] = src[j * stride + off + kk] for j < rows (<= 32), kk < kc; zero for j >= rows.
@@ -399,32 +422,11 @@ pub(crate) mod avx512 {
     ) {
         debug_assert!(rows <= NR && wp.len() >= kc * NR);
         debug_assert!(rows == 0 || (rows - 1) * stride + off + kc <= src.len());
-        let (s, w) = (src.as_ptr(), wp.as_mut_ptr());
-        let full = kc / 16 * 16;
-        for half in 0..2 {
-            let j0 = half * 16;
+        for j0 in [0, 16] {
             let live = rows.saturating_sub(j0).min(16);
-            let mut kk = 0;
-            while kk < full {
-                let mut r = [_mm512_setzero_ps(); 16];
-                for (j, r) in r.iter_mut().enumerate().take(live) {
-                    *r = _mm512_loadu_ps(s.add((j0 + j) * stride + off + kk));
-                }
-                transpose16(&mut r);
-                for (c, r) in r.iter().enumerate() {
-                    _mm512_storeu_ps(w.add((kk + c) * NR + j0), *r);
-                }
-                kk += 16;
-            }
-            for kk in full..kc {
-                for j in 0..16 {
-                    *w.add(kk * NR + j0 + j) = if j < live {
-                        *s.add((j0 + j) * stride + off + kk)
-                    } else {
-                        0.0
-                    };
-                }
-            }
+            // Row j0 may lie past `src` when live is 0; nothing is read from it then.
+            let s = src.as_ptr().wrapping_add(j0 * stride + off);
+            transpose_rows(s, stride, live, kc, wp.as_mut_ptr().add(j0), NR, 16);
         }
     }
 }
