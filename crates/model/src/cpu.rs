@@ -1,9 +1,8 @@
-//! What the CPU kernels (`qmatmul`, `paged`, `gemm`, `flash`) share: their inputs' f32
-//! contents without a copy, a portable dot product, SIMD feature detection, the horizontal sum
-//! of a register, a vectorised exp; and the MLP's fused `silu(gate) * up`.
+//! What the CPU kernels (`qmatmul`, `paged`, `gemm`, `flash`, `rowops`) share: their inputs'
+//! f32 contents without a copy, a portable dot product, SIMD feature detection, the
+//! horizontal sum of a register, a vectorised exp.
 
-use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
-use rayon::prelude::*;
+use candle_core::{CpuStorage, Layout, Storage, Tensor};
 
 use crate::error::{ModelError, Result};
 
@@ -51,35 +50,6 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
         s += x * y;
     }
     s
-}
-
-/// `silu(gate) * up` (the Llama MLP's activation), in one pass on AVX-512 CPUs for f32
-/// (candle's `silu` then `mul` are two passes and a scalar `expf` per element: ~6% of a
-/// SmolLM2 prefill); candle's ops elsewhere.
-pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    #[cfg(target_arch = "x86_64")]
-    if gate.device().is_cpu()
-        && gate.dtype() == DType::F32
-        && up.dtype() == DType::F32
-        && gate.dims() == up.dims()
-        && gate.is_contiguous()
-        && up.is_contiguous()
-        && crate::gemm::available()
-    {
-        let out = with_f32(gate, |g| {
-            with_f32(up, |u| {
-                let mut out = vec![0f32; g.len()];
-                const CHUNK: usize = 16 * 1024;
-                out.par_chunks_mut(CHUNK)
-                    .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-                    // SAFETY: `gemm::available` checked AVX-512F and FMA; equal lengths.
-                    .for_each(|(o, (g, u))| unsafe { x86::silu_mul(g, u, o) });
-                out
-            })
-        })??;
-        return Ok(Tensor::from_vec(out, gate.dims(), gate.device())?);
-    }
-    Ok((candle_nn::ops::silu(gate)? * up)?)
 }
 
 /// AVX2 with FMA on this CPU (checked at run time; cached by std).
@@ -134,50 +104,5 @@ pub(crate) mod x86 {
             _mm512_set1_epi32(127),
         ));
         _mm512_mul_ps(p, _mm512_castsi512_ps(pow2n))
-    }
-
-    /// `out = g / (1 + e^-g) * u`, elementwise (equal lengths).
-    #[target_feature(enable = "avx512f,fma")]
-    pub(crate) unsafe fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
-        let n = out.len();
-        let one = _mm512_set1_ps(1.0);
-        let mut i = 0;
-        while i < n {
-            let mask: __mmask16 = if n - i >= 16 {
-                0xFFFF
-            } else {
-                (1u16 << (n - i)) - 1
-            };
-            let gv = _mm512_maskz_loadu_ps(mask, g.as_ptr().add(i));
-            let uv = _mm512_maskz_loadu_ps(mask, u.as_ptr().add(i));
-            let e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-            let s = _mm512_div_ps(gv, _mm512_add_ps(one, e));
-            _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), mask, _mm512_mul_ps(s, uv));
-            i += 16;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Device;
-
-    /// The fused activation equals candle's `silu(gate) * up` within f32 rounding, including
-    /// large negative and positive gates and a length that is not a multiple of 16.
-    #[test]
-    fn silu_mul_matches_candle() {
-        let dev = Device::Cpu;
-        let g = (Tensor::randn(0f32, 4.0, (7, 37), &dev).unwrap() * 10.0).unwrap();
-        let u = Tensor::randn(0f32, 1.0, (7, 37), &dev).unwrap();
-        let got = silu_mul(&g, &u).unwrap();
-        let want = (candle_nn::ops::silu(&g).unwrap() * &u).unwrap();
-        let (a, b) = (
-            got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        );
-        for (x, y) in a.iter().zip(&b) {
-            assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "{x} vs {y}");
-        }
     }
 }

@@ -23,6 +23,7 @@ pub mod model;
 mod paged;
 pub mod qmatmul;
 pub mod rope;
+mod rowops;
 pub mod sampling;
 #[doc(hidden)]
 pub mod testing;

@@ -410,9 +410,15 @@ impl CausalLm {
         if self.cfg.architecture == Architecture::Granite {
             x = x.affine(self.cfg.embedding_multiplier, 0.0)?;
         }
+        // Each residual add is fused with the RMS norm after it (the next layer's input norm;
+        // the last layer's add stands alone: the final norm runs on the logit rows only).
+        let mut h = match self.layers.first() {
+            Some(first) => self.rms_norm(&x, &first.input_layernorm)?,
+            None => x.clone(),
+        };
         for (l, layer) in self.layers.iter().enumerate() {
             let _span = tracing::trace_span!("layer", l).entered();
-            x = self.layer_forward(l, layer, &x, &ctx)?;
+            (x, h) = self.layer_forward(l, layer, &x, &h, &ctx)?;
         }
         let x = x.index_select(&prep.logit_rows, 0)?;
         let x = self.rms_norm(&x, &self.norm)?;
@@ -427,36 +433,41 @@ impl CausalLm {
     }
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(
-            &x.contiguous()?,
-            w,
-            self.cfg.rms_norm_eps as f32,
-        )?)
+        crate::rowops::rms_norm(x, w, self.cfg.rms_norm_eps)
     }
 
-    fn residual(&self, x: &Tensor, branch: Tensor) -> Result<Tensor> {
-        Ok(self.cfg.residual(x, branch)?)
+    /// `x + branch * residual_multiplier` and its RMS norm with `w`.
+    fn add_rms_norm(&self, x: &Tensor, branch: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor)> {
+        let c = &self.cfg;
+        crate::rowops::add_rms_norm(x, branch, c.residual_multiplier, w, c.rms_norm_eps)
     }
 
+    /// Layer `l` on the residual stream `x` and its input-normed `h`; returns the new stream
+    /// and, except after the last layer, its norm for the next layer (else the stream again).
     fn layer_forward(
         &self,
         l: usize,
         layer: &Layer,
         x: &Tensor,
+        h: &Tensor,
         ctx: &StepCtx<'_>,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Tensor)> {
         let groups = &ctx.prep.lora_groups;
-        let h = self.rms_norm(x, &layer.input_layernorm)?;
-        let a = self.attention_forward(l, &layer.self_attn, &h, ctx)?;
-        let x = self.residual(x, a)?;
-        let h = self.rms_norm(&x, &layer.post_attention_layernorm)?;
+        let a = self.attention_forward(l, &layer.self_attn, h, ctx)?;
+        let (x, h) = self.add_rms_norm(x, &a, &layer.post_attention_layernorm)?;
         let m = &layer.mlp;
         let gate = m.gate_proj.forward(&h, groups)?;
         let up = m.up_proj.forward(&h, groups)?;
         let mlp = m
             .down_proj
-            .forward(&crate::cpu::silu_mul(&gate, &up)?, groups)?;
-        self.residual(&x, mlp)
+            .forward(&crate::rowops::silu_mul(&gate, &up)?, groups)?;
+        match self.layers.get(l + 1) {
+            Some(next) => self.add_rms_norm(&x, &mlp, &next.input_layernorm),
+            None => {
+                let x = self.cfg.residual(&x, mlp)?;
+                Ok((x.clone(), x))
+            }
+        }
     }
 
     fn attention_forward(
@@ -472,17 +483,17 @@ impl CausalLm {
         let q = a
             .q_proj
             .forward(h, groups)?
-            .reshape((1, n, c.num_heads, c.head_dim))?;
+            .reshape((n, c.num_heads, c.head_dim))?;
         let k = a
             .k_proj
             .forward(h, groups)?
-            .reshape((1, n, c.num_kv_heads, c.head_dim))?;
+            .reshape((n, c.num_kv_heads, c.head_dim))?;
         let v = a
             .v_proj
             .forward(h, groups)?
             .reshape((n, c.num_kv_heads, c.head_dim))?;
-        let q = Rope::apply(&q, &ctx.cos, &ctx.sin)?.squeeze(0)?;
-        let k = Rope::apply(&k, &ctx.cos, &ctx.sin)?.squeeze(0)?;
+        let q = Rope::apply(&q, &ctx.cos, &ctx.sin)?;
+        let k = Rope::apply(&k, &ctx.cos, &ctx.sin)?;
         ctx.kv.write(l, &ctx.write_idx, &k, &v)?;
         let decode_like = self.attention == AttentionImpl::Auto
             && self.device.is_cpu()

@@ -98,9 +98,10 @@ impl Rope {
         ))
     }
 
-    /// Rotates `x` laid out [1, N, heads, head_dim] with per-token cos/sin [N, head_dim / 2].
+    /// Rotates `x` laid out [N, heads, head_dim] with per-token cos/sin [N, head_dim / 2]
+    /// (`rowops::rope`: AVX-512 on f32 CPU tensors, candle's `rope_thd` elsewhere).
     pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::rotary_emb::rope_thd(&x.contiguous()?, cos, sin)?)
+        crate::rowops::rope(x, cos, sin)
     }
 
     /// The differentiable version of [`Rope::apply`] (the fused kernel drops gradients).
