@@ -23,15 +23,21 @@ impl SendPtr {
 
 /// Runs `f` on the contiguous f32 contents of `t` (a CPU tensor).
 pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    Ok(f(f32_contents(&storage, layout)?))
+}
+
+/// The contiguous f32 contents of a tensor's storage and layout (as `Tensor::storage_and_layout`
+/// returns them; hold the guard while the slice is used).
+pub(crate) fn f32_contents<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
     let err = |msg: &str| ModelError::Batch(format!("CPU kernel: {msg}"));
-    let (storage, layout): (_, &Layout) = t.storage_and_layout();
-    let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+    let Storage::Cpu(CpuStorage::F32(data)) = storage else {
         return Err(err("expects f32 tensors on the CPU"));
     };
     let (a, b) = layout
         .contiguous_offsets()
         .ok_or_else(|| err("expects contiguous tensors"))?;
-    Ok(f(&data[a..b]))
+    Ok(&data[a..b])
 }
 
 /// `a . b`, written so the compiler vectorises it (8 partial sums).

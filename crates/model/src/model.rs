@@ -79,7 +79,32 @@ pub struct Proj {
 impl Proj {
     /// `x W^T`, plus each adapter's delta on the rows it adapts.
     fn forward(&self, x: &Tensor, groups: &[(Arc<LoraAdapter>, Tensor)]) -> Result<Tensor> {
-        let mut y = self.weight.forward(x)?;
+        self.add_lora(self.weight.forward(x)?, x, groups)
+    }
+
+    /// [`forward`](Self::forward) for several projections of the same input (their base
+    /// products in one gemm call: `LinearWeight::forward_many`).
+    fn forward_many<const N: usize>(
+        projs: [&Proj; N],
+        x: &Tensor,
+        groups: &[(Arc<LoraAdapter>, Tensor)],
+    ) -> Result<[Tensor; N]> {
+        let ws = projs.map(|p| &p.weight);
+        let ys = LinearWeight::forward_many(&ws, x)?;
+        let mut out = Vec::with_capacity(N);
+        for (p, y) in projs.iter().zip(ys) {
+            out.push(p.add_lora(y, x, groups)?);
+        }
+        Ok(out.try_into().expect("one output per projection"))
+    }
+
+    /// `y` plus each adapter's delta `x A^T B^T * scaling` on the rows it adapts.
+    fn add_lora(
+        &self,
+        mut y: Tensor,
+        x: &Tensor,
+        groups: &[(Arc<LoraAdapter>, Tensor)],
+    ) -> Result<Tensor> {
         for (adapter, rows) in groups {
             let Some(p) = adapter.pair(self.layer, self.module) else {
                 continue;
@@ -456,8 +481,7 @@ impl CausalLm {
         let a = self.attention_forward(l, &layer.self_attn, h, ctx)?;
         let (x, h) = self.add_rms_norm(x, &a, &layer.post_attention_layernorm)?;
         let m = &layer.mlp;
-        let gate = m.gate_proj.forward(&h, groups)?;
-        let up = m.up_proj.forward(&h, groups)?;
+        let [gate, up] = Proj::forward_many([&m.gate_proj, &m.up_proj], &h, groups)?;
         let mlp = m
             .down_proj
             .forward(&crate::rowops::silu_mul(&gate, &up)?, groups)?;
@@ -480,18 +504,10 @@ impl CausalLm {
         let c = &self.cfg;
         let n = ctx.prep.num_tokens;
         let groups = &ctx.prep.lora_groups;
-        let q = a
-            .q_proj
-            .forward(h, groups)?
-            .reshape((n, c.num_heads, c.head_dim))?;
-        let k = a
-            .k_proj
-            .forward(h, groups)?
-            .reshape((n, c.num_kv_heads, c.head_dim))?;
-        let v = a
-            .v_proj
-            .forward(h, groups)?
-            .reshape((n, c.num_kv_heads, c.head_dim))?;
+        let [q, k, v] = Proj::forward_many([&a.q_proj, &a.k_proj, &a.v_proj], h, groups)?;
+        let q = q.reshape((n, c.num_heads, c.head_dim))?;
+        let k = k.reshape((n, c.num_kv_heads, c.head_dim))?;
+        let v = v.reshape((n, c.num_kv_heads, c.head_dim))?;
         let q = Rope::apply(&q, &ctx.cos, &ctx.sin)?;
         let k = Rope::apply(&k, &ctx.cos, &ctx.sin)?;
         ctx.kv.write(l, &ctx.write_idx, &k, &v)?;

@@ -137,6 +137,58 @@ impl LinearWeight {
         })
     }
 
+    /// `x W_j^T` for each weight, x [N, in]: one gemm call that packs x once when every
+    /// weight takes the gemm for this many rows (Q/K/V and gate/up in a prefill), else one
+    /// [`forward`](Self::forward) each.
+    pub fn forward_many(ws: &[&LinearWeight], x: &Tensor) -> Result<Vec<Tensor>> {
+        let (m, k) = x.dims2()?;
+        // (A weight whose input width is not k goes to `forward`, which reports it.)
+        let takes_gemm = |w: &LinearWeight| match w {
+            LinearWeight::Blocks(b) => m > BLOCK_KERNEL_MAX_ROWS && b.dims().1 == k,
+            LinearWeight::Dense(t) => {
+                m > SMALL_ROWS
+                    && t.device().is_cpu()
+                    && t.dtype() == DType::F32
+                    && t.is_contiguous()
+                    && t.dims().get(1) == Some(&k)
+            }
+            LinearWeight::Quant(_) => false,
+        };
+        if ws.len() < 2
+            || !x.device().is_cpu()
+            || x.dtype() != DType::F32
+            || !crate::gemm::available()
+            || !ws.iter().all(|w| takes_gemm(w))
+        {
+            return ws.iter().map(|w| w.forward(x)).collect();
+        }
+        let x = x.contiguous()?;
+        // Read guards on the dense weights' storage, held while the gemm reads them.
+        let guards: Vec<_> = ws
+            .iter()
+            .map(|w| match w {
+                LinearWeight::Dense(t) => Some(t.storage_and_layout()),
+                _ => None,
+            })
+            .collect();
+        let mut rows = Vec::with_capacity(ws.len());
+        for (w, g) in ws.iter().zip(&guards) {
+            rows.push(match (w, g) {
+                (LinearWeight::Blocks(b), _) => (crate::gemm::WeightRows::Blocks(b), b.dims().0),
+                (LinearWeight::Dense(t), Some((storage, layout))) => (
+                    crate::gemm::WeightRows::Dense(crate::cpu::f32_contents(storage, layout)?),
+                    t.dim(0)?,
+                ),
+                _ => unreachable!("every weight takes the gemm (checked above)"),
+            });
+        }
+        let ys = crate::cpu::with_f32(&x, |xs| crate::gemm::matmul_t_shared(xs, m, k, &rows))?;
+        ys.into_iter()
+            .zip(&rows)
+            .map(|(y, &(_, n))| Ok(Tensor::from_vec(y, (m, n), x.device())?))
+            .collect()
+    }
+
     /// The dense weight (dequantized if needed), for training.
     pub fn dense(&self) -> Result<Tensor> {
         Ok(match self {
