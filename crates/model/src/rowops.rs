@@ -68,30 +68,7 @@ pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let x = x.contiguous()?;
     #[cfg(target_arch = "x86_64")]
     if runs(&[&x, w]) && x.rank() == 2 {
-        let (rows, h) = x.dims2()?;
-        let out = with_f32(&x, |xs| {
-            with_f32(w, |ws| {
-                let per = rows_per_task(h);
-                // SAFETY: each chunk is whole rows (per * h elements, the last shorter) and
-                // `norm_rows` writes every element of them; AVX-512 was checked by `runs`.
-                unsafe {
-                    par_filled(rows * h, per * h, |at, dst, len| {
-                        x86::norm_rows(
-                            xs.as_ptr().add(at),
-                            None,
-                            1.0,
-                            ws,
-                            h,
-                            eps as f32,
-                            None,
-                            dst,
-                            len / h,
-                        )
-                    })
-                }
-            })
-        })??;
-        return Ok(Tensor::from_vec(out, (rows, h), x.device())?);
+        return Ok(norm_cpu(&x, None, w, eps)?.1);
     }
     Ok(candle_nn::ops::rms_norm(&x, w, eps as f32)?)
 }
@@ -108,7 +85,8 @@ pub(crate) fn add_rms_norm(
     let (x, branch) = (x.contiguous()?, branch.contiguous()?);
     #[cfg(target_arch = "x86_64")]
     if runs(&[&x, &branch, w]) && x.rank() == 2 && x.dims() == branch.dims() {
-        return add_rms_norm_cpu(&x, &branch, multiplier, w, eps);
+        let (s, n) = norm_cpu(&x, Some((&branch, multiplier)), w, eps)?;
+        return Ok((s.expect("the sum is returned when there is a branch"), n));
     }
     let s = if multiplier == 1.0 {
         (x + branch)?
@@ -119,49 +97,58 @@ pub(crate) fn add_rms_norm(
     Ok((s, n))
 }
 
+/// The AVX-512 norm over rows of x [rows, h], with `add = (branch, multiplier)` first adding
+/// the branch (then the sum is returned too).
 #[cfg(target_arch = "x86_64")]
-fn add_rms_norm_cpu(
+fn norm_cpu(
     x: &Tensor,
-    branch: &Tensor,
-    multiplier: f64,
+    add: Option<(&Tensor, f64)>,
     w: &Tensor,
     eps: f64,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(Option<Tensor>, Tensor)> {
     let (rows, h) = x.dims2()?;
-    let mut sum: Vec<f32> = Vec::with_capacity(rows * h);
+    let guard = add.map(|(b, _)| b.storage_and_layout());
+    let bs: Option<&[f32]> = match &guard {
+        Some((storage, layout)) => Some(crate::cpu::f32_contents(storage, layout)?),
+        None => None,
+    };
+    let r = add.map_or(1.0, |(_, r)| r as f32);
+    let mut sum: Vec<f32> = Vec::with_capacity(if add.is_some() { rows * h } else { 0 });
     let sum_at = crate::cpu::SendPtr(sum.as_mut_ptr());
     let normed = with_f32(x, |xs| {
-        with_f32(branch, |bs| {
-            with_f32(w, |ws| {
-                let per = rows_per_task(h);
-                // SAFETY: as in `rms_norm`; `sum` has capacity rows * h and each task writes
-                // the same element range of it as of its own chunk.
-                unsafe {
-                    par_filled(rows * h, per * h, |at, dst, len| {
-                        x86::norm_rows(
-                            xs.as_ptr().add(at),
-                            Some(bs.as_ptr().add(at)),
-                            multiplier as f32,
-                            ws,
-                            h,
-                            eps as f32,
-                            Some(sum_at.get().add(at)),
-                            dst,
-                            len / h,
-                        )
-                    })
-                }
-            })
+        with_f32(w, |ws| {
+            let per = rows_per_task(h);
+            // SAFETY: each chunk is whole rows (per * h elements, the last shorter) and
+            // `norm_rows` writes every element of them, and with a branch the same element
+            // range of `sum` (capacity rows * h); AVX-512 was checked by `runs`.
+            unsafe {
+                par_filled(rows * h, per * h, |at, dst, len| {
+                    x86::norm_rows(
+                        xs.as_ptr().add(at),
+                        bs.map(|b| b.as_ptr().add(at)),
+                        r,
+                        ws,
+                        h,
+                        eps as f32,
+                        bs.map(|_| sum_at.get().add(at)),
+                        dst,
+                        len / h,
+                    )
+                })
+            }
         })
-    })???;
-    // SAFETY: the tasks above wrote all rows * h elements of `sum` (`norm_rows` stores each
-    // row's sum before normalising it).
-    unsafe { sum.set_len(rows * h) };
+    })??;
     let dev = x.device();
-    Ok((
-        Tensor::from_vec(sum, (rows, h), dev)?,
-        Tensor::from_vec(normed, (rows, h), dev)?,
-    ))
+    let sum = match add {
+        Some(_) => {
+            // SAFETY: the tasks above wrote all rows * h elements of `sum` (`norm_rows`
+            // stores each row's sum before normalising it).
+            unsafe { sum.set_len(rows * h) };
+            Some(Tensor::from_vec(sum, (rows, h), dev)?)
+        }
+        None => None,
+    };
+    Ok((sum, Tensor::from_vec(normed, (rows, h), dev)?))
 }
 
 /// RoPE, half-split convention, on `x` [tokens, heads, head_dim] with per-token `cos`/`sin`
