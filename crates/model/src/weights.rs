@@ -484,6 +484,48 @@ pub(crate) fn lm_head_is_tied(cfg: &ModelConfig, src: &WeightSource) -> bool {
 mod tests {
     use super::*;
 
+    /// Several weights of one input (dense and blocks mixed, as Q/K/V or gate/up) give what
+    /// each gives alone, for row counts below and above the gemm's thresholds.
+    #[test]
+    fn forward_many_matches_each_forward() {
+        let dev = candle_core::Device::Cpu;
+        let (k, n_blocks) = (64, 40);
+        let dense_a = LinearWeight::Dense(Tensor::randn(0f32, 1.0, (48, k), &dev).unwrap());
+        let dense_b = LinearWeight::Dense(Tensor::randn(0f32, 1.0, (16, k), &dev).unwrap());
+        let w = Tensor::randn(0f32, 1.0, (n_blocks, k), &dev).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
+        let blocks = LinearWeight::Blocks(Arc::new(
+            BlockMatrix::new(
+                BlockFormat::Q4_1,
+                n_blocks,
+                k,
+                q.data().unwrap().into_owned(),
+            )
+            .unwrap(),
+        ));
+        let ws = [&dense_a, &blocks, &dense_b];
+        for m in [3, 20, 45] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+            let got = LinearWeight::forward_many(&ws, &x).unwrap();
+            assert_eq!(got.len(), 3);
+            for (w, g) in ws.iter().zip(&got) {
+                let want = w.forward(&x).unwrap();
+                assert_eq!(g.dims(), want.dims());
+                let d = (g - &want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(d < 1e-4, "{m} rows: max |diff| {d}");
+            }
+        }
+    }
+
     /// Block weights give the dense product of their dequantized values on both paths: the
     /// kernel (up to `BLOCK_KERNEL_MAX_ROWS` rows) and dequantize + gemm (more rows).
     #[test]
