@@ -4,7 +4,7 @@
 //! scripts/fetch-model.sh). Throughput is in tokens.
 //!
 //! `ALORA_BENCH_WEIGHTS` picks how the GGUF weights are held (blocks, the default; dense, keep, q8_0, q4k, ...);
-//! `ALORA_BENCH_ATTENTION=reference` forces the matmul attention path and
+//! `ALORA_BENCH_ATTENTION=reference|paged|flash` forces an attention path and
 //! `ALORA_BENCH_ATTENTION_BLOCK` sets its query block rows; `RAYON_NUM_THREADS` the
 //! thread count. BENCHMARKS.md has the commands and results.
 
@@ -30,8 +30,12 @@ fn load() -> CausalLm {
         .parse()
         .unwrap();
     let mut m = CausalLm::load_gguf(&path, policy, &Device::Cpu).unwrap().0;
-    if std::env::var("ALORA_BENCH_ATTENTION").as_deref() == Ok("reference") {
-        m.set_attention(AttentionImpl::Reference);
+    match std::env::var("ALORA_BENCH_ATTENTION").as_deref() {
+        Ok("reference") => m.set_attention(AttentionImpl::Reference),
+        Ok("paged") => m.set_attention(AttentionImpl::Paged),
+        Ok("flash") => m.set_attention(AttentionImpl::Flash),
+        Ok(other) => panic!("ALORA_BENCH_ATTENTION: {other}? (reference, paged or flash)"),
+        Err(_) => {}
     }
     if let Ok(rows) = std::env::var("ALORA_BENCH_ATTENTION_BLOCK") {
         m.set_attention_block(
