@@ -1,8 +1,18 @@
 //! Test support shared by the workspace's test suites (server, trainer): a character-level
-//! tokenizer for the tiny fixture models, so tests can speak text to a 96-token vocabulary.
+//! tokenizer for the tiny fixture models, so tests can speak text to a 96-token vocabulary,
+//! and the largest absolute difference of two tensors.
 
 use std::collections::HashMap;
 use std::path::Path;
+
+use candle_core::Tensor;
+
+/// max |a - b| over all elements (f32 tensors of one shape); panics otherwise (tests only).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+        .expect("max_abs_diff: f32 tensors of one shape")
+}
 
 /// The 96 symbols of the tiny fixtures' vocabulary: ids 5, 6, 7 are "a", "b", "c", so the
 /// fixture aLoRA's invocation [5, 6, 7] is the text "abc". Ids 1 and 2 are the ChatML markers.

@@ -511,16 +511,7 @@ mod tests {
             for (w, g) in ws.iter().zip(&got) {
                 let want = w.forward(&x).unwrap();
                 assert_eq!(g.dims(), want.dims());
-                let d = (g - &want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let d = crate::testing::max_abs_diff(g, &want);
                 assert!(d < 1e-4, "{m} rows: max |diff| {d}");
             }
         }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use alora_cache::BlockId;
+use alora_model::testing::max_abs_diff;
 use alora_model::{ActiveAdapter, AttentionImpl, CausalLm, KvStore, LoraAdapter, SeqStep};
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
@@ -96,19 +97,6 @@ fn tables(lens: &[usize]) -> (Vec<Vec<BlockId>>, usize) {
     (t, n * max_blocks)
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 fn full_prefill(arch: &str, attention: AttentionImpl, block: usize) {
     let mut f = load(arch);
     f.model.set_attention(attention);
@@ -130,7 +118,7 @@ fn full_prefill(arch: &str, attention: AttentionImpl, block: usize) {
         .collect();
     let out = f.model.forward(&steps, &kv).unwrap();
     for (i, c) in f.cases.iter().enumerate() {
-        let d = max_diff(&out.seq(i).unwrap(), &f.expected(i));
+        let d = max_abs_diff(&out.seq(i).unwrap(), &f.expected(i));
         assert!(d <= TOL, "{arch} {}: max |dlogit| {d}", c.name);
     }
 }
@@ -176,7 +164,7 @@ fn chunked_then_decode(arch: &str, attention: AttentionImpl) {
     }
     for (i, c) in f.cases.iter().enumerate() {
         let all = Tensor::cat(&got[i], 0).unwrap();
-        let d = max_diff(&all, &f.expected(i));
+        let d = max_abs_diff(&all, &f.expected(i));
         assert!(
             d <= TOL,
             "{arch} {} (chunked + decode): max |dlogit| {d}",
@@ -281,7 +269,7 @@ fn kv_before_activation_is_bit_identical_to_base() {
             let (kb2, _) = base.read_slots(layer, &after).unwrap();
             let (ka2, _) = adapted.read_slots(layer, &after).unwrap();
             assert!(
-                max_diff(&kb2, &ka2) > 1e-3,
+                max_abs_diff(&kb2, &ka2) > 1e-3,
                 "{arch} layer {layer}: K after s must be adapted"
             );
         }
