@@ -4,7 +4,7 @@
 //!
 //! Why: with the projections and attention in `gemm`/`flash`, candle's scalar versions of these
 //! were ~8% of a 512-token SmolLM2 prefill (RMS norm 3%, RoPE 2.5%, the residual adds 1%, the
-//! activation 6% before it was fused, and zeroing each output first ~1%; perf, BENCHMARKS.md).
+//! activation 6% before it was fused, and zeroing their outputs first ~1.6%; perf, BENCHMARKS.md).
 //! The fused add + norm is vLLM's `fused_add_rms_norm`: each row is read once for the sum and
 //! its square, and the norm's second pass finds the row in L1.
 //!
