@@ -33,6 +33,8 @@ pub enum ModelError {
     Template(String),
     #[error("batch: {0}")]
     Batch(String),
+    #[error("{0}")]
+    Kernel(#[from] alora_kernels::KernelError),
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;

@@ -8,22 +8,22 @@
 //! detokenization), [`chat`] (templates), [`loader`] (path -> model + tokenizer + template),
 //! [`generate`] (one-sequence generation).
 
+#![deny(unsafe_code)]
+
+/// The block-quantized matrices the weights hold (`alora-kernels`).
+pub use alora_kernels::qmatmul;
+
 pub mod batch;
 pub mod chat;
 pub mod config;
-mod cpu;
 pub mod error;
-mod flash;
-mod gemm;
 pub mod generate;
 pub mod kv;
 pub mod loader;
 pub mod lora;
 pub mod model;
-mod paged;
-pub mod qmatmul;
+mod ops;
 pub mod rope;
-mod rowops;
 pub mod sampling;
 #[doc(hidden)]
 pub mod testing;

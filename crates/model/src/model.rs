@@ -23,6 +23,7 @@ use crate::config::{Architecture, ModelConfig};
 use crate::error::{read_json, ModelError, Result};
 use crate::kv::KvStore;
 use crate::lora::{LoraAdapter, Module};
+use crate::ops::{self, InPlace};
 use crate::rope::Rope;
 use crate::weights::{lm_head_is_tied, LinearWeight, Permute, QuantPolicy, WeightSource};
 
@@ -65,7 +66,7 @@ pub const FLASH_MAX_QUERY: usize = 32;
 /// Whether [`AttentionImpl::Flash`] runs on this CPU for this head size (AVX-512; head_dim
 /// 16, 32, 64 or 128).
 pub fn flash_available(head_dim: usize) -> bool {
-    crate::flash::available(head_dim)
+    alora_kernels::flash::available(head_dim)
 }
 
 /// A projection with its base weight; LoRA factors come from the step's adapters.
@@ -458,13 +459,13 @@ impl CausalLm {
     }
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        crate::rowops::rms_norm(x, w, self.cfg.rms_norm_eps)
+        crate::ops::rms_norm(x, w, self.cfg.rms_norm_eps)
     }
 
     /// `x + branch * residual_multiplier` and its RMS norm with `w`.
     fn add_rms_norm(&self, x: &Tensor, branch: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor)> {
         let c = &self.cfg;
-        crate::rowops::add_rms_norm(x, branch, c.residual_multiplier, w, c.rms_norm_eps)
+        crate::ops::add_rms_norm(x, branch, c.residual_multiplier, w, c.rms_norm_eps)
     }
 
     /// Layer `l` on the residual stream `x` and its input-normed `h`; returns the new stream
@@ -484,7 +485,7 @@ impl CausalLm {
         let [gate, up] = Proj::forward_many([&m.gate_proj, &m.up_proj], &h, groups)?;
         let mlp = m
             .down_proj
-            .forward(&crate::rowops::silu_mul(&gate, &up)?, groups)?;
+            .forward(&crate::ops::silu_mul(&gate, &up)?, groups)?;
         match self.layers.get(l + 1) {
             Some(next) => self.add_rms_norm(&x, &mlp, &next.input_layernorm),
             None => {
@@ -514,7 +515,7 @@ impl CausalLm {
         let decode_like = self.attention == AttentionImpl::Auto
             && self.device.is_cpu()
             && ctx.prep.seqlens_q.iter().all(|&n| n < FLASH_MAX_QUERY);
-        let shape = crate::paged::Shape {
+        let shape = alora_kernels::Shape {
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
@@ -522,13 +523,13 @@ impl CausalLm {
         };
         if self.attention == AttentionImpl::Paged || (decode_like && self.dtype == DType::F32) {
             let (kp, vp) = ctx.kv.pools(l);
-            let out = crate::paged::attention(&q, kp, vp, ctx.prep, &shape)?
+            let out = ops::attention_in_place(InPlace::Paged, &q, kp, vp, ctx.prep, &shape)?
                 .to_dtype(self.dtype)?
                 .reshape((n, c.num_heads * c.head_dim))?;
             return a.o_proj.forward(&out, groups);
         }
         let flash_runs =
-            self.device.is_cpu() && self.dtype == DType::F32 && crate::flash::available(c.head_dim);
+            self.device.is_cpu() && self.dtype == DType::F32 && flash_available(c.head_dim);
         if self.attention == AttentionImpl::Flash && !flash_runs {
             return Err(ModelError::Batch(format!(
                 "flash attention needs f32 on an AVX-512 CPU and head_dim 16, 32, 64 or 128 \
@@ -538,7 +539,7 @@ impl CausalLm {
         }
         if flash_runs && matches!(self.attention, AttentionImpl::Auto | AttentionImpl::Flash) {
             let (kp, vp) = ctx.kv.pools(l);
-            let out = crate::flash::attention(&q, kp, vp, ctx.prep, &shape)?
+            let out = ops::attention_in_place(InPlace::Flash, &q, kp, vp, ctx.prep, &shape)?
                 .reshape((n, c.num_heads * c.head_dim))?;
             return a.o_proj.forward(&out, groups);
         }

@@ -99,9 +99,9 @@ impl Rope {
     }
 
     /// Rotates `x` laid out [N, heads, head_dim] with per-token cos/sin [N, head_dim / 2]
-    /// (`rowops::rope`: AVX-512 on f32 CPU tensors, candle's `rope_thd` elsewhere).
+    /// (`ops::rope`: AVX-512 on f32 CPU tensors, candle's `rope_thd` elsewhere).
     pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        crate::rowops::rope(x, cos, sin)
+        crate::ops::rope(x, cos, sin)
     }
 
     /// The differentiable version of [`Rope::apply`] (the fused kernel drops gradients).

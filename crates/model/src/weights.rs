@@ -19,6 +19,7 @@ use candle_core::{DType, Device, Module as _, Tensor};
 use crate::config::ModelConfig;
 use crate::error::{io_err, read_json, ModelError, Result};
 use crate::qmatmul::{BlockFormat, BlockMatrix};
+use alora_kernels::gemm::{self, WeightRows};
 
 /// How to hold GGUF weights in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,72 +58,108 @@ impl std::str::FromStr for QuantPolicy {
     }
 }
 
+/// The GGML block formats alora's kernels compute with directly.
+fn block_format(t: GgmlDType) -> Option<BlockFormat> {
+    match t {
+        GgmlDType::Q4_0 => Some(BlockFormat::Q4_0),
+        GgmlDType::Q4_1 => Some(BlockFormat::Q4_1),
+        GgmlDType::Q8_0 => Some(BlockFormat::Q8_0),
+        _ => None,
+    }
+}
+
 /// Up to this many rows, dense projections run as `(W x^T)^T` on the CPU.
 const SMALL_ROWS: usize = 32;
 
 /// Up to this many rows, block-quantized projections run through [`BlockMatrix::matmul`];
-/// more rows (prefill) dequantize the matrix and use the dense gemm (crossover measured by
-/// `benches/linear_rows.rs`, BENCHMARKS.md).
+/// more rows (prefill) go to the gemm (crossover measured by `benches/linear_rows.rs`,
+/// BENCHMARKS.md).
 pub const BLOCK_KERNEL_MAX_ROWS: usize = 16;
 
 /// A projection's base weight, [out, in].
 #[derive(Debug, Clone)]
 pub enum LinearWeight {
     Dense(Tensor),
-    /// GGML blocks computed by alora's CPU kernel.
+    /// GGML blocks computed by alora's CPU kernels.
     Blocks(Arc<BlockMatrix>),
     /// candle's quantized matmul.
     Quant(QMatMul),
 }
 
+/// How one projection computes `x W^T` for a given input: the one routing rule, used by
+/// [`LinearWeight::forward`] and [`LinearWeight::forward_many`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Dense, 2..=32 rows on the CPU: `(W x^T)^T` through candle (the weight as the left
+    /// operand beats `x W^T` in candle's gemm: 1.5x at 7 rows, 1.07x at 32, equal at 1, 0.77x
+    /// at 128; `benches/linear_rows.rs`, SmolLM2's 1536 x 576). Decode batches and aLoRA calls.
+    DenseWeightLeft,
+    /// Dense through candle's `x W^T`.
+    DenseMatmul,
+    /// Many rows on an AVX-512 CPU (dense f32 or blocks): `alora_kernels::gemm`.
+    Gemm,
+    /// Blocks, up to [`BLOCK_KERNEL_MAX_ROWS`] rows: [`BlockMatrix::matmul`].
+    BlockRows,
+    /// Blocks, more rows, no gemm on this CPU: dequantized, then candle's matmul.
+    BlockDequantized,
+    /// candle's `QMatMul`.
+    Quant,
+}
+
 impl LinearWeight {
-    /// `x W^T` for x [N, in].
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// Which computation [`forward`](Self::forward) runs for `x` [N, in].
+    pub fn route(&self, x: &Tensor) -> Result<Route> {
+        let cpu = x.device().is_cpu();
+        let rows = match x.rank() {
+            2 => x.dim(0)?,
+            _ => 0,
+        };
         Ok(match self {
-            // For a few rows on the CPU, `(W x^T)^T` (weight as the left operand, result copied
-            // back) beats `x W^T` in candle's gemm: 1.5x at 7 rows, 1.07x at 32, equal at 1,
-            // 0.77x at 128 (benches/linear_rows.rs, SmolLM2's 1536 x 576). Decode batches and
-            // aLoRA calls take this path.
-            LinearWeight::Dense(w)
-                if x.device().is_cpu()
-                    && x.rank() == 2
-                    && (2..=SMALL_ROWS).contains(&x.dim(0)?) =>
-            {
-                w.matmul(&x.t()?)?.t()?.contiguous()?
+            LinearWeight::Dense(_) if cpu && (2..=SMALL_ROWS).contains(&rows) => {
+                Route::DenseWeightLeft
             }
-            // Many rows of f32 on an AVX-512 CPU: alora's gemm (`gemm.rs`).
             LinearWeight::Dense(w)
-                if x.device().is_cpu()
-                    && x.rank() == 2
-                    && x.dim(0)? > SMALL_ROWS
+                if cpu
+                    && rows > SMALL_ROWS
                     && x.dtype() == DType::F32
                     && w.dtype() == DType::F32
+                    && w.device().is_cpu()
                     && w.is_contiguous()
-                    && crate::gemm::available() =>
+                    && gemm::available() =>
             {
-                let (m, k) = x.dims2()?;
-                let n = w.dim(0)?;
-                let x = x.contiguous()?;
-                let y = crate::cpu::with_f32(&x, |xs| {
-                    crate::cpu::with_f32(w, |ws| {
-                        crate::gemm::matmul_t(xs, m, k, crate::gemm::WeightRows::Dense(ws), n)
-                    })
-                })??;
-                Tensor::from_vec(y, (m, n), x.device())?
+                Route::Gemm
             }
-            LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
-            LinearWeight::Blocks(b) => {
+            LinearWeight::Dense(_) => Route::DenseMatmul,
+            LinearWeight::Blocks(_) if rows <= BLOCK_KERNEL_MAX_ROWS => Route::BlockRows,
+            LinearWeight::Blocks(_) if cpu && gemm::available() => Route::Gemm,
+            LinearWeight::Blocks(_) => Route::BlockDequantized,
+            LinearWeight::Quant(_) => Route::Quant,
+        })
+    }
+
+    /// `x W^T` for x [N, in].
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let route = self.route(x)?;
+        Ok(match (self, route) {
+            (LinearWeight::Dense(w), Route::DenseWeightLeft) => {
+                w.matmul(&x.t()?)?.t()?.contiguous()?
+            }
+            (LinearWeight::Dense(w), Route::DenseMatmul) => x.matmul(&w.t()?)?,
+            (LinearWeight::Quant(q), _) => {
+                let dt = x.dtype();
+                q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dt)?
+            }
+            (LinearWeight::Dense(_) | LinearWeight::Blocks(_), Route::Gemm) => {
+                let mut ys = LinearWeight::gemm(&[self], x)?;
+                ys.pop().expect("one product")
+            }
+            (LinearWeight::Blocks(b), _) => {
                 let (m, k) = x.dims2()?;
                 let (n, _) = b.dims();
                 let dt = x.dtype();
                 let x = x.to_dtype(DType::F32)?.contiguous()?;
-                let y = if m <= BLOCK_KERNEL_MAX_ROWS {
-                    let y = crate::cpu::with_f32(&x, |xs| b.matmul(xs, m))?;
-                    Tensor::from_vec(y, (m, n), x.device())?
-                } else if crate::gemm::available() {
-                    let y = crate::cpu::with_f32(&x, |xs| {
-                        crate::gemm::matmul_t(xs, m, k, crate::gemm::WeightRows::Blocks(b), n)
-                    })?;
+                let y = if route == Route::BlockRows {
+                    let y = crate::ops::with_f32(&x, |xs| b.matmul(xs, m))?;
                     Tensor::from_vec(y, (m, n), x.device())?
                 } else {
                     let w = Tensor::from_vec(b.dequantize(), (n, k), x.device())?;
@@ -130,39 +167,31 @@ impl LinearWeight {
                 };
                 y.to_dtype(dt)?
             }
-            LinearWeight::Quant(q) => {
-                let dt = x.dtype();
-                q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dt)?
-            }
+            (LinearWeight::Dense(_), r) => unreachable!("a dense weight never routes to {r:?}"),
         })
     }
 
     /// `x W_j^T` for each weight, x [N, in]: one gemm call that packs x once when every
-    /// weight takes the gemm for this many rows (Q/K/V and gate/up in a prefill), else one
+    /// weight routes to the gemm for this input (Q/K/V and gate/up in a prefill), else one
     /// [`forward`](Self::forward) each.
     pub fn forward_many(ws: &[&LinearWeight], x: &Tensor) -> Result<Vec<Tensor>> {
-        let (m, k) = x.dims2()?;
-        // (A weight whose input width is not k goes to `forward`, which reports it.)
-        let takes_gemm = |w: &LinearWeight| match w {
-            LinearWeight::Blocks(b) => m > BLOCK_KERNEL_MAX_ROWS && b.dims().1 == k,
-            LinearWeight::Dense(t) => {
-                m > SMALL_ROWS
-                    && t.device().is_cpu()
-                    && t.dtype() == DType::F32
-                    && t.is_contiguous()
-                    && t.dims().get(1) == Some(&k)
-            }
-            LinearWeight::Quant(_) => false,
-        };
-        if ws.len() < 2
-            || !x.device().is_cpu()
-            || x.dtype() != DType::F32
-            || !crate::gemm::available()
-            || !ws.iter().all(|w| takes_gemm(w))
-        {
+        let k = x.dims().last().copied().unwrap_or(0);
+        let mut shared = ws.len() >= 2 && x.dtype() == DType::F32;
+        for w in ws {
+            // (A weight whose input width is not k goes to `forward`, which reports it.)
+            shared = shared && w.route(x)? == Route::Gemm && w.in_features() == k;
+        }
+        if !shared {
             return ws.iter().map(|w| w.forward(x)).collect();
         }
-        let x = x.contiguous()?;
+        LinearWeight::gemm(ws, x)
+    }
+
+    /// The gemm for weights that all route to it (f32 results in x's dtype).
+    fn gemm(ws: &[&LinearWeight], x: &Tensor) -> Result<Vec<Tensor>> {
+        let (m, k) = x.dims2()?;
+        let dt = x.dtype();
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
         // Read guards on the dense weights' storage, held while the gemm reads them.
         let guards: Vec<_> = ws
             .iter()
@@ -174,19 +203,33 @@ impl LinearWeight {
         let mut rows = Vec::with_capacity(ws.len());
         for (w, g) in ws.iter().zip(&guards) {
             rows.push(match (w, g) {
-                (LinearWeight::Blocks(b), _) => (crate::gemm::WeightRows::Blocks(b), b.dims().0),
+                (LinearWeight::Blocks(b), _) => (WeightRows::Blocks(b), b.dims().0),
                 (LinearWeight::Dense(t), Some((storage, layout))) => (
-                    crate::gemm::WeightRows::Dense(crate::cpu::f32_contents(storage, layout)?),
+                    WeightRows::Dense(crate::ops::f32_contents(storage, layout)?),
                     t.dim(0)?,
                 ),
-                _ => unreachable!("every weight takes the gemm (checked above)"),
+                _ => unreachable!("only dense and block weights route to the gemm"),
             });
         }
-        let ys = crate::cpu::with_f32(&x, |xs| crate::gemm::matmul_t_shared(xs, m, k, &rows))?;
+        let ys = crate::ops::with_f32(&x, |xs| gemm::matmul_t_shared(xs, m, k, &rows))?;
         ys.into_iter()
             .zip(&rows)
-            .map(|(y, &(_, n))| Ok(Tensor::from_vec(y, (m, n), x.device())?))
+            .map(|(y, &(_, n))| Ok(Tensor::from_vec(y, (m, n), x.device())?.to_dtype(dt)?))
             .collect()
+    }
+
+    /// The input width (columns of W).
+    pub fn in_features(&self) -> usize {
+        match self {
+            LinearWeight::Dense(t) => t.dims().get(1).copied().unwrap_or(0),
+            LinearWeight::Blocks(b) => b.dims().1,
+            LinearWeight::Quant(QMatMul::QTensor(q)) => {
+                q.shape().dims().get(1).copied().unwrap_or(0)
+            }
+            LinearWeight::Quant(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
+                t.dims().get(1).copied().unwrap_or(0)
+            }
+        }
     }
 
     /// The dense weight (dequantized if needed), for training.
@@ -291,6 +334,9 @@ impl WeightSource {
         }
         // SAFETY: the files are mapped read-only; alora does not modify model files while
         // serving, and a concurrent external truncation is outside what any mmap loader guards.
+        // The model crate's one `unsafe` (the crate denies `unsafe_code`; compute that needs
+        // it lives in `alora-kernels`).
+        #[allow(unsafe_code)]
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files)? };
         Ok(WeightSource::Safetensors(st))
     }
@@ -403,7 +449,7 @@ impl WeightSource {
             QuantPolicy::Dequantize => Ok(LinearWeight::Dense(dense(dtype)?)),
             QuantPolicy::Blocks => {
                 let qt = self.qtensor(hf, device)?;
-                match BlockFormat::from_ggml(qt.dtype()) {
+                match block_format(qt.dtype()) {
                     Some(f) => {
                         let qt = self.check_and_unpermute(hf, qt, out, inp, permute)?;
                         let data = qt.data()?.into_owned();
@@ -420,7 +466,7 @@ impl WeightSource {
                     return Ok(LinearWeight::Dense(t.to_dtype(dtype)?));
                 }
                 let qt = QTensor::quantize(&t, q)?;
-                Ok(match BlockFormat::from_ggml(q) {
+                Ok(match block_format(q) {
                     Some(f) => LinearWeight::Blocks(Arc::new(BlockMatrix::new(
                         f,
                         out,
@@ -547,6 +593,68 @@ mod tests {
             blocks.dense().unwrap().to_vec2::<f32>().unwrap(),
             q.dequantize(&dev).unwrap().to_vec2::<f32>().unwrap()
         );
+    }
+
+    /// The kernels' block decoding is exactly candle's `QTensor::dequantize` (the claim the
+    /// kernels crate cannot test without candle), and their reference quantizer writes the
+    /// same blocks as candle's.
+    #[test]
+    fn block_matrix_matches_candle_quantization() {
+        let dev = candle_core::Device::Cpu;
+        let w = (Tensor::randn(0f32, 1.0, (5, 96), &dev).unwrap() + 0.3).unwrap();
+        let wv: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+        for g in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let q = QTensor::quantize(&w, g).unwrap();
+            let f = block_format(g).unwrap();
+            let bytes = q.data().unwrap().into_owned();
+            let bm = BlockMatrix::new(f, 5, 96, bytes.clone()).unwrap();
+            let want: Vec<f32> = q
+                .dequantize(&dev)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(bm.dequantize(), want, "{g:?}: decode");
+            let ours = BlockMatrix::quantize(f, 5, 96, &wv).unwrap();
+            assert_eq!(ours.dequantize(), want, "{g:?}: quantize");
+        }
+    }
+
+    /// The routing rule: few rows to the weight-left form or the block kernel, many rows to
+    /// the gemm where this CPU has it, and forward_many shares x only when every weight
+    /// routes to the gemm.
+    #[test]
+    fn routes_follow_the_row_thresholds() {
+        let dev = candle_core::Device::Cpu;
+        let dense = LinearWeight::Dense(Tensor::randn(0f32, 1.0, (8, 64), &dev).unwrap());
+        let q = QTensor::quantize(
+            &Tensor::randn(0f32, 1.0, (8, 64), &dev).unwrap(),
+            GgmlDType::Q8_0,
+        )
+        .unwrap();
+        let blocks = LinearWeight::Blocks(Arc::new(
+            BlockMatrix::new(BlockFormat::Q8_0, 8, 64, q.data().unwrap().into_owned()).unwrap(),
+        ));
+        let x = |rows: usize| Tensor::zeros((rows, 64), DType::F32, &dev).unwrap();
+        let many = if gemm::available() {
+            Route::Gemm
+        } else {
+            Route::DenseMatmul
+        };
+        assert_eq!(dense.route(&x(1)).unwrap(), Route::DenseMatmul);
+        assert_eq!(dense.route(&x(SMALL_ROWS)).unwrap(), Route::DenseWeightLeft);
+        assert_eq!(dense.route(&x(SMALL_ROWS + 1)).unwrap(), many);
+        assert_eq!(
+            blocks.route(&x(BLOCK_KERNEL_MAX_ROWS)).unwrap(),
+            Route::BlockRows
+        );
+        let many = if gemm::available() {
+            Route::Gemm
+        } else {
+            Route::BlockDequantized
+        };
+        assert_eq!(blocks.route(&x(BLOCK_KERNEL_MAX_ROWS + 1)).unwrap(), many);
     }
 
     /// Permuting as llama.cpp's converter does and then applying our inverse is the identity.

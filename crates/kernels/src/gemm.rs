@@ -21,13 +21,14 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::SendPtr;
+use crate::isa::Isa;
 use crate::qmatmul::BlockMatrix;
+use crate::simd::SendPtr;
 
 /// Rows of x per register tile (2 * MR accumulators + 2 weight registers of the 32).
-pub(crate) const MR: usize = 14;
+pub const MR: usize = 14;
 /// Weight rows (output columns) per strip: two 16-lane registers.
-const NR: usize = 32;
+pub const NR: usize = 32;
 /// Packed x larger than this (f32; 4 MB) runs in blocks of `L2_FLOATS`: below it, streaming
 /// x once per strip costs less than packing W ahead (SmolLM2's down projection at 512 rows,
 /// x 3 MB: 4.2 ms streamed vs 4.9 blocked; the gate projection at 2048 rows, x 4.7 MB: 20.5
@@ -42,25 +43,17 @@ const KC_MAX: usize = 320;
 
 /// The weight matrix W [n, k] of `x W^T`.
 #[derive(Clone, Copy)]
-pub(crate) enum WeightRows<'a> {
+pub enum WeightRows<'a> {
     /// Row-major f32.
     Dense(&'a [f32]),
     /// GGML blocks (k a multiple of 32).
     Blocks(&'a BlockMatrix),
 }
 
-/// Whether this CPU runs the kernel (AVX-512F with FMA, checked at run time).
-pub(crate) fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+/// Whether this CPU runs the AVX-512 kernel (elsewhere [`matmul_t`] runs a portable loop,
+/// correct but slow: callers with a faster gemm at hand use theirs then).
+pub fn available() -> bool {
+    Isa::has_avx512()
 }
 
 /// The k chunks: as few as fit `KC_MAX`, of equal size rounded up to 32 (block boundaries).
@@ -94,8 +87,8 @@ pub(crate) fn aligned(buf: &mut Vec<Line>, len: usize) -> &mut [f32] {
 
 /// `x W^T` for x [m, k] row-major and W [n, k]; returns [m, n] row-major.
 ///
-/// Panics if the CPU lacks the kernel's features ([`available`]) or the shapes disagree.
-pub(crate) fn matmul_t(x: &[f32], m: usize, k: usize, w: WeightRows<'_>, n: usize) -> Vec<f32> {
+/// Panics if the shapes disagree.
+pub fn matmul_t(x: &[f32], m: usize, k: usize, w: WeightRows<'_>, n: usize) -> Vec<f32> {
     let mut ys = matmul_t_many(x, m, k, &[(w, n)], Blocking::MEASURED);
     ys.pop().expect("one product")
 }
@@ -105,7 +98,7 @@ pub(crate) fn matmul_t(x: &[f32], m: usize, k: usize, w: WeightRows<'_>, n: usiz
 /// once instead of three and two times saves ~1.5% of a 512-token prefill).
 ///
 /// Panics as [`matmul_t`].
-pub(crate) fn matmul_t_shared(
+pub fn matmul_t_shared(
     x: &[f32],
     m: usize,
     k: usize,
@@ -131,6 +124,7 @@ impl Blocking {
 }
 
 /// x [m, k] packed per tile of MR rows, k-major (xp[tile][k][MR]), rows past m zero.
+#[cfg(target_arch = "x86_64")]
 fn pack_x(x: &[f32], m: usize, k: usize) -> Vec<Line> {
     let tiles = m.div_ceil(MR);
     // Not zeroed first (memset was ~3% of a prefill): the packing writes every element
@@ -167,7 +161,6 @@ fn matmul_t_many(
     ws: &[(WeightRows<'_>, usize)],
     blocking: Blocking,
 ) -> Vec<Vec<f32>> {
-    assert!(available(), "gemm: needs AVX-512F");
     assert_eq!(x.len(), m * k, "gemm: x shape");
     for &(w, n) in ws {
         match w {
@@ -178,6 +171,43 @@ fn matmul_t_many(
     if m == 0 {
         return ws.iter().map(|_| Vec::new()).collect();
     }
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        return matmul_avx512(x, m, k, ws, blocking);
+    }
+    let _ = blocking;
+    ws.iter().map(|&(w, n)| reference(x, m, k, w, n)).collect()
+}
+
+/// The portable product (the fallback off AVX-512): per output row, W's rows (decoded for
+/// blocks) dotted with x's.
+pub fn reference(x: &[f32], m: usize, k: usize, w: WeightRows<'_>, n: usize) -> Vec<f32> {
+    let mut y = vec![0f32; m * n];
+    let mut row = vec![0f32; k];
+    for j in 0..n {
+        let wj: &[f32] = match w {
+            WeightRows::Dense(d) => &d[j * k..(j + 1) * k],
+            WeightRows::Blocks(b) => {
+                b.decode_row(j, &mut row);
+                &row
+            }
+        };
+        for i in 0..m {
+            y[i * n + j] = crate::simd::dot(&x[i * k..(i + 1) * k], wj);
+        }
+    }
+    y
+}
+
+/// The AVX-512 driver (shapes checked by the caller, the CPU by `available`).
+#[cfg(target_arch = "x86_64")]
+fn matmul_avx512(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    ws: &[(WeightRows<'_>, usize)],
+    blocking: Blocking,
+) -> Vec<Vec<f32>> {
     // The outputs are not zeroed first: the strips together write every element of each y
     // in their first k chunk; the lengths are set once that is done.
     let mut ys: Vec<Vec<f32>> = ws.iter().map(|&(_, n)| Vec::with_capacity(m * n)).collect();
@@ -269,6 +299,7 @@ fn matmul_t_many(
 
 /// Packs W rows `n0 .. n0 + cols` (cols <= 32), columns `k0 .. k0 + kc`, as wp [kc][32]
 /// (zero past `cols`).
+#[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 fn pack_strip(
     w: WeightRows<'_>,
@@ -311,34 +342,38 @@ pub(crate) mod avx512 {
         cols: usize,
         accumulate: bool,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        for kk in 0..kc {
-            let w0 = _mm512_loadu_ps(wp.add(kk * NR));
-            let w1 = _mm512_loadu_ps(wp.add(kk * NR + 16));
-            let a = xp.add(kk * MR);
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let xi = _mm512_set1_ps(*a.add(i));
-                acc[0] = _mm512_fmadd_ps(xi, w0, acc[0]);
-                acc[1] = _mm512_fmadd_ps(xi, w1, acc[1]);
+        // SAFETY: the caller upholds this function's contract (the CPU has its target features;
+        // every pointer and index stays inside the buffers the caller passed, as it says at the call).
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 2]; R];
+            for kk in 0..kc {
+                let w0 = _mm512_loadu_ps(wp.add(kk * NR));
+                let w1 = _mm512_loadu_ps(wp.add(kk * NR + 16));
+                let a = xp.add(kk * MR);
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let xi = _mm512_set1_ps(*a.add(i));
+                    acc[0] = _mm512_fmadd_ps(xi, w0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(xi, w1, acc[1]);
+                }
             }
-        }
-        let m0: __mmask16 = if cols >= 16 { 0xFFFF } else { (1 << cols) - 1 };
-        let m1: __mmask16 = if cols >= 32 {
-            0xFFFF
-        } else if cols > 16 {
-            (1 << (cols - 16)) - 1
-        } else {
-            0
-        };
-        for (i, acc) in acc.iter().enumerate() {
-            let row = y.add(i * ldy);
-            let (mut a0, mut a1) = (acc[0], acc[1]);
-            if accumulate {
-                a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(m0, row));
-                a1 = _mm512_add_ps(a1, _mm512_maskz_loadu_ps(m1, row.add(16)));
+            let m0: __mmask16 = if cols >= 16 { 0xFFFF } else { (1 << cols) - 1 };
+            let m1: __mmask16 = if cols >= 32 {
+                0xFFFF
+            } else if cols > 16 {
+                (1 << (cols - 16)) - 1
+            } else {
+                0
+            };
+            for (i, acc) in acc.iter().enumerate() {
+                let row = y.add(i * ldy);
+                let (mut a0, mut a1) = (acc[0], acc[1]);
+                if accumulate {
+                    a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(m0, row));
+                    a1 = _mm512_add_ps(a1, _mm512_maskz_loadu_ps(m1, row.add(16)));
+                }
+                _mm512_mask_storeu_ps(row, m0, a0);
+                _mm512_mask_storeu_ps(row.add(16), m1, a1);
             }
-            _mm512_mask_storeu_ps(row, m0, a0);
-            _mm512_mask_storeu_ps(row.add(16), m1, a1);
         }
     }
 
@@ -356,7 +391,10 @@ pub(crate) mod avx512 {
         cols: usize,
         accumulate: bool,
     ) {
-        macro_rules! dispatch {
+        // SAFETY: the caller upholds this function's contract (the CPU has its target features;
+        // every pointer and index stays inside the buffers the caller passed, as it says at the call).
+        unsafe {
+            macro_rules! dispatch {
             ($($r:literal)*) => {
                 match rows {
                     $($r => tile_r::<$r>(xp, wp, kc, y, ldy, cols, accumulate),)*
@@ -364,14 +402,15 @@ pub(crate) mod avx512 {
                 }
             };
         }
-        dispatch!(1 2 3 4 5 6 7 8 9 10 11 12 13 14);
+            dispatch!(1 2 3 4 5 6 7 8 9 10 11 12 13 14);
+        }
     }
 
     /// Transposes 16 registers (rows) of 16 lanes in place: `r[c]` lane `j` becomes the old
     /// `r[j]` lane `c`.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn transpose16(r: &mut [__m512; 16]) {
+    fn transpose16(r: &mut [__m512; 16]) {
         let mut a = [_mm512_setzero_ps(); 16];
         for i in 0..8 {
             a[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
@@ -412,28 +451,32 @@ pub(crate) mod avx512 {
         ld: usize,
         width: usize,
     ) {
-        debug_assert!(live <= width && width <= 16);
-        let store: __mmask16 = ((1u32 << width) - 1) as __mmask16;
-        let full = cols / 16 * 16;
-        let mut kk = 0;
-        while kk < full {
-            let mut r = [_mm512_setzero_ps(); 16];
-            for (j, r) in r.iter_mut().enumerate().take(live) {
-                *r = _mm512_loadu_ps(src.add(j * stride + kk));
+        // SAFETY: the caller upholds this function's contract (the CPU has its target features;
+        // every pointer and index stays inside the buffers the caller passed, as it says at the call).
+        unsafe {
+            debug_assert!(live <= width && width <= 16);
+            let store: __mmask16 = ((1u32 << width) - 1) as __mmask16;
+            let full = cols / 16 * 16;
+            let mut kk = 0;
+            while kk < full {
+                let mut r = [_mm512_setzero_ps(); 16];
+                for (j, r) in r.iter_mut().enumerate().take(live) {
+                    *r = _mm512_loadu_ps(src.add(j * stride + kk));
+                }
+                transpose16(&mut r);
+                for (c, r) in r.iter().enumerate() {
+                    _mm512_mask_storeu_ps(dst.add((kk + c) * ld), store, *r);
+                }
+                kk += 16;
             }
-            transpose16(&mut r);
-            for (c, r) in r.iter().enumerate() {
-                _mm512_mask_storeu_ps(dst.add((kk + c) * ld), store, *r);
-            }
-            kk += 16;
-        }
-        for kk in full..cols {
-            for j in 0..width {
-                *dst.add(kk * ld + j) = if j < live {
-                    *src.add(j * stride + kk)
-                } else {
-                    0.0
-                };
+            for kk in full..cols {
+                for j in 0..width {
+                    *dst.add(kk * ld + j) = if j < live {
+                        *src.add(j * stride + kk)
+                    } else {
+                        0.0
+                    };
+                }
             }
         }
     }
@@ -442,8 +485,12 @@ pub(crate) mod avx512 {
     /// zero for live <= i < MR.
     #[target_feature(enable = "avx512f")]
     pub(crate) unsafe fn pack_x_tile(x: *const f32, live: usize, k: usize, dst: *mut f32) {
-        const { assert!(MR <= 16) };
-        transpose_rows(x, k, live, k, dst, MR, MR);
+        // SAFETY: the caller upholds this function's contract (the CPU has its target features;
+        // every pointer and index stays inside the buffers the caller passed, as it says at the call).
+        unsafe {
+            const { assert!(MR <= 16) };
+            transpose_rows(x, k, live, k, dst, MR, MR);
+        }
     }
 
     /// wp[kk][j] = src[j * stride + off + kk] for j < rows (<= 32), kk < kc; zero for j >= rows.
@@ -456,13 +503,17 @@ pub(crate) mod avx512 {
         kc: usize,
         wp: &mut [f32],
     ) {
-        debug_assert!(rows <= NR && wp.len() >= kc * NR);
-        debug_assert!(rows == 0 || (rows - 1) * stride + off + kc <= src.len());
-        for j0 in [0, 16] {
-            let live = rows.saturating_sub(j0).min(16);
-            // Row j0 may lie past `src` when live is 0; nothing is read from it then.
-            let s = src.as_ptr().wrapping_add(j0 * stride + off);
-            transpose_rows(s, stride, live, kc, wp.as_mut_ptr().add(j0), NR, 16);
+        // SAFETY: the caller upholds this function's contract (the CPU has its target features;
+        // every pointer and index stays inside the buffers the caller passed, as it says at the call).
+        unsafe {
+            debug_assert!(rows <= NR && wp.len() >= kc * NR);
+            debug_assert!(rows == 0 || (rows - 1) * stride + off + kc <= src.len());
+            for j0 in [0, 16] {
+                let live = rows.saturating_sub(j0).min(16);
+                // Row j0 may lie past `src` when live is 0; nothing is read from it then.
+                let s = src.as_ptr().wrapping_add(j0 * stride + off);
+                transpose_rows(s, stride, live, kc, wp.as_mut_ptr().add(j0), NR, 16);
+            }
         }
     }
 }
@@ -471,10 +522,8 @@ pub(crate) mod avx512 {
 mod tests {
     use super::*;
     use crate::qmatmul::BlockFormat;
-    use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::{Device, Tensor};
 
-    fn reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    fn reference_f64(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
         let mut y = vec![0f32; m * n];
         for i in 0..m {
             for j in 0..n {
@@ -504,8 +553,7 @@ mod tests {
     /// in f64.
     #[test]
     fn dense_matches_reference() {
-        if !available() {
-            eprintln!("skipped: no AVX-512 on this CPU");
+        if !Isa::test_has(Isa::Avx512) {
             return;
         }
         for &(m, k, n) in &[
@@ -518,7 +566,7 @@ mod tests {
         ] {
             let x = randn(m * k, 1);
             let w = randn(n * k, 2);
-            let want = reference(&x, m, k, &w, n);
+            let want = reference_f64(&x, m, k, &w, n);
             let got = matmul_t(&x, m, k, WeightRows::Dense(&w), n);
             let d = max_diff(&got, &want);
             assert!(d < 1e-4, "[{m},{k}] x [{n},{k}]^T: max |diff| {d}");
@@ -538,21 +586,14 @@ mod tests {
     /// each product equals the plain loop, in both loop orders.
     #[test]
     fn shared_x_matches_each_product() {
-        if !available() {
-            eprintln!("skipped: no AVX-512 on this CPU");
+        if !Isa::test_has(Isa::Avx512) {
             return;
         }
-        let dev = Device::Cpu;
         let (m, k) = (MR * 5 + 3, KC_MAX + 96);
         let x = randn(m * k, 7);
         let w1 = randn(70 * k, 8);
         let w3 = randn(32 * k, 9);
-        let q = QTensor::quantize(
-            &Tensor::randn(0f32, 1.0, (45, k), &dev).unwrap(),
-            GgmlDType::Q4_1,
-        )
-        .unwrap();
-        let b = BlockMatrix::new(BlockFormat::Q4_1, 45, k, q.data().unwrap().into_owned()).unwrap();
+        let b = BlockMatrix::quantize(BlockFormat::Q4_1, 45, k, &randn(45 * k, 10)).unwrap();
         let w2: Vec<f32> = b.dequantize();
         let ws = [
             (WeightRows::Dense(&w1), 70),
@@ -560,9 +601,9 @@ mod tests {
             (WeightRows::Dense(&w3), 32),
         ];
         let want = [
-            reference(&x, m, k, &w1, 70),
-            reference(&x, m, k, &w2, 45),
-            reference(&x, m, k, &w3, 32),
+            reference_f64(&x, m, k, &w1, 70),
+            reference_f64(&x, m, k, &w2, 45),
+            reference_f64(&x, m, k, &w3, 32),
         ];
         let small = Blocking {
             x_blocked_floats: 0,
@@ -584,33 +625,36 @@ mod tests {
     /// Block weights give the product with their dequantized values.
     #[test]
     fn blocks_match_their_dequantized_values() {
-        if !available() {
-            eprintln!("skipped: no AVX-512 on this CPU");
+        if !Isa::test_has(Isa::Avx512) {
             return;
         }
-        let dev = Device::Cpu;
-        for (fmt, g) in [
-            (BlockFormat::Q4_0, GgmlDType::Q4_0),
-            (BlockFormat::Q4_1, GgmlDType::Q4_1),
-            (BlockFormat::Q8_0, GgmlDType::Q8_0),
-        ] {
+        for fmt in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
             let (m, k, n) = (29, KC_MAX + 64, 45);
-            let wt = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
-            let q = QTensor::quantize(&wt, g).unwrap();
-            let b = BlockMatrix::new(fmt, n, k, q.data().unwrap().into_owned()).unwrap();
-            let dense: Vec<f32> = q
-                .dequantize(&dev)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let b = BlockMatrix::quantize(fmt, n, k, &randn(n * k, 11)).unwrap();
+            let dense = b.dequantize();
             let x = randn(m * k, 3);
             let got = matmul_t(&x, m, k, WeightRows::Blocks(&b), n);
-            let want = reference(&x, m, k, &dense, n);
+            let want = reference_f64(&x, m, k, &dense, n);
             let d = max_diff(&got, &want);
             assert!(d < 1e-3, "{fmt:?}: max |diff| {d}");
         }
+    }
+
+    /// The portable fallback (what runs off AVX-512) against the f64 loop, dense and blocks.
+    #[test]
+    fn portable_fallback_matches_reference() {
+        let (m, k, n) = (5, 96, 7);
+        let x = randn(m * k, 12);
+        let w = randn(n * k, 13);
+        let d = max_diff(
+            &reference(&x, m, k, WeightRows::Dense(&w), n),
+            &reference_f64(&x, m, k, &w, n),
+        );
+        assert!(d < 1e-4, "dense: {d}");
+        let b = BlockMatrix::quantize(BlockFormat::Q8_0, n, k, &w).unwrap();
+        let got = reference(&x, m, k, WeightRows::Blocks(&b), n);
+        let d = max_diff(&got, &reference_f64(&x, m, k, &b.dequantize(), n));
+        assert!(d < 1e-4, "blocks: {d}");
     }
 
     #[test]

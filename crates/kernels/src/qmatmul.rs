@@ -21,14 +21,14 @@
 //!
 //! Few rows (decode steps, the few tokens of an aLoRA call) are memory-bound: this reads 20
 //! bytes per 32 weights (Q4_1) instead of 128 (dense f32). Many rows (prefill) are compute-bound:
-//! [`crate::weights::LinearWeight`] then dequantizes the matrix and uses the dense gemm. The
+//! the model's `LinearWeight` then runs [`crate::gemm`], which decodes blocks while packing. The
 //! crossover and the speeds are in BENCHMARKS.md (`benches/linear_rows.rs`).
 
-use candle_core::quantized::GgmlDType;
 use rayon::prelude::*;
 
-use crate::cpu::dot;
-use crate::error::{ModelError, Result};
+use crate::error::{KernelError, Result};
+use crate::isa::Isa;
+use crate::simd::dot;
 
 /// Weights per block in every supported format.
 pub const BLOCK: usize = 32;
@@ -45,15 +45,6 @@ pub enum BlockFormat {
 }
 
 impl BlockFormat {
-    pub fn from_ggml(t: GgmlDType) -> Option<Self> {
-        match t {
-            GgmlDType::Q4_0 => Some(BlockFormat::Q4_0),
-            GgmlDType::Q4_1 => Some(BlockFormat::Q4_1),
-            GgmlDType::Q8_0 => Some(BlockFormat::Q8_0),
-            _ => None,
-        }
-    }
-
     /// Bytes of quants per block (the rest of a GGML block is its f16 scale and offset).
     fn quant_bytes(self) -> usize {
         match self {
@@ -132,13 +123,13 @@ impl BlockMatrix {
     /// Takes GGML block bytes (as in a GGUF file or `QTensor::data`) for a [rows, cols] matrix.
     pub fn new(format: BlockFormat, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self> {
         if !cols.is_multiple_of(BLOCK) {
-            return Err(ModelError::Config(format!(
+            return Err(KernelError::Shape(format!(
                 "{format:?} matrix with {cols} columns: not a multiple of {BLOCK}"
             )));
         }
         let want = rows * cols / BLOCK * format.block_bytes();
         if data.len() != want {
-            return Err(ModelError::Config(format!(
+            return Err(KernelError::Shape(format!(
                 "{format:?} [{rows}, {cols}]: {} bytes of blocks, expected {want}",
                 data.len()
             )));
@@ -165,6 +156,54 @@ impl BlockMatrix {
             d,
             m,
         })
+    }
+
+    /// Quantizes a row-major f32 [rows, cols] matrix into GGML blocks the way ggml's reference
+    /// quantizers do (Q4_0: scale from the signed absolute maximum over -8; Q4_1: minimum and
+    /// (max - min) / 15; Q8_0: absolute maximum over 127; scales stored as f16). For tests and
+    /// benchmarks: models arrive quantized.
+    pub fn quantize(format: BlockFormat, rows: usize, cols: usize, w: &[f32]) -> Result<Self> {
+        crate::error::ensure(w.len() == rows * cols, || {
+            format!("quantize: {} weights for [{rows}, {cols}]", w.len())
+        })?;
+        crate::error::ensure(cols.is_multiple_of(BLOCK), || {
+            format!("quantize: {cols} columns, not a multiple of {BLOCK}")
+        })?;
+        let f16 = |x: f32| half::f16::from_f32(x).to_le_bytes();
+        let mut data = Vec::with_capacity(rows * cols / BLOCK * format.block_bytes());
+        for b in w.chunks_exact(BLOCK) {
+            match format {
+                BlockFormat::Q4_0 => {
+                    let max = b
+                        .iter()
+                        .fold(0f32, |m, &x| if x.abs() > m.abs() { x } else { m });
+                    let d = max / -8.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    data.extend_from_slice(&f16(d));
+                    let q = |x: f32| ((x * id + 8.5) as u8).min(15);
+                    data.extend((0..16).map(|j| q(b[j]) | (q(b[j + 16]) << 4)));
+                }
+                BlockFormat::Q4_1 => {
+                    let (min, max) = b
+                        .iter()
+                        .fold((f32::MAX, f32::MIN), |(l, h), &x| (l.min(x), h.max(x)));
+                    let d = (max - min) / 15.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    data.extend_from_slice(&f16(d));
+                    data.extend_from_slice(&f16(min));
+                    let q = |x: f32| (((x - min) * id + 0.5) as u8).min(15);
+                    data.extend((0..16).map(|j| q(b[j]) | (q(b[j + 16]) << 4)));
+                }
+                BlockFormat::Q8_0 => {
+                    let amax = b.iter().fold(0f32, |m, &x| m.max(x.abs()));
+                    let d = amax / 127.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    data.extend_from_slice(&f16(d));
+                    data.extend(b.iter().map(|&x| (x * id).round() as i8 as u8));
+                }
+            }
+        }
+        BlockMatrix::new(format, rows, cols, data)
     }
 
     /// [rows, cols].
@@ -197,7 +236,7 @@ impl BlockMatrix {
     /// this).
     pub(crate) fn decode_rows(&self, r0: usize, k0: usize, kc: usize, out: &mut [f32]) {
         debug_assert!(k0.is_multiple_of(BLOCK) && kc.is_multiple_of(BLOCK));
-        let simd = Isa::detect() == Isa::Avx512;
+        let simd = Isa::get() == Isa::Avx512;
         for (i, o) in out.chunks_exact_mut(kc).enumerate() {
             let row = self
                 .row(r0 + i)
@@ -225,11 +264,12 @@ impl BlockMatrix {
 
     /// `x W^T` for `x` [m, cols] row-major; returns [m, rows].
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        self.matmul_with(x, m, Isa::detect())
+        self.matmul_with(x, m, Isa::get())
     }
 
     fn matmul_with(&self, x: &[f32], m: usize, isa: Isa) -> Vec<f32> {
         assert_eq!(x.len(), m * self.cols, "activation shape");
+        let isa = isa.min(Isa::get());
         let n = self.rows;
         if m == 0 || n == 0 {
             return vec![0f32; m * n];
@@ -252,11 +292,12 @@ impl BlockMatrix {
             .par_chunks_mut(chunk * m)
             .enumerate()
             .for_each(|(c, dst)| match isa {
-                // SAFETY: `Isa::detect` checked the CPU has the features; `dst` holds whole
-                // rows (m outputs each) of this matrix from row c * chunk; x and sums are
-                // sized by the assert above.
+                // SAFETY: `isa` is at most `Isa::get()` (clamped above), so the CPU has the
+                // features; `dst` holds whole rows (m outputs each) of this matrix from row
+                // c * chunk; x and sums are sized by the assert above.
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx512 => unsafe { avx512::rows_times_x(self, c * chunk, x, &sums, m, dst) },
+                // SAFETY: as above, for AVX2.
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2 => unsafe { avx2::rows_times_x(self, c * chunk, x, &sums, m, dst) },
                 _ => {
@@ -279,32 +320,6 @@ impl BlockMatrix {
             }
         }
         out
-    }
-}
-
-/// The instruction sets the kernels use, best first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Isa {
-    /// AVX-512F (16 lanes) with F16C and FMA.
-    Avx512,
-    /// AVX2 with FMA and F16C (8 lanes).
-    Avx2,
-    Portable,
-}
-
-impl Isa {
-    fn detect() -> Isa {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let avx2 = crate::cpu::has_avx2_fma() && is_x86_feature_detected!("f16c");
-            if avx2 && is_x86_feature_detected!("avx512f") {
-                return Isa::Avx512;
-            }
-            if avx2 {
-                return Isa::Avx2;
-            }
-        }
-        Isa::Portable
     }
 }
 
@@ -369,28 +384,32 @@ macro_rules! rows_times_x {
             m: usize,
             out: &mut [f32],
         ) {
-            let (format, cols) = (mat.format, mat.cols);
-            let xp = x.as_ptr();
-            if m == 1 {
-                for (j, o) in out.iter_mut().enumerate() {
-                    *o = single(format, mat.row(r0 + j), xp, sums, cols);
+            // SAFETY: the caller upholds this function's contract (the CPU has its target features;
+            // every pointer and index stays inside the buffers the caller passed, as it says at the call).
+            unsafe {
+                let (format, cols) = (mat.format, mat.cols);
+                let xp = x.as_ptr();
+                if m == 1 {
+                    for (j, o) in out.iter_mut().enumerate() {
+                        *o = single(format, mat.row(r0 + j), xp, sums, cols);
+                    }
+                    return;
                 }
-                return;
-            }
-            for (j, out) in out.chunks_exact_mut(m).enumerate() {
-                let row = mat.row(r0 + j);
-                let mut i = 0;
-                while i + 4 <= m {
-                    tile::<4>(format, row, xp.add(i * cols), cols, &mut out[i..]);
-                    i += 4;
-                }
-                let (xi, o) = (xp.add(i * cols), &mut out[i..]);
-                match m - i {
-                    3 => tile::<3>(format, row, xi, cols, o),
-                    2 => tile::<2>(format, row, xi, cols, o),
-                    // One row left: redo the row before it in a tile of two.
-                    1 => tile::<2>(format, row, xi.sub(cols), cols, &mut out[i - 1..]),
-                    _ => {}
+                for (j, out) in out.chunks_exact_mut(m).enumerate() {
+                    let row = mat.row(r0 + j);
+                    let mut i = 0;
+                    while i + 4 <= m {
+                        tile::<4>(format, row, xp.add(i * cols), cols, &mut out[i..]);
+                        i += 4;
+                    }
+                    let (xi, o) = (xp.add(i * cols), &mut out[i..]);
+                    match m - i {
+                        3 => tile::<3>(format, row, xi, cols, o),
+                        2 => tile::<2>(format, row, xi, cols, o),
+                        // One row left: redo the row before it in a tile of two.
+                        1 => tile::<2>(format, row, xi.sub(cols), cols, &mut out[i - 1..]),
+                        _ => {}
+                    }
                 }
             }
         }
@@ -405,12 +424,12 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{BlockFormat, Row, BLOCK};
-    use crate::cpu::x86::hsum;
+    use crate::simd::x86::hsum;
 
     /// Low and high 8 bytes of `v` (signed bytes) as f32.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn widen(v: __m128i) -> (__m256, __m256) {
+    fn widen(v: __m128i) -> (__m256, __m256) {
         (
             _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)),
             _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(v))),
@@ -422,24 +441,28 @@ mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn quants(format: BlockFormat, q: *const u8) -> [__m256; 4] {
-        let (lo, hi) = match format {
-            BlockFormat::Q8_0 => (
-                _mm_loadu_si128(q as *const __m128i),
-                _mm_loadu_si128(q.add(16) as *const __m128i),
-            ),
-            BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
-                let qs = _mm_loadu_si128(q as *const __m128i);
-                let nib = _mm_set1_epi8(0x0F);
-                // Elements 0..16, then 16..32.
-                (
-                    _mm_and_si128(qs, nib),
-                    _mm_and_si128(_mm_srli_epi16::<4>(qs), nib),
-                )
-            }
-        };
-        let (a0, a1) = widen(lo);
-        let (a2, a3) = widen(hi);
-        [a0, a1, a2, a3]
+        // SAFETY: the caller upholds this function's contract (the CPU has its target features;
+        // every pointer and index stays inside the buffers the caller passed, as it says at the call).
+        unsafe {
+            let (lo, hi) = match format {
+                BlockFormat::Q8_0 => (
+                    _mm_loadu_si128(q as *const __m128i),
+                    _mm_loadu_si128(q.add(16) as *const __m128i),
+                ),
+                BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
+                    let qs = _mm_loadu_si128(q as *const __m128i);
+                    let nib = _mm_set1_epi8(0x0F);
+                    // Elements 0..16, then 16..32.
+                    (
+                        _mm_and_si128(qs, nib),
+                        _mm_and_si128(_mm_srli_epi16::<4>(qs), nib),
+                    )
+                }
+            };
+            let (a0, a1) = widen(lo);
+            let (a2, a3) = widen(hi);
+            [a0, a1, a2, a3]
+        }
     }
 
     /// Block `b` of `row` as four registers of weights, exactly as `QTensor::dequantize`
@@ -447,18 +470,22 @@ mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn weights(format: BlockFormat, row: Row<'_>, b: usize) -> [__m256; 4] {
-        let mut q = quants(format, row.qs.as_ptr().add(b * format.quant_bytes()));
-        let d = _mm256_set1_ps(row.d[b]);
-        if format == BlockFormat::Q4_0 {
-            let eight = _mm256_set1_ps(8.0);
-            q = q.map(|v| _mm256_sub_ps(v, eight));
+        // SAFETY: the caller upholds this function's contract (the CPU has its target features;
+        // every pointer and index stays inside the buffers the caller passed, as it says at the call).
+        unsafe {
+            let mut q = quants(format, row.qs.as_ptr().add(b * format.quant_bytes()));
+            let d = _mm256_set1_ps(row.d[b]);
+            if format == BlockFormat::Q4_0 {
+                let eight = _mm256_set1_ps(8.0);
+                q = q.map(|v| _mm256_sub_ps(v, eight));
+            }
+            let w = q.map(|v| _mm256_mul_ps(v, d));
+            if format == BlockFormat::Q4_1 {
+                let m = _mm256_set1_ps(row.m[b]);
+                return w.map(|v| _mm256_add_ps(v, m));
+            }
+            w
         }
-        let w = q.map(|v| _mm256_mul_ps(v, d));
-        if format == BlockFormat::Q4_1 {
-            let m = _mm256_set1_ps(row.m[b]);
-            return w.map(|v| _mm256_add_ps(v, m));
-        }
-        w
     }
 
     /// `W_row . x` for one row of x, the decode-step case, factored so a block costs no
@@ -476,18 +503,22 @@ mod avx2 {
         sums: &[f32],
         cols: usize,
     ) -> f32 {
-        let qb = format.quant_bytes();
-        let mut acc = _mm256_setzero_ps();
-        for b in 0..cols / BLOCK {
-            let q = quants(format, row.qs.as_ptr().add(b * qb));
-            let x = x.add(b * BLOCK);
-            let mut t = _mm256_mul_ps(q[0], _mm256_loadu_ps(x));
-            t = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(x.add(8)), t);
-            t = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(x.add(16)), t);
-            t = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(x.add(24)), t);
-            acc = _mm256_fmadd_ps(t, _mm256_broadcast_ss(&row.d[b]), acc);
+        // SAFETY: the caller upholds this function's contract (the CPU has its target features;
+        // every pointer and index stays inside the buffers the caller passed, as it says at the call).
+        unsafe {
+            let qb = format.quant_bytes();
+            let mut acc = _mm256_setzero_ps();
+            for b in 0..cols / BLOCK {
+                let q = quants(format, row.qs.as_ptr().add(b * qb));
+                let x = x.add(b * BLOCK);
+                let mut t = _mm256_mul_ps(q[0], _mm256_loadu_ps(x));
+                t = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(x.add(8)), t);
+                t = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(x.add(16)), t);
+                t = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(x.add(24)), t);
+                acc = _mm256_fmadd_ps(t, _mm256_broadcast_ss(&row.d[b]), acc);
+            }
+            hsum(acc) + super::offset_term(format, row, sums)
         }
-        hsum(acc) + super::offset_term(format, row, sums)
     }
 
     /// `out[i] = W_row . x_i` for `R` (2..=4) rows of x starting at `xs`: each block decoded to
@@ -501,19 +532,23 @@ mod avx2 {
         cols: usize,
         out: &mut [f32],
     ) {
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        for b in 0..cols / BLOCK {
-            let w = weights(format, row, b);
-            for r in 0..R {
-                let x = xs.add(r * cols + b * BLOCK);
-                acc[r][0] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(x), acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x.add(8)), acc[r][1]);
-                acc[r][0] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x.add(16)), acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x.add(24)), acc[r][1]);
+        // SAFETY: the caller upholds this function's contract (the CPU has its target features;
+        // every pointer and index stays inside the buffers the caller passed, as it says at the call).
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            for b in 0..cols / BLOCK {
+                let w = weights(format, row, b);
+                for r in 0..R {
+                    let x = xs.add(r * cols + b * BLOCK);
+                    acc[r][0] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(x), acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x.add(8)), acc[r][1]);
+                    acc[r][0] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x.add(16)), acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x.add(24)), acc[r][1]);
+                }
             }
-        }
-        for r in 0..R {
-            out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+            for r in 0..R {
+                out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+            }
         }
     }
 
@@ -535,24 +570,28 @@ mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     unsafe fn quants(format: BlockFormat, q: *const u8) -> [__m512; 2] {
-        match format {
-            BlockFormat::Q8_0 => {
-                let lo = _mm_loadu_si128(q as *const __m128i);
-                let hi = _mm_loadu_si128(q.add(16) as *const __m128i);
-                [
-                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)),
-                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)),
-                ]
-            }
-            BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
-                let qs = _mm_loadu_si128(q as *const __m128i);
-                let nib = _mm_set1_epi8(0x0F);
-                let lo = _mm_and_si128(qs, nib);
-                let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), nib);
-                [
-                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)),
-                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)),
-                ]
+        // SAFETY: the caller upholds this function's contract (the CPU has its target features;
+        // every pointer and index stays inside the buffers the caller passed, as it says at the call).
+        unsafe {
+            match format {
+                BlockFormat::Q8_0 => {
+                    let lo = _mm_loadu_si128(q as *const __m128i);
+                    let hi = _mm_loadu_si128(q.add(16) as *const __m128i);
+                    [
+                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)),
+                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)),
+                    ]
+                }
+                BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
+                    let qs = _mm_loadu_si128(q as *const __m128i);
+                    let nib = _mm_set1_epi8(0x0F);
+                    let lo = _mm_and_si128(qs, nib);
+                    let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), nib);
+                    [
+                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)),
+                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)),
+                    ]
+                }
             }
         }
     }
@@ -561,27 +600,35 @@ mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     unsafe fn weights(format: BlockFormat, row: Row<'_>, b: usize) -> [__m512; 2] {
-        let mut q = quants(format, row.qs.as_ptr().add(b * format.quant_bytes()));
-        let d = _mm512_set1_ps(row.d[b]);
-        if format == BlockFormat::Q4_0 {
-            let eight = _mm512_set1_ps(8.0);
-            q = q.map(|v| _mm512_sub_ps(v, eight));
+        // SAFETY: the caller upholds this function's contract (the CPU has its target features;
+        // every pointer and index stays inside the buffers the caller passed, as it says at the call).
+        unsafe {
+            let mut q = quants(format, row.qs.as_ptr().add(b * format.quant_bytes()));
+            let d = _mm512_set1_ps(row.d[b]);
+            if format == BlockFormat::Q4_0 {
+                let eight = _mm512_set1_ps(8.0);
+                q = q.map(|v| _mm512_sub_ps(v, eight));
+            }
+            let w = q.map(|v| _mm512_mul_ps(v, d));
+            if format == BlockFormat::Q4_1 {
+                let m = _mm512_set1_ps(row.m[b]);
+                return w.map(|v| _mm512_add_ps(v, m));
+            }
+            w
         }
-        let w = q.map(|v| _mm512_mul_ps(v, d));
-        if format == BlockFormat::Q4_1 {
-            let m = _mm512_set1_ps(row.m[b]);
-            return w.map(|v| _mm512_add_ps(v, m));
-        }
-        w
     }
 
     /// Decodes a run of blocks of one row into f32 (`out`: 32 per block).
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     pub(super) unsafe fn decode_run(format: BlockFormat, row: Row<'_>, out: &mut [f32]) {
-        for (b, o) in out.chunks_exact_mut(BLOCK).enumerate() {
-            let w = weights(format, row, b);
-            _mm512_storeu_ps(o.as_mut_ptr(), w[0]);
-            _mm512_storeu_ps(o.as_mut_ptr().add(16), w[1]);
+        // SAFETY: the caller upholds this function's contract (the CPU has its target features;
+        // every pointer and index stays inside the buffers the caller passed, as it says at the call).
+        unsafe {
+            for (b, o) in out.chunks_exact_mut(BLOCK).enumerate() {
+                let w = weights(format, row, b);
+                _mm512_storeu_ps(o.as_mut_ptr(), w[0]);
+                _mm512_storeu_ps(o.as_mut_ptr().add(16), w[1]);
+            }
         }
     }
 
@@ -595,33 +642,37 @@ mod avx512 {
         sums: &[f32],
         cols: usize,
     ) -> f32 {
-        let qb = format.quant_bytes();
-        let nb = cols / BLOCK;
-        let mut acc = _mm512_setzero_ps();
-        for b in 0..nb {
-            let q = quants(format, row.qs.as_ptr().add(b * qb));
-            let x = x.add(b * BLOCK);
-            let t = _mm512_mul_ps(q[0], _mm512_loadu_ps(x));
-            let t = _mm512_fmadd_ps(q[1], _mm512_loadu_ps(x.add(16)), t);
-            acc = _mm512_fmadd_ps(t, _mm512_set1_ps(row.d[b]), acc);
-        }
-        // The offset part (`offset_term`), 16 blocks per fma, into the same accumulator.
-        let (c, scale) = match format {
-            BlockFormat::Q4_1 => (row.m, 1.0),
-            BlockFormat::Q4_0 => (row.d, -8.0),
-            BlockFormat::Q8_0 => return _mm512_reduce_add_ps(acc),
-        };
-        let scale = _mm512_set1_ps(scale);
-        for b in (0..nb).step_by(16) {
-            let k: __mmask16 = if nb - b >= 16 {
-                0xFFFF
-            } else {
-                (1 << (nb - b)) - 1
+        // SAFETY: the caller upholds this function's contract (the CPU has its target features;
+        // every pointer and index stays inside the buffers the caller passed, as it says at the call).
+        unsafe {
+            let qb = format.quant_bytes();
+            let nb = cols / BLOCK;
+            let mut acc = _mm512_setzero_ps();
+            for b in 0..nb {
+                let q = quants(format, row.qs.as_ptr().add(b * qb));
+                let x = x.add(b * BLOCK);
+                let t = _mm512_mul_ps(q[0], _mm512_loadu_ps(x));
+                let t = _mm512_fmadd_ps(q[1], _mm512_loadu_ps(x.add(16)), t);
+                acc = _mm512_fmadd_ps(t, _mm512_set1_ps(row.d[b]), acc);
+            }
+            // The offset part (`offset_term`), 16 blocks per fma, into the same accumulator.
+            let (c, scale) = match format {
+                BlockFormat::Q4_1 => (row.m, 1.0),
+                BlockFormat::Q4_0 => (row.d, -8.0),
+                BlockFormat::Q8_0 => return _mm512_reduce_add_ps(acc),
             };
-            let cv = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, c.as_ptr().add(b)), scale);
-            acc = _mm512_fmadd_ps(cv, _mm512_maskz_loadu_ps(k, sums.as_ptr().add(b)), acc);
+            let scale = _mm512_set1_ps(scale);
+            for b in (0..nb).step_by(16) {
+                let k: __mmask16 = if nb - b >= 16 {
+                    0xFFFF
+                } else {
+                    (1 << (nb - b)) - 1
+                };
+                let cv = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, c.as_ptr().add(b)), scale);
+                acc = _mm512_fmadd_ps(cv, _mm512_maskz_loadu_ps(k, sums.as_ptr().add(b)), acc);
+            }
+            _mm512_reduce_add_ps(acc)
         }
-        _mm512_reduce_add_ps(acc)
     }
 
     /// `R` (2..=4) rows of x: each block decoded to weights once, 2 fma per row.
@@ -634,17 +685,21 @@ mod avx512 {
         cols: usize,
         out: &mut [f32],
     ) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        for b in 0..cols / BLOCK {
-            let w = weights(format, row, b);
-            for r in 0..R {
-                let x = xs.add(r * cols + b * BLOCK);
-                acc[r][0] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(x), acc[r][0]);
-                acc[r][1] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(x.add(16)), acc[r][1]);
+        // SAFETY: the caller upholds this function's contract (the CPU has its target features;
+        // every pointer and index stays inside the buffers the caller passed, as it says at the call).
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 2]; R];
+            for b in 0..cols / BLOCK {
+                let w = weights(format, row, b);
+                for r in 0..R {
+                    let x = xs.add(r * cols + b * BLOCK);
+                    acc[r][0] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(x), acc[r][0]);
+                    acc[r][1] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(x.add(16)), acc[r][1]);
+                }
             }
-        }
-        for r in 0..R {
-            out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+            for r in 0..R {
+                out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+            }
         }
     }
 
@@ -654,62 +709,79 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::QTensor;
-    use candle_core::{Device, Tensor};
+    use rand::{Rng, SeedableRng};
 
-    fn quantized(format: GgmlDType, rows: usize, cols: usize) -> (QTensor, BlockMatrix) {
-        let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
+    fn weights(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
         // An offset so Q4_1's minimum is not symmetric around zero.
-        let w = (w + 0.3).unwrap();
-        let q = QTensor::quantize(&w, format).unwrap();
-        let bm = BlockMatrix::new(
-            BlockFormat::from_ggml(format).unwrap(),
-            rows,
-            cols,
-            q.data().unwrap().into_owned(),
-        )
-        .unwrap();
-        (q, bm)
+        (0..rows * cols)
+            .map(|_| r.random_range(-1.7f32..2.3))
+            .collect()
     }
 
-    /// Decoding (portable and through the matmul) gives exactly `QTensor::dequantize`.
+    const FORMATS: [BlockFormat; 3] = [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0];
+
+    /// Quantizing then decoding stays within half a quantization step of each weight, and the
+    /// portable decoder and the SIMD one (through `decode_rows`) give the same bits.
     #[test]
-    fn decode_matches_candle_dequantize() {
-        for f in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            let (q, bm) = quantized(f, 5, 96);
-            let want: Vec<f32> = q
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            assert_eq!(bm.dequantize(), want, "{f:?}");
+    fn quantize_round_trips_within_a_step() {
+        for f in FORMATS {
+            let (rows, cols) = (5, 96);
+            let w = weights(rows, cols, 1);
+            let bm = BlockMatrix::quantize(f, rows, cols, &w).unwrap();
+            let back = bm.dequantize();
+            for (blk, (a, b)) in w.chunks(BLOCK).zip(back.chunks(BLOCK)).enumerate() {
+                let (lo, hi) = a
+                    .iter()
+                    .fold((f32::MAX, f32::MIN), |(l, h), &x| (l.min(x), h.max(x)));
+                let step = match f {
+                    BlockFormat::Q4_0 => lo.abs().max(hi.abs()) / 8.0,
+                    BlockFormat::Q4_1 => (hi - lo) / 15.0,
+                    BlockFormat::Q8_0 => lo.abs().max(hi.abs()) / 127.0,
+                };
+                for (x, y) in a.iter().zip(b) {
+                    assert!(
+                        (x - y).abs() <= step * 0.5 + 1e-2 * step + 1e-6,
+                        "{f:?} block {blk}: {x} -> {y}"
+                    );
+                }
+            }
+            let mut runs = vec![0f32; rows * 64];
+            bm.decode_rows(0, 32, 64, &mut runs);
+            for r in 0..rows {
+                assert_eq!(
+                    &runs[r * 64..][..64],
+                    &back[r * cols + 32..][..64],
+                    "{f:?} row {r}"
+                );
+            }
         }
     }
 
-    /// The SIMD and portable kernels agree with dense f32 `x W^T` for every tile shape
-    /// (1..=9 rows covers the 4-row tiles and each tail).
+    /// Every kernel (portable and each SIMD level this CPU has) agrees with dense f32 `x W^T`
+    /// on the decoded weights for every tile shape (1..=9 rows covers the 4-row tiles and
+    /// each tail).
     #[test]
     fn matmul_matches_dense() {
-        for f in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            let (q, bm) = quantized(f, 77, 192);
-            let w = q.dequantize(&Device::Cpu).unwrap();
+        let (n, k) = (77, 192);
+        for f in FORMATS {
+            let bm = BlockMatrix::quantize(f, n, k, &weights(n, k, 2)).unwrap();
+            let w = bm.dequantize();
             for m in 1..=9 {
-                let x = Tensor::randn(0f32, 1.0, (m, 192), &Device::Cpu).unwrap();
-                let want: Vec<f32> = x
-                    .matmul(&w.t().unwrap())
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+                let x = weights(m, k, 3 + m as u64);
+                let mut want = vec![0f32; m * n];
+                for i in 0..m {
+                    for j in 0..n {
+                        want[i * n + j] = (0..k)
+                            .map(|t| x[i * k + t] as f64 * w[j * k + t] as f64)
+                            .sum::<f64>() as f32;
+                    }
+                }
                 for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
-                    if !isa_available(isa) {
+                    if isa != Isa::Portable && !Isa::test_has(isa) {
                         continue;
                     }
-                    let got = bm.matmul_with(&xs, m, isa);
+                    let got = bm.matmul_with(&x, m, isa);
                     assert_eq!(got.len(), want.len());
                     for (i, (g, e)) in got.iter().zip(&want).enumerate() {
                         assert!(
@@ -722,17 +794,11 @@ mod tests {
         }
     }
 
-    fn isa_available(isa: Isa) -> bool {
-        matches!(
-            (isa, Isa::detect()),
-            (Isa::Portable, _) | (_, Isa::Avx512) | (Isa::Avx2, Isa::Avx2)
-        )
-    }
-
     #[test]
     fn rejects_bad_shapes() {
         assert!(BlockMatrix::new(BlockFormat::Q8_0, 2, 40, vec![0; 68]).is_err());
         assert!(BlockMatrix::new(BlockFormat::Q8_0, 2, 32, vec![0; 67]).is_err());
         assert!(BlockMatrix::new(BlockFormat::Q8_0, 2, 32, vec![0; 68]).is_ok());
+        assert!(BlockMatrix::quantize(BlockFormat::Q4_1, 2, 32, &[0.0; 63]).is_err());
     }
 }

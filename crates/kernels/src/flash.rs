@@ -1,0 +1,447 @@
+//! Causal attention for prefill chunks on AVX-512 CPUs, flash-style: K and V are read from
+//! the KV pools through each sequence's slots, in tiles of [`KT`] keys, and the softmax is
+//! computed online (running max and sum per query row), so no score matrix over the whole
+//! context is built and no key past a row's position is computed.
+//!
+//! Work items are (sequence, KV head, a block of 32 query positions); an item's rows are its
+//! positions times the query heads sharing the KV head (96 for SmolLM2). Scores are held
+//! transposed, keys by rows, so the softmax runs down columns of 16 query rows at once with
+//! no horizontal reductions:
+//!
+//! ```text
+//!   once per (sequence, KV head):  Kp [groups of 12 keys][d][12]   (the gemm's x packing)
+//!   per item:                      Qt [strips of 32 rows][d][32]   (scaled; the gemm's W packing)
+//!   per tile of KT = 4 * MR keys:
+//!     S^T [KT][rows] = Kp Qt                        the gemm's 12 x 32 register tile, k = d
+//!     per 16 rows: mask keys past each row's position, m' = max(m, max_t S^T),
+//!                  P = e^(S^T - m'),  l = l e^(m - m') + sum_t P
+//!     O [rows][d] = O e^(m - m') + P^T V            6 rows x d in registers, V rows in place
+//! ```
+//!
+//! and at the end O / l. [`crate::attention::reference`] is its reference in the tests here
+//! (the model crate's golden tests also run it against PEFT's logits). Decode-like steps use
+//! [`crate::paged`], which spreads few query rows over the threads differently.
+
+use rayon::prelude::*;
+
+use crate::attention::{AttnBatch, Shape};
+use crate::error::{KernelError, Result};
+use crate::simd::SendPtr;
+
+/// Query positions per work item.
+const QB: usize = 32;
+/// Keys per score register tile (the gemm's MR).
+const MR: usize = crate::gemm::MR;
+/// Keys per tile: four register tiles (56).
+pub const KT: usize = 4 * MR;
+/// Query rows per register strip (the gemm's NR).
+const NR: usize = 32;
+
+/// Whether this CPU and head size run the kernel.
+pub fn available(head_dim: usize) -> bool {
+    crate::gemm::available() && matches!(head_dim, 16 | 32 | 64 | 128)
+}
+
+/// One work item: query positions `j0 .. j0 + len` of a sequence, one KV head.
+#[derive(Clone, Copy)]
+struct Item {
+    /// The sequence's first row in the step's token order.
+    q0: usize,
+    j0: usize,
+    len: usize,
+    /// The sequence's first entry in `gather_slots_host`.
+    k0: usize,
+    /// The sequence's index in the step.
+    seq: usize,
+    /// Position of the sequence's first new token.
+    start: usize,
+    head: usize,
+}
+
+/// `q`: [tokens, heads, head_dim] (RoPE applied), the pools [slots, kv_heads, head_dim] of one
+/// layer, the sequences as `b` lays them out; returns [tokens, heads, head_dim]. Errors unless
+/// [`available`] for the head size.
+pub fn attention(
+    q: &[f32],
+    k_pool: &[f32],
+    v_pool: &[f32],
+    b: &AttnBatch<'_>,
+    sh: &Shape,
+) -> Result<Vec<f32>> {
+    b.check(q, k_pool, v_pool, sh)?;
+    let (nh, kvh, d) = (sh.num_heads, sh.num_kv_heads, sh.head_dim);
+    if !available(d) {
+        return Err(KernelError::Shape(format!(
+            "flash attention: needs AVX-512 and head_dim 16, 32, 64 or 128 (head_dim {d})"
+        )));
+    }
+    let (seqlens_q, seqlens_k) = (b.seqlens_q(), b.seqlens_k());
+    let n = b.num_tokens();
+    let mut items = Vec::new();
+    let (mut qo, mut ko) = (0, 0);
+    for (i, (&nq, &nk)) in seqlens_q.iter().zip(seqlens_k).enumerate() {
+        for head in 0..kvh {
+            for j0 in (0..nq).step_by(QB) {
+                items.push(Item {
+                    q0: qo,
+                    j0,
+                    len: QB.min(nq - j0),
+                    k0: ko,
+                    seq: i,
+                    start: b.start_pos()[i],
+                    head,
+                });
+            }
+        }
+        qo += nq;
+        ko += nk;
+    }
+    // Longest items (most keys) first, so the last ones to finish are short.
+    items.sort_by_key(|it| std::cmp::Reverse(it.start + it.j0 + it.len));
+    let mut out = vec![0f32; n * nh * d];
+    let dst = SendPtr(out.as_mut_ptr());
+    let slots = b.slots();
+    // Where each (sequence, KV head)'s packed keys start in `kp`.
+    let mut kp_at = Vec::with_capacity(seqlens_k.len() * kvh);
+    let mut total = 0;
+    for &nk in seqlens_k {
+        for _ in 0..kvh {
+            kp_at.push(total);
+            total += nk.div_ceil(MR) * MR * d;
+        }
+    }
+    let mut kp = vec![0f32; total];
+    pack_keys(&mut kp, k_pool, slots, seqlens_k, kvh, d);
+    let geo = Geometry {
+        q,
+        kp: &kp,
+        kp_at: &kp_at,
+        v: v_pool,
+        slots,
+        heads: nh,
+        kv_heads: kvh,
+        scale: sh.scale,
+    };
+    #[cfg(target_arch = "x86_64")]
+    items.par_iter().for_each_init(Scratch::default, |s, it| {
+        // SAFETY: `available(d)` was checked (AVX-512, this head size); `AttnBatch::check`
+        // put the slots inside the pools and sized q; item rows (token, head) are disjoint,
+        // so no two tasks write the same output row.
+        unsafe {
+            match d {
+                16 => avx512::item::<1>(&geo, it, s, dst.get()),
+                32 => avx512::item::<2>(&geo, it, s, dst.get()),
+                64 => avx512::item::<4>(&geo, it, s, dst.get()),
+                _ => avx512::item::<8>(&geo, it, s, dst.get()),
+            }
+        }
+    });
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (geo, dst, items);
+    Ok(out)
+}
+
+/// Each (sequence, KV head)'s keys in groups of `MR`, each group [d][MR] (key-minor, zero
+/// past the last key): the x-side packing of the gemm's register tile.
+fn pack_keys(
+    kp: &mut [f32],
+    k: &[f32],
+    slots: &[u32],
+    seqlens_k: &[usize],
+    kv_heads: usize,
+    d: usize,
+) {
+    let mut jobs = Vec::with_capacity(seqlens_k.len() * kv_heads);
+    let mut rest = kp;
+    let mut k0 = 0;
+    for &nk in seqlens_k {
+        for h in 0..kv_heads {
+            let (mine, tail) = rest.split_at_mut(nk.div_ceil(MR) * MR * d);
+            rest = tail;
+            jobs.push((mine, &slots[k0..k0 + nk], h));
+        }
+        k0 += nk;
+    }
+    jobs.into_par_iter().for_each(|(dst, keys, h)| {
+        for (t, &slot) in keys.iter().enumerate() {
+            let row = &k[(slot as usize * kv_heads + h) * d..][..d];
+            let group = &mut dst[t / MR * MR * d..][..MR * d];
+            for (c, &x) in row.iter().enumerate() {
+                group[c * MR + t % MR] = x;
+            }
+        }
+    });
+}
+
+/// What every item reads.
+struct Geometry<'a> {
+    q: &'a [f32],
+    /// Packed keys (see `pack_keys`) and where each (sequence, KV head) starts.
+    kp: &'a [f32],
+    kp_at: &'a [usize],
+    v: &'a [f32],
+    slots: &'a [u32],
+    heads: usize,
+    kv_heads: usize,
+    scale: f32,
+}
+
+/// Per-thread buffers, reused across items.
+#[derive(Default)]
+struct Scratch {
+    /// Scaled query rows [rows][d], then transposed per strip of 32 rows [d][32].
+    qbuf: Vec<f32>,
+    qt: Vec<crate::gemm::Line>,
+    /// Transposed scores, then probabilities [KT][padded rows].
+    s: Vec<crate::gemm::Line>,
+    /// Output accumulators [rows][d]; per padded row the running max and sum, and this
+    /// tile's rescale factor.
+    o: Vec<f32>,
+    m: Vec<crate::gemm::Line>,
+    l: Vec<crate::gemm::Line>,
+    alpha: Vec<crate::gemm::Line>,
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Geometry, Item, Scratch, KT, MR, NR};
+    use crate::gemm::avx512::{tile, transpose_into};
+    use crate::simd::x86::exp16;
+
+    /// `O[r] = O[r] * alpha[r] + sum_t P[t][r] V[t]` for `R` rows, head_dim = 16 * DV; P is
+    /// [t][ldp] (transposed scores).
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn pv<const R: usize, const DV: usize>(
+        p: *const f32,
+        ldp: usize,
+        v: &[*const f32; KT],
+        kn: usize,
+        o: *mut f32,
+        alpha: *const f32,
+    ) {
+        // SAFETY: the caller upholds this function's contract (the CPU has its target features;
+        // every pointer and index stays inside the buffers the caller passed, as it says at the call).
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); DV]; R];
+            for (t, &vt) in v.iter().enumerate().take(kn) {
+                let mut vr = [_mm512_setzero_ps(); DV];
+                for (c, vr) in vr.iter_mut().enumerate() {
+                    *vr = _mm512_loadu_ps(vt.add(16 * c));
+                }
+                let pt = p.add(t * ldp);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let pr = _mm512_set1_ps(*pt.add(r));
+                    for c in 0..DV {
+                        acc[c] = _mm512_fmadd_ps(pr, vr[c], acc[c]);
+                    }
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                let a = _mm512_set1_ps(*alpha.add(r));
+                let orow = o.add(r * DV * 16);
+                for (c, acc) in acc.iter().enumerate() {
+                    let old = _mm512_loadu_ps(orow.add(16 * c));
+                    _mm512_storeu_ps(orow.add(16 * c), _mm512_fmadd_ps(old, a, *acc));
+                }
+            }
+        }
+    }
+
+    /// One item with head_dim = 16 * DV.
+    #[target_feature(enable = "avx512f,fma,avx2,f16c")]
+    pub(super) unsafe fn item<const DV: usize>(
+        g: &Geometry<'_>,
+        it: &Item,
+        s: &mut Scratch,
+        out: *mut f32,
+    ) {
+        // SAFETY: the caller upholds this function's contract (the CPU has its target features;
+        // every pointer and index stays inside the buffers the caller passed, as it says at the call).
+        unsafe {
+            let d = 16 * DV;
+            let group = g.heads / g.kv_heads;
+            let rows = it.len * group;
+            let strips = rows.div_ceil(NR);
+            let rp = strips * NR;
+            // Row r is position j0 + r / group of the block, query head head * group + r % group.
+            let q_row = |r: usize| {
+                let tok = it.q0 + it.j0 + r / group;
+                (tok * g.heads + it.head * group + r % group) * d
+            };
+            s.qbuf.clear();
+            s.qbuf.resize(rp * d, 0.0);
+            for r in 0..rows {
+                let src = &g.q[q_row(r)..][..d];
+                for (o, &x) in s.qbuf[r * d..(r + 1) * d].iter_mut().zip(src) {
+                    *o = x * g.scale;
+                }
+            }
+            let qt = crate::gemm::aligned(&mut s.qt, strips * d * NR);
+            for st in 0..strips {
+                let live = NR.min(rows - st * NR);
+                transpose_into(
+                    &s.qbuf[st * NR * d..],
+                    d,
+                    0,
+                    live,
+                    d,
+                    &mut qt[st * d * NR..(st + 1) * d * NR],
+                );
+            }
+            let qt = qt.as_ptr();
+            s.o.clear();
+            s.o.resize(rp * d, 0.0);
+            let m = crate::gemm::aligned(&mut s.m, rp).as_mut_ptr();
+            let l = crate::gemm::aligned(&mut s.l, rp).as_mut_ptr();
+            let alpha = crate::gemm::aligned(&mut s.alpha, rp).as_mut_ptr();
+            for r in 0..rp {
+                *m.add(r) = f32::NEG_INFINITY;
+                *l.add(r) = 0.0;
+            }
+            let st_buf = crate::gemm::aligned(&mut s.s, KT * rp).as_mut_ptr();
+            let kp = g.kp.as_ptr().add(g.kp_at[it.seq * g.kv_heads + it.head]);
+            let slots = &g.slots[it.k0..];
+            let first_pos = it.start + it.j0;
+            // Keys the block's last row sees.
+            let kend = first_pos + it.len;
+            // Per 16-row column: each row's position (-1 past the last row: sees nothing).
+            let pos: Vec<__m512i> = (0..rp / 16)
+                .map(|c| {
+                    let mut p = [-1i32; 16];
+                    for (i, p) in p.iter_mut().enumerate() {
+                        let r = c * 16 + i;
+                        if r < rows {
+                            *p = (first_pos + r / group) as i32;
+                        }
+                    }
+                    _mm512_loadu_si512(p.as_ptr().cast())
+                })
+                .collect();
+            let mut vptr = [std::ptr::null::<f32>(); KT];
+            for t0 in (0..kend).step_by(KT) {
+                let kn = KT.min(kend - t0);
+                for (t, v) in vptr.iter_mut().enumerate().take(kn) {
+                    *v =
+                        g.v.as_ptr()
+                            .add((slots[t0 + t] as usize * g.kv_heads + it.head) * d);
+                }
+                // S^T [kn][rp]: 12 keys x 32 rows per register tile.
+                for k0 in (0..kn).step_by(MR) {
+                    let xk = kp.add((t0 + k0) * d);
+                    for st in 0..strips {
+                        tile(
+                            MR.min(kn - k0),
+                            xk,
+                            qt.add(st * d * NR),
+                            d,
+                            st_buf.add(k0 * rp + st * NR),
+                            rp,
+                            NR,
+                            false,
+                        );
+                    }
+                }
+                // Online softmax down each column of 16 rows.
+                for (c, &pos) in pos.iter().enumerate() {
+                    let col = st_buf.add(c * 16);
+                    let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+                    for t in 0..kn {
+                        let vis = _mm512_cmpge_epi32_mask(pos, _mm512_set1_epi32((t0 + t) as i32));
+                        mx = _mm512_mask_max_ps(mx, vis, mx, _mm512_loadu_ps(col.add(t * rp)));
+                    }
+                    let m_old = _mm512_loadu_ps(m.add(c * 16));
+                    let m_new = _mm512_max_ps(m_old, mx);
+                    let mut sum = _mm512_setzero_ps();
+                    for t in 0..kn {
+                        let vis = _mm512_cmpge_epi32_mask(pos, _mm512_set1_epi32((t0 + t) as i32));
+                        let x = _mm512_sub_ps(_mm512_loadu_ps(col.add(t * rp)), m_new);
+                        let p = _mm512_maskz_mov_ps(vis, exp16(x));
+                        _mm512_storeu_ps(col.add(t * rp), p);
+                        sum = _mm512_add_ps(sum, p);
+                    }
+                    // e^(m - m'): 0 on a row's first visible tile (m = -inf; exp16 clamps to
+                    // e^-87, and O and l are 0 there), 1 where this tile had nothing visible.
+                    let a = exp16(_mm512_sub_ps(m_old, m_new));
+                    let a = _mm512_mask_mov_ps(
+                        a,
+                        _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(m_old, m_new),
+                        _mm512_set1_ps(1.0),
+                    );
+                    _mm512_storeu_ps(alpha.add(c * 16), a);
+                    let l_old = _mm512_loadu_ps(l.add(c * 16));
+                    _mm512_storeu_ps(l.add(c * 16), _mm512_fmadd_ps(l_old, a, sum));
+                    _mm512_storeu_ps(m.add(c * 16), m_new);
+                }
+                let rpv = (24 / DV).min(6);
+                let mut r0 = 0;
+                while r0 < rows {
+                    let (p, o, a) = (st_buf.add(r0), s.o.as_mut_ptr().add(r0 * d), alpha.add(r0));
+                    match rpv.min(rows - r0) {
+                        6 => pv::<6, DV>(p, rp, &vptr, kn, o, a),
+                        5 => pv::<5, DV>(p, rp, &vptr, kn, o, a),
+                        4 => pv::<4, DV>(p, rp, &vptr, kn, o, a),
+                        3 => pv::<3, DV>(p, rp, &vptr, kn, o, a),
+                        2 => pv::<2, DV>(p, rp, &vptr, kn, o, a),
+                        _ => pv::<1, DV>(p, rp, &vptr, kn, o, a),
+                    }
+                    r0 += rpv.min(rows - r0);
+                }
+            }
+            for r in 0..rows {
+                let inv = _mm512_set1_ps(1.0 / *l.add(r));
+                let dst = out.add(q_row(r));
+                for c in 0..DV {
+                    let x = _mm512_loadu_ps(s.o.as_ptr().add(r * d + 16 * c));
+                    _mm512_storeu_ps(dst.add(16 * c), _mm512_mul_ps(x, inv));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::{reference, testing};
+    use crate::Isa;
+
+    /// Every supported head size against the f64 reference: several sequences, chunks that
+    /// start after cached keys, lengths that are not multiples of the item (32) or the tile
+    /// (56), one token, grouped heads.
+    #[test]
+    fn matches_reference() {
+        if !Isa::test_has(Isa::Avx512) {
+            return;
+        }
+        let seqs: &[(usize, usize)] = &[(45, 0), (1, 7), (70, 61), (3, 0)];
+        for (i, d) in [16, 32, 64, 128].into_iter().enumerate() {
+            let (nh, kvh) = (6, 2);
+            let c = testing::case(seqs, nh, kvh, d, 40 + i as u64);
+            let sh = Shape {
+                num_heads: nh,
+                num_kv_heads: kvh,
+                head_dim: d,
+                scale: 1.0 / (d as f32).sqrt(),
+            };
+            let b = c.batch();
+            let want = reference(&c.q, &c.k, &c.v, &b, &sh).unwrap();
+            let got = attention(&c.q, &c.k, &c.v, &b, &sh).unwrap();
+            testing::assert_close(&got, &want, 1e-5, &format!("flash d={d}"));
+        }
+    }
+
+    #[test]
+    fn refuses_head_sizes_it_has_no_kernel_for() {
+        let c = testing::case(&[(2, 0)], 2, 1, 24, 1);
+        let sh = Shape {
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 24,
+            scale: 1.0,
+        };
+        assert!(attention(&c.q, &c.k, &c.v, &c.batch(), &sh).is_err());
+    }
+}

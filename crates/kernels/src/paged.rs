@@ -1,0 +1,484 @@
+//! Paged attention on the CPU for short query chunks (decode steps, the few tokens of an aLoRA
+//! call after a cached conversation): reads K and V where they live in the KV pools,
+//! through each sequence's slot list, instead of gathering and transposing the whole context
+//! per layer per step (which cost ~75 ms per decode step at 2048 tokens of context on SmolLM2,
+//! more than the attention itself; see BENCHMARKS.md).
+//!
+//! Per sequence and KV head, for each of its query rows and the `group` query heads sharing that
+//! KV head: scores against every visible key (causal, bottom-right aligned: query j at position
+//! start + j sees keys 0 ..= start + j), softmax with the max subtracted, then the weighted sum
+//! of V rows. f32 throughout; work items (sequence, KV head, a run of its tokens) run in
+//! parallel with rayon. With AVX2 + FMA an item runs a register-tiled kernel (2 query rows x 4
+//! keys per score pass, a vectorised exp, 2 rows x 32 floats per value pass): the 7-token step
+//! of an aLoRA call after 2,048 cached tokens went from 125 to 75 ms on SmolLM2 with it
+//! (`benches/smollm2.rs`, `tail7`). Elsewhere the portable loop runs, which is also the SIMD
+//! kernel's reference in the tests below; both are tested against [`crate::attention::reference`].
+
+use rayon::prelude::*;
+
+use crate::attention::{AttnBatch, Shape};
+use crate::error::Result;
+use crate::isa::Isa;
+use crate::simd::dot;
+
+#[inline]
+fn axpy(out: &mut [f32], p: f32, v: &[f32]) {
+    for (o, x) in out.iter_mut().zip(v) {
+        *o += p * x;
+    }
+}
+
+/// One work item: a sequence's query rows that share one KV head.
+struct Item<'a> {
+    /// Query rows, each `head_dim` long, in (token j, head in group) order.
+    rows: Vec<&'a [f32]>,
+    /// Per row, how many of `keys` it sees (causal: position start + j sees start + j + 1).
+    visible: Vec<usize>,
+    /// The sequence's key slots in position order.
+    keys: &'a [u32],
+    head: usize,
+}
+
+/// The KV pools of one layer as seen by a kernel.
+struct Pools<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f32,
+}
+
+impl Pools<'_> {
+    #[inline]
+    fn k_row(&self, slot: u32, h: usize) -> &[f32] {
+        &self.k[(slot as usize * self.kv_heads + h) * self.head_dim..][..self.head_dim]
+    }
+    #[inline]
+    fn v_row(&self, slot: u32, h: usize) -> &[f32] {
+        &self.v[(slot as usize * self.kv_heads + h) * self.head_dim..][..self.head_dim]
+    }
+}
+
+/// The portable kernel (and the reference for the SIMD one): per row, scores against every
+/// visible key, softmax with the max subtracted, weighted sum of V rows. Returns [rows, d].
+fn item_portable(it: &Item<'_>, p: &Pools<'_>) -> Vec<f32> {
+    let d = p.head_dim;
+    let mut res = vec![0f32; it.rows.len() * d];
+    let mut scores = vec![0f32; it.keys.len()];
+    for (r, (qrow, &visible)) in it.rows.iter().zip(&it.visible).enumerate() {
+        let mut max = f32::NEG_INFINITY;
+        for (t, &s) in it.keys[..visible].iter().enumerate() {
+            let x = dot(qrow, p.k_row(s, it.head)) * p.scale;
+            scores[t] = x;
+            max = max.max(x);
+        }
+        let mut sum = 0f32;
+        for x in &mut scores[..visible] {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        let o = &mut res[r * d..][..d];
+        for (t, &s) in it.keys[..visible].iter().enumerate() {
+            axpy(o, scores[t], p.v_row(s, it.head));
+        }
+        let inv = 1.0 / sum;
+        o.iter_mut().for_each(|x| *x *= inv);
+    }
+    res
+}
+
+/// `q`: [tokens, heads, head_dim] (RoPE applied), `k_pool` / `v_pool`: one layer's pools
+/// [slots, kv_heads, head_dim], the sequences as `b` lays them out. Returns [tokens, heads,
+/// head_dim].
+///
+/// Work items are (sequence, KV head, a run of its query tokens), so a few-token chunk of one
+/// sequence still spreads over the threads; each item reads its keys and values in place.
+pub fn attention(
+    q: &[f32],
+    k_pool: &[f32],
+    v_pool: &[f32],
+    b: &AttnBatch<'_>,
+    sh: &Shape,
+) -> Result<Vec<f32>> {
+    attention_with(q, k_pool, v_pool, b, sh, Isa::has_avx2())
+}
+
+fn attention_with(
+    q: &[f32],
+    k_pool: &[f32],
+    v_pool: &[f32],
+    b: &AttnBatch<'_>,
+    sh: &Shape,
+    avx2: bool,
+) -> Result<Vec<f32>> {
+    b.check(q, k_pool, v_pool, sh)?;
+    let (nh, kvh, d) = (sh.num_heads, sh.num_kv_heads, sh.head_dim);
+    let group = nh / kvh;
+    let (seqlens_q, seqlens_k, start_pos) = (b.seqlens_q(), b.seqlens_k(), b.start_pos());
+    let n = b.num_tokens();
+    let simd = avx2 && Isa::has_avx2() && d.is_multiple_of(8);
+    // (first query row, tokens, first key, keys, start position, kv head)
+    let mut items = Vec::new();
+    let threads = rayon::current_num_threads().max(1);
+    let (mut qo, mut ko) = (0, 0);
+    for (i, (&nq, &nk)) in seqlens_q.iter().zip(seqlens_k).enumerate() {
+        // Split a sequence's tokens only when there are fewer (sequence, head) pairs than
+        // threads: each part reads all of the sequence's K and V again.
+        let parts = threads.div_ceil(seqlens_q.len() * kvh).clamp(1, nq.max(1));
+        let per = nq.div_ceil(parts);
+        for h in 0..kvh {
+            let mut j = 0;
+            while j < nq {
+                let len = per.min(nq - j);
+                items.push((qo + j, len, ko, nk, start_pos[i] + j, h));
+                j += len;
+            }
+        }
+        qo += nq;
+        ko += nk;
+    }
+    let slots = b.slots();
+    let pools = Pools {
+        k: k_pool,
+        v: v_pool,
+        kv_heads: kvh,
+        head_dim: d,
+        scale: sh.scale,
+    };
+    let out = items
+        .par_iter()
+        .map(|&(qo, nq, ko, nk, start, h)| {
+            let mut rows = Vec::with_capacity(nq * group);
+            let mut visible = Vec::with_capacity(nq * group);
+            for j in 0..nq {
+                for r in 0..group {
+                    rows.push(&q[((qo + j) * nh + h * group + r) * d..][..d]);
+                    visible.push((start + j + 1).min(nk));
+                }
+            }
+            let it = Item {
+                rows,
+                visible,
+                keys: &slots[ko..ko + nk],
+                head: h,
+            };
+            if simd {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AVX2 and FMA were detected; every row is head_dim long, a multiple
+                // of 8, and `AttnBatch::check` put every slot inside the pools.
+                return unsafe { avx2::item(&it, &pools) };
+            }
+            item_portable(&it, &pools)
+        })
+        .collect::<Vec<_>>();
+    let mut flat = vec![0f32; n * nh * d];
+    for (&(qo, nq, _, _, _, h), res) in items.iter().zip(out) {
+        for j in 0..nq {
+            for r in 0..group {
+                let head = h * group + r;
+                flat[((qo + j) * nh + head) * d..][..d]
+                    .copy_from_slice(&res[(j * group + r) * d..][..d]);
+            }
+        }
+    }
+    Ok(flat)
+}
+
+#[cfg(target_arch = "x86_64")]
+// Register tiles are indexed [row][lane group] in several arrays at once; index loops say so
+// more plainly than zipped iterators.
+#[allow(clippy::needless_range_loop)]
+mod avx2 {
+    //! The same item with AVX2: scores for 2 query rows x 4 keys per pass (8 accumulators over
+    //! head_dim, each key row loaded once for both rows), a vectorised exp for the softmax,
+    //! then the weighted sum of V for 2 rows at a time over 32-float (or 8-float) slices.
+
+    use std::arch::x86_64::*;
+
+    use super::{Item, Pools};
+    use crate::simd::x86::{exp8, hsum};
+
+    /// The sums of four registers as one [s0, s1, s2, s3].
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum4(a: __m256, b: __m256, c: __m256, d: __m256) -> __m128 {
+        let ab = _mm256_hadd_ps(a, b); // a01 a23 b01 b23 | a45 a67 b45 b67
+        let cd = _mm256_hadd_ps(c, d);
+        let abcd = _mm256_hadd_ps(ab, cd); // a0123 b0123 c0123 d0123 | a4567 ...
+        _mm_add_ps(
+            _mm256_castps256_ps128(abcd),
+            _mm256_extractf128_ps::<1>(abcd),
+        )
+    }
+
+    /// Scores of `R` rows against keys `t0..t0 + 4` into `s[r * nk + t]`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn scores_tile<const R: usize>(
+        q: [&[f32]; R],
+        k: [&[f32]; 4],
+        s: &mut [f32],
+        nk: usize,
+        t0: usize,
+        scale: f32,
+    ) {
+        // SAFETY: the caller upholds this function's contract (the CPU has its target features;
+        // every pointer and index stays inside the buffers the caller passed, as it says at the call).
+        unsafe {
+            let d = q[0].len();
+            let mut acc = [[_mm256_setzero_ps(); 4]; R];
+            let mut c = 0;
+            while c < d {
+                let mut qc = [_mm256_setzero_ps(); R];
+                for r in 0..R {
+                    qc[r] = _mm256_loadu_ps(q[r].as_ptr().add(c));
+                }
+                for t in 0..4 {
+                    let kc = _mm256_loadu_ps(k[t].as_ptr().add(c));
+                    for r in 0..R {
+                        acc[r][t] = _mm256_fmadd_ps(qc[r], kc, acc[r][t]);
+                    }
+                }
+                c += 8;
+            }
+            let sc = _mm_set1_ps(scale);
+            for r in 0..R {
+                let v = _mm_mul_ps(hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]), sc);
+                _mm_storeu_ps(s.as_mut_ptr().add(r * nk + t0), v);
+            }
+        }
+    }
+
+    /// `out[r] += sum_t p[r][t] V_t` over keys `keys` for `R` rows, on `W` registers (8W
+    /// floats) of head_dim starting at `c0`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn values_tile<const R: usize, const W: usize>(
+        it: &Item<'_>,
+        pools: &Pools<'_>,
+        probs: [&[f32]; R],
+        keys: std::ops::Range<usize>,
+        c0: usize,
+        out: [*mut f32; R],
+    ) {
+        // SAFETY: the caller upholds this function's contract (the CPU has its target features;
+        // every pointer and index stays inside the buffers the caller passed, as it says at the call).
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); W]; R];
+            for r in 0..R {
+                for w in 0..W {
+                    acc[r][w] = _mm256_loadu_ps(out[r].add(c0 + 8 * w));
+                }
+            }
+            for t in keys {
+                let v = pools.v_row(it.keys[t], it.head).as_ptr().add(c0);
+                let mut p = [_mm256_setzero_ps(); R];
+                for r in 0..R {
+                    p[r] = _mm256_set1_ps(*probs[r].get_unchecked(t));
+                }
+                for w in 0..W {
+                    let vw = _mm256_loadu_ps(v.add(8 * w));
+                    for r in 0..R {
+                        acc[r][w] = _mm256_fmadd_ps(p[r], vw, acc[r][w]);
+                    }
+                }
+            }
+            for r in 0..R {
+                for w in 0..W {
+                    _mm256_storeu_ps(out[r].add(c0 + 8 * w), acc[r][w]);
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn item(it: &Item<'_>, pools: &Pools<'_>) -> Vec<f32> {
+        // SAFETY: the caller upholds this function's contract (the CPU has its target features;
+        // every pointer and index stays inside the buffers the caller passed, as it says at the call).
+        unsafe {
+            let d = pools.head_dim;
+            let nr = it.rows.len();
+            let nk = it.keys.len();
+            let h = it.head;
+            // Scores for every key (masked ones are zeroed after the softmax).
+            let mut s = vec![0f32; nr * nk];
+            let t4 = nk / 4 * 4;
+            let mut t = 0;
+            while t < t4 {
+                let k = [0, 1, 2, 3].map(|i| pools.k_row(it.keys[t + i], h));
+                let mut r = 0;
+                while r + 2 <= nr {
+                    scores_tile::<2>(
+                        [it.rows[r], it.rows[r + 1]],
+                        k,
+                        &mut s[r * nk..],
+                        nk,
+                        t,
+                        pools.scale,
+                    );
+                    r += 2;
+                }
+                if r < nr {
+                    scores_tile::<1>([it.rows[r]], k, &mut s[r * nk..], nk, t, pools.scale);
+                }
+                t += 4;
+            }
+            for t in t4..nk {
+                let k = pools.k_row(it.keys[t], h);
+                for r in 0..nr {
+                    let mut acc = _mm256_setzero_ps();
+                    for c in (0..d).step_by(8) {
+                        acc = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(it.rows[r].as_ptr().add(c)),
+                            _mm256_loadu_ps(k.as_ptr().add(c)),
+                            acc,
+                        );
+                    }
+                    s[r * nk + t] = hsum(acc) * pools.scale;
+                }
+            }
+            // Softmax over each row's visible keys; the rest become 0.
+            let mut inv = vec![0f32; nr];
+            for r in 0..nr {
+                let vis = it.visible[r];
+                let row = &mut s[r * nk..(r + 1) * nk];
+                // Max over the visible scores, 8 lanes at a time (a scalar fold is a serial chain).
+                let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
+                let mut t = 0;
+                while t + 8 <= vis {
+                    mv = _mm256_max_ps(mv, _mm256_loadu_ps(row.as_ptr().add(t)));
+                    t += 8;
+                }
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), mv);
+                let max = lanes
+                    .iter()
+                    .chain(&row[t..vis])
+                    .copied()
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let m = _mm256_set1_ps(max);
+                let mut sum = _mm256_setzero_ps();
+                let mut t = 0;
+                while t + 8 <= vis {
+                    let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row.as_ptr().add(t)), m));
+                    _mm256_storeu_ps(row.as_mut_ptr().add(t), e);
+                    sum = _mm256_add_ps(sum, e);
+                    t += 8;
+                }
+                let mut total = hsum(sum);
+                for x in &mut row[t..vis] {
+                    *x = (*x - max).exp();
+                    total += *x;
+                }
+                row[vis..].iter_mut().for_each(|x| *x = 0.0);
+                inv[r] = 1.0 / total;
+            }
+            // Weighted sums of V, in tiles of keys so a tile's V rows stay in L1 while every row
+            // pair reads them.
+            const KEY_TILE: usize = 64;
+            let mut out = vec![0f32; nr * d];
+            let o = out.as_mut_ptr();
+            let prob = |r: usize| &s[r * nk..(r + 1) * nk];
+            let all = it.visible.iter().copied().max().unwrap_or(0);
+            let mut t0 = 0;
+            while t0 < all {
+                let t1 = (t0 + KEY_TILE).min(all);
+                let mut r = 0;
+                while r < nr {
+                    let two = r + 2 <= nr;
+                    let vis = if two {
+                        it.visible[r].max(it.visible[r + 1])
+                    } else {
+                        it.visible[r]
+                    };
+                    let keys = t0..t1.min(vis);
+                    let mut c = 0;
+                    while c < d && !keys.is_empty() {
+                        let wide = c + 32 <= d;
+                        let k = keys.clone();
+                        match (two, wide) {
+                            (true, true) => values_tile::<2, 4>(
+                                it,
+                                pools,
+                                [prob(r), prob(r + 1)],
+                                k,
+                                c,
+                                [o.add(r * d), o.add((r + 1) * d)],
+                            ),
+                            (true, false) => values_tile::<2, 1>(
+                                it,
+                                pools,
+                                [prob(r), prob(r + 1)],
+                                k,
+                                c,
+                                [o.add(r * d), o.add((r + 1) * d)],
+                            ),
+                            (false, true) => {
+                                values_tile::<1, 4>(it, pools, [prob(r)], k, c, [o.add(r * d)])
+                            }
+                            (false, false) => {
+                                values_tile::<1, 1>(it, pools, [prob(r)], k, c, [o.add(r * d)])
+                            }
+                        }
+                        c += if wide { 32 } else { 8 };
+                    }
+                    r += if two { 2 } else { 1 };
+                }
+                t0 = t1;
+            }
+            for (r, x) in inv.iter().enumerate() {
+                out[r * d..(r + 1) * d].iter_mut().for_each(|v| *v *= x);
+            }
+            out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::{reference, testing};
+
+    const SHAPES: [(usize, usize, usize); 4] = [(4, 2, 16), (9, 3, 64), (2, 1, 64), (4, 2, 128)];
+
+    /// The portable and the AVX2 kernel against the f64 reference: decode steps over
+    /// scattered slots, a few-token chunk after a long context, an odd number of rows, key
+    /// counts that are not multiples of 4, one key.
+    #[test]
+    fn kernels_match_reference() {
+        let seqs: &[&[(usize, usize)]] =
+            &[&[(1, 36), (1, 0), (1, 129)], &[(7, 300)], &[(3, 2), (5, 0)]];
+        for (si, seqs) in seqs.iter().enumerate() {
+            for (hi, &(nh, kvh, d)) in SHAPES.iter().enumerate() {
+                let c = testing::case(seqs, nh, kvh, d, (si * 10 + hi) as u64);
+                let sh = Shape {
+                    num_heads: nh,
+                    num_kv_heads: kvh,
+                    head_dim: d,
+                    scale: 0.3,
+                };
+                let b = c.batch();
+                let want = reference(&c.q, &c.k, &c.v, &b, &sh).unwrap();
+                let got = attention_with(&c.q, &c.k, &c.v, &b, &sh, false).unwrap();
+                testing::assert_close(&got, &want, 1e-5, &format!("portable {seqs:?} d={d}"));
+                if Isa::test_has(Isa::Avx2) {
+                    let got = attention_with(&c.q, &c.k, &c.v, &b, &sh, true).unwrap();
+                    testing::assert_close(&got, &want, 1e-5, &format!("avx2 {seqs:?} d={d}"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_pools_too_small_for_the_slots() {
+        let c = testing::case(&[(2, 5)], 2, 1, 8, 1);
+        let sh = Shape {
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 8,
+            scale: 1.0,
+        };
+        let short = &c.k[..8];
+        assert!(attention(&c.q, short, short, &c.batch(), &sh).is_err());
+    }
+}
