@@ -10,7 +10,7 @@
 //! hash values cannot be predicted from outside; tests fix it ([`BlockHasher::with_seed`]).
 //!
 //! The extra key is what makes a block's KV different from the base model's for the same tokens
-//! (see `shared/ALORA.md`, "Prefix cache consequence"). It is computed in exactly one place,
+//! (see docs/ALORA.md, "What the prefix cache keys on"). It is computed in exactly one place,
 //! [`RequestKey::extra_key`]:
 //!
 //! ```text
@@ -217,7 +217,7 @@ mod tests {
         AdapterDigest([x; 32])
     }
 
-    /// The keying rule of ALORA.md, one row per case: which blocks carry the adapter key.
+    /// The keying rule of docs/ALORA.md, one row per case: which blocks carry the adapter key.
     #[test]
     fn extra_key_table() {
         let bs = 4;

@@ -1,5 +1,5 @@
 //! Scripted scenarios: exact block ids, hit counts and free-queue order, and the keying rule
-//! of ALORA.md ("Prefix cache consequence") as a table.
+//! of docs/ALORA.md ("What the prefix cache keys on") as a table.
 
 use alora_cache::{
     AdapterDigest, AdapterKey, BlockHasher, BlockId, CacheConfig, KvCacheManager, RequestKey,

@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use alora_model::text::prompt::{self, PromptAdapter};
 use alora_model::{
     generate, ChatMessage, GenerateOptions, LoadOptions, LoadedModel, LoraAdapter, QuantPolicy,
     SamplingParams,
@@ -113,26 +114,18 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         }
         None => None,
     };
-    let mut prompt_ids = match (&a.prompt, &a.chat) {
-        (Some(p), None) => m.tokenizer.encode(p)?,
+    // The server's prompt rule (alora_model::text::prompt): a chat renders with a generation
+    // prompt for base and LoRA, without one plus the invocation for an aLoRA; a raw prompt
+    // gets the invocation appended unless it already ends with it.
+    let kind = PromptAdapter::of(adapter.as_deref().map(|ad| ad.invocation_tokens()));
+    let prompt = match (&a.prompt, &a.chat) {
+        (Some(p), None) => prompt::ids_prompt_appending(m.tokenizer.encode(p)?, kind),
         (None, Some(c)) => {
-            // An aLoRA continues the conversation after its invocation, not after an
-            // assistant header.
-            let is_alora = adapter
-                .as_ref()
-                .is_some_and(|ad| ad.invocation_tokens().is_some());
-            let text = m
-                .template
-                .render(&[ChatMessage::new("user", c)], !is_alora)?;
-            m.tokenizer.encode(&text)?
+            let msgs = [ChatMessage::new("user", c)];
+            prompt::chat_prompt(&m.template, &m.tokenizer, &msgs, kind)?.1
         }
         _ => bail!("pass exactly one of --prompt or --chat"),
     };
-    if let Some(inv) = adapter.as_ref().and_then(|ad| ad.invocation_tokens()) {
-        if !prompt_ids.ends_with(inv) {
-            prompt_ids.extend_from_slice(inv);
-        }
-    }
     let sampling = SamplingParams {
         temperature: a.temperature,
         top_p: a.top_p,
@@ -147,22 +140,15 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     };
     let mut out = std::io::stdout().lock();
     let started = std::time::Instant::now();
-    let g = generate(
-        &m.model,
-        &m.tokenizer,
-        &prompt_ids,
-        adapter,
-        &gen_opts,
-        |t| {
-            let _ = out.write_all(t.as_bytes());
-            let _ = out.flush();
-        },
-    )?;
+    let g = generate(&m.model, &m.tokenizer, &prompt, adapter, &gen_opts, |t| {
+        let _ = out.write_all(t.as_bytes());
+        let _ = out.flush();
+    })?;
     let secs = started.elapsed().as_secs_f64();
     writeln!(out)?;
     eprintln!(
         "[{} prompt tokens, {} generated in {:.2}s, finish: {:?}]",
-        prompt_ids.len(),
+        prompt.ids.len(),
         g.ids.len(),
         secs,
         g.finish_reason

@@ -1,5 +1,5 @@
 //! `alora train` (fine-tune an aLoRA or LoRA adapter) and `alora eval` (held-out accuracy of
-//! an intrinsic). Defaults are the seed's recipe (../shared/ALORA.md, "Training").
+//! an intrinsic). Defaults are the seed's recipe (docs/ALORA.md, "Training defaults").
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -9,17 +9,10 @@ use crate::batch::{ActiveAdapter, SeqStep};
 use crate::error::Result;
 use crate::lora::LoraAdapter;
 use crate::model::CausalLm;
-use crate::sampling::{Sampler, SamplingParams, StopCheck, StopStrings};
-use crate::tokenizer::{IncrementalDecoder, Tokenizer};
-
-/// Why generation ended, in OpenAI's words.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// EOS, a stop token or a stop string.
-    Stop,
-    /// `max_tokens` reached.
-    Length,
-}
+use crate::text::output::{FinishReason, OutputLimits, OutputStream};
+use crate::text::prompt::Prompt;
+use crate::text::sampling::{Sampler, SamplingParams};
+use crate::text::tokenizer::Tokenizer;
 
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
@@ -54,35 +47,41 @@ pub struct Generation {
 
 const BLOCK: usize = 16;
 
-/// Generates from `prompt` with an optional adapter, calling `on_text` with each piece of text
-/// as it becomes final.
+/// Generates from `prompt` (built by [`crate::text::prompt`], which found its activation start)
+/// with an optional adapter, calling `on_text` with each piece of text as it becomes final.
 pub fn generate(
     model: &CausalLm,
     tok: &Tokenizer,
-    prompt: &[u32],
+    prompt: &Prompt,
     adapter: Option<Arc<LoraAdapter>>,
     opts: &GenerateOptions,
     mut on_text: impl FnMut(&str),
 ) -> Result<Generation> {
+    let activation_start = prompt.activation_start;
+    let prompt = &prompt.ids[..];
     let total = (prompt.len() + opts.max_tokens).min(model.max_positions());
     let nblocks = total.div_ceil(BLOCK).max(1);
     let kv = model.new_kv_store(nblocks, BLOCK)?;
     let table: Vec<BlockId> = (0..nblocks as u32).map(BlockId).collect();
-    let active = adapter.and_then(|a| {
-        a.activation_start(prompt)
-            .map(|activation_start| ActiveAdapter {
-                adapter: a,
-                activation_start,
-            })
-    });
+    let active = adapter
+        .zip(activation_start)
+        .map(|(adapter, activation_start)| ActiveAdapter {
+            adapter,
+            activation_start,
+        });
     let mut sampler = Sampler::new(opts.sampling.clone(), prompt);
-    let mut decoder = IncrementalDecoder::new(true);
-    let mut stops = StopStrings::new(opts.stop.clone());
+    let limits = OutputLimits {
+        max_tokens: opts.max_tokens.min(total.saturating_sub(prompt.len())),
+        stop: opts.stop.clone(),
+        stop_token_ids: opts.stop_token_ids.clone(),
+        ignore_eos: opts.ignore_eos,
+    };
+    let mut output = OutputStream::new(limits, &tok.eos_token_ids);
     let mut ids: Vec<u32> = prompt.to_vec();
     let mut out = Vec::new();
     let mut pos = 0;
     let mut finish = FinishReason::Length;
-    while out.len() < opts.max_tokens && ids.len() < total + 1 {
+    while !output.is_empty_limit() {
         let end = if pos < prompt.len() {
             (pos + opts.chunk).min(prompt.len())
         } else {
@@ -102,37 +101,21 @@ pub fn generate(
         }
         let row = logits.last(0)?.to_vec1::<f32>()?;
         let t = sampler.sample(&row).token;
-        let is_eos = !opts.ignore_eos && tok.eos_token_ids.contains(&t);
-        if is_eos || opts.stop_token_ids.contains(&t) {
-            finish = FinishReason::Stop;
-            break;
+        let pushed = output.push(tok, t);
+        if pushed.appended {
+            out.push(t);
+            ids.push(t);
         }
-        out.push(t);
-        ids.push(t);
-        if let Some(piece) = decoder.push(tok, t)? {
-            match stops.push(&piece) {
-                StopCheck::Continue(s) => on_text(&s),
-                StopCheck::Stopped(s) => {
-                    on_text(&s);
-                    finish = FinishReason::Stop;
-                    break;
-                }
-            }
-        }
-        if ids.len() >= total {
+        on_text(&pushed.text);
+        if let Some(f) = pushed.finish {
+            finish = f;
             break;
         }
     }
-    if finish == FinishReason::Length {
-        if let Some(rest) = decoder.flush(tok)? {
-            let (StopCheck::Continue(s) | StopCheck::Stopped(s)) = stops.push(&rest);
-            on_text(&s);
-        }
-        on_text(&stops.flush());
-    }
+    on_text(&output.finish(tok));
     Ok(Generation {
         ids: out,
-        text: stops.text_so_far().to_string(),
+        text: output.text_so_far().to_string(),
         finish_reason: finish,
     })
 }

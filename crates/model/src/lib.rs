@@ -13,8 +13,9 @@
 /// The block-quantized matrices the weights hold (`alora-kernels`).
 pub use alora_kernels::qmatmul;
 
+pub use text::{chat, sampling, tokenizer};
+
 pub mod batch;
-pub mod chat;
 pub mod config;
 pub mod error;
 pub mod generate;
@@ -24,21 +25,22 @@ pub mod lora;
 pub mod model;
 mod ops;
 pub mod rope;
-pub mod sampling;
 #[doc(hidden)]
 pub mod testing;
-pub mod tokenizer;
+pub mod text;
 pub mod weights;
 
 pub use batch::{ActiveAdapter, SeqStep, StepLogits};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig};
 pub use error::{ModelError, Result};
-pub use generate::{generate, FinishReason, GenerateOptions, Generation};
+pub use generate::{generate, GenerateOptions, Generation};
 pub use kv::KvStore;
 pub use loader::{LoadOptions, LoadedModel};
 pub use lora::{find_activation_start, AdapterKind, LoraAdapter, Module};
 pub use model::{causal_mask, AttentionImpl, CausalLm, DenseLayer, DenseWeights};
 pub use sampling::{Sampled, Sampler, SamplingParams, StopCheck, StopStrings};
+pub use text::output::{FinishReason, OutputLimits, OutputStream, Pushed};
+pub use text::prompt::{Prompt, PromptAdapter};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};
 pub use weights::{LinearWeight, QuantPolicy};

@@ -8,8 +8,10 @@ use candle_core::{DType, Device};
 use crate::chat::ChatTemplate;
 use crate::error::{ModelError, Result};
 use crate::model::CausalLm;
-use crate::tokenizer::Tokenizer;
+use crate::text::tokenizer::{tok_err, Tokenizer};
 use crate::weights::QuantPolicy;
+use candle_core::quantized::gguf_file;
+use candle_core::quantized::tokenizer::TokenizerFromGguf;
 
 /// Options for [`LoadedModel::load`].
 #[derive(Debug, Clone)]
@@ -52,7 +54,7 @@ impl LoadedModel {
             (model, tok)
         } else if path.extension().is_some_and(|e| e == "gguf") {
             let (model, content) = CausalLm::load_gguf(path, opts.quant, &opts.device)?;
-            (model, Tokenizer::from_gguf(&content)?)
+            (model, tokenizer_from_gguf(&content)?)
         } else {
             return Err(ModelError::Config(format!(
                 "{}: expected an HF model directory or a .gguf file",
@@ -71,4 +73,46 @@ impl LoadedModel {
             name,
         })
     }
+}
+
+/// A tokenizer from GGUF metadata (gpt2-type BPE).
+pub fn tokenizer_from_gguf(ct: &gguf_file::Content) -> Result<Tokenizer> {
+    let mut inner = tokenizers::Tokenizer::from_gguf(ct).map_err(tok_err)?;
+    let pre = ct
+        .metadata
+        .get("tokenizer.ggml.pre")
+        .and_then(|v| v.to_string().ok())
+        .cloned();
+    if !matches!(
+        pre.as_deref(),
+        Some("qwen2" | "llama3" | "smaug-bpe" | "lfm2")
+    ) {
+        // candle's generic GPT-2 pipeline adds a prefix space; transformers' GGUF converter
+        // (the reference) honours `tokenizer.ggml.add_space_prefix`, false when absent.
+        let add_prefix = ct
+            .metadata
+            .get("tokenizer.ggml.add_space_prefix")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false);
+        inner.with_pre_tokenizer(Some(
+            tokenizers::pre_tokenizers::byte_level::ByteLevel::new(add_prefix, true, true),
+        ));
+    }
+    let id = |k: &str| ct.metadata.get(k).and_then(|v| v.to_u32().ok());
+    let name = |i: Option<u32>| i.and_then(|i| inner.id_to_token(i));
+    let bos = id("tokenizer.ggml.bos_token_id");
+    let eos = id("tokenizer.ggml.eos_token_id");
+    let chat_template = ct
+        .metadata
+        .get("tokenizer.chat_template")
+        .and_then(|v| v.to_string().ok())
+        .cloned();
+    let (bos_token, eos_token) = (name(bos), name(eos));
+    Ok(Tokenizer::from_parts(
+        inner,
+        bos_token,
+        eos_token,
+        eos.into_iter().collect(),
+        chat_template,
+    ))
 }

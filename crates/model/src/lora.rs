@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::ModelConfig;
 use crate::error::{io_err, ModelError, Result};
+pub use crate::text::prompt::find_activation_start;
 
 /// The projections an adapter may target, in checkpoint names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -128,17 +129,6 @@ pub struct LoraAdapter {
     pub rank: usize,
     pub targets: Vec<Module>,
     pairs: Vec<Option<LoraPair>>,
-}
-
-/// Start of the last occurrence of `inv` in `ids` (overlapping matches count), as PEFT's
-/// `calculate_alora_offsets`.
-pub fn find_activation_start(ids: &[u32], inv: &[u32]) -> Option<usize> {
-    if inv.is_empty() || inv.len() > ids.len() {
-        return None;
-    }
-    (0..=ids.len() - inv.len())
-        .rev()
-        .find(|&i| &ids[i..i + inv.len()] == inv)
 }
 
 fn adapter_err(dir: &Path, msg: impl Into<String>) -> ModelError {
@@ -431,7 +421,7 @@ impl LoraAdapter {
 mod tests {
     use super::*;
 
-    /// PEFT's own test cases (tests/test_lora_variants.py), as quoted in ALORA.md.
+    /// PEFT's own test cases (tests/test_lora_variants.py), as quoted in docs/ALORA.md.
     #[test]
     fn activation_start_matches_peft_cases() {
         let cases: &[(&[u32], &[u32], Option<usize>)] = &[

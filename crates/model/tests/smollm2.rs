@@ -67,7 +67,11 @@ fn smollm2_prompt_and_greedy_ids_match_transformers() {
             ignore_eos: true,
             ..Default::default()
         };
-        let g = generate(&m.model, &m.tokenizer, &ids, None, &opts, |_| {}).unwrap();
+        let prompt = alora_model::Prompt {
+            ids: ids.clone(),
+            activation_start: None,
+        };
+        let g = generate(&m.model, &m.tokenizer, &prompt, None, &opts, |_| {}).unwrap();
         assert_eq!(g.ids, c.greedy_ids, "greedy ids for {:?}", c.chat);
 
         // Teacher-forced logits at transformers' top-5 tokens of every generated position.

@@ -97,6 +97,11 @@ pub async fn health(State(state): State<AppState>) -> Response {
             format!("model failed to load: {e}"),
         )
             .into_response(),
+        LoadState::Stopped(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("engine stopped: {e}"),
+        )
+            .into_response(),
     }
 }
 

@@ -101,6 +101,16 @@ impl ApiError {
         .with_code("model_loading")
     }
 
+    /// The engine thread is gone: nothing can be served until a restart.
+    pub fn engine_stopped() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            "The inference engine has stopped; the server must be restarted",
+        )
+        .with_code("engine_stopped")
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message)
     }
@@ -158,7 +168,20 @@ impl From<crate::engine::SubmitError> for ApiError {
                 ApiError::queue_full(requests, tokens)
             }
             crate::engine::SubmitError::NotReady => ApiError::not_ready(),
-            crate::engine::SubmitError::Stopped => ApiError::internal("The engine has stopped"),
+            crate::engine::SubmitError::Stopped => ApiError::engine_stopped(),
+        }
+    }
+}
+
+impl From<crate::engine::EngineError> for ApiError {
+    fn from(e: crate::engine::EngineError) -> Self {
+        use crate::engine::EngineError;
+        match e {
+            EngineError::CacheTooSmall { .. } => {
+                ApiError::invalid("max_tokens", e.to_string()).with_code("kv_cache_too_small")
+            }
+            EngineError::NotLoaded => ApiError::not_ready(),
+            EngineError::Step => ApiError::internal(e.to_string()),
         }
     }
 }

@@ -51,6 +51,7 @@ pub async fn wait_ready(state: &AppState, adapters: &[(String, PathBuf)]) -> Res
         match state.engine.shared().load_state() {
             LoadState::Ready => break,
             LoadState::Failed(e) => return Err(format!("model failed to load: {e}")),
+            LoadState::Stopped(e) => return Err(format!("engine stopped: {e}")),
             LoadState::Loading => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
         }
     }

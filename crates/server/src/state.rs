@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::engine::{EngineHandle, ModelInfo};
+use crate::engine::{EngineHandle, LoadState, ModelInfo};
 use crate::error::ApiError;
 use crate::registry::AdapterRegistry;
 
@@ -32,8 +32,11 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// The loaded model, or 503 while it loads.
+    /// The loaded model while the engine serves; 503 while it loads or once it has stopped.
     pub fn info(&self) -> Result<Arc<ModelInfo>, ApiError> {
+        if let LoadState::Stopped(_) = self.engine.shared().load_state() {
+            return Err(ApiError::engine_stopped());
+        }
         self.engine.info().cloned().ok_or_else(ApiError::not_ready)
     }
 

@@ -773,3 +773,43 @@ async fn preemption_by_recompute_keeps_outputs() {
     );
     assert_eq!(tight.metric("alora:kv_blocks_in_use").await, 0.0);
 }
+
+/// An engine thread that dies (here it panics while loading) turns `/health` to 503 and every
+/// request to 503 with an OpenAI error body, instead of "loading" forever or 500s.
+#[tokio::test]
+async fn a_dead_engine_is_503_on_health_and_requests() {
+    let o = Opts::default();
+    let cfg = alora_server::ServeConfig {
+        engine: o.engine,
+        http: o.http,
+        adapters: vec![],
+    };
+    let state = alora_server::start(cfg, || panic!("simulated engine failure"));
+    let url = common::listen(&state).await;
+    let err = alora_server::wait_ready(&state, &[]).await.unwrap_err();
+    assert!(err.contains("simulated engine failure"), "{err}");
+    let c = reqwest::Client::new();
+    let h = c.get(format!("{url}/health")).send().await.unwrap();
+    assert_eq!(h.status(), 503);
+    let text = h.text().await.unwrap();
+    assert!(text.starts_with("engine stopped"), "{text}");
+    for (path, body) in [
+        (
+            "/v1/chat/completions",
+            json!({"messages": user("hi"), "max_tokens": 2}),
+        ),
+        ("/v1/completions", json!({"prompt": "hi", "max_tokens": 2})),
+    ] {
+        let r = c
+            .post(format!("{url}{path}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(status, 503, "{path}: {v}");
+        assert_eq!(v["error"]["code"], "engine_stopped", "{path}: {v}");
+        assert_eq!(v["error"]["type"], "service_unavailable", "{path}: {v}");
+    }
+}

@@ -1,13 +1,16 @@
 //! Training data: JSONL conversations whose last turn is the target.
 //!
-//! Text = chat_template(conversation minus the last turn, no generation prompt) + invocation +
-//! target + EOS, tokenized piece by piece so the invocation's ids appear exactly as the adapter
-//! config lists them. Loss is on the target and EOS only; an aLoRA adapts from the invocation's
+//! Text = the serving prompt of the conversation minus its last turn (for an aLoRA:
+//! `alora_model::text::prompt::chat_prompt`, the template without a generation prompt and the
+//! invocation unless it already ends the rendering; for a LoRA: the template, then the
+//! separator if any) + target + EOS, tokenized piece by piece so the invocation's ids appear
+//! exactly as the adapter config lists them. Loss is on the target and EOS only; an aLoRA adapts from the invocation's
 //! start s (the last occurrence, as PEFT finds it).
 
 use std::path::Path;
 
-use alora_model::{find_activation_start, ChatMessage, ChatTemplate, Tokenizer};
+use alora_model::text::prompt::{self, find_activation_start, PromptAdapter};
+use alora_model::{ChatMessage, ChatTemplate, Tokenizer};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
@@ -71,10 +74,26 @@ pub fn conversation(v: &Value) -> Result<Vec<ChatMessage>> {
 impl Encoder<'_> {
     pub fn encode(&self, conv: &[ChatMessage]) -> Result<Example> {
         let (target, context) = conv.split_last().context("empty conversation")?;
-        let prompt = self.template.render(context, false)?;
-        let mut ids = self.tokenizer.encode(&prompt)?;
-        let inv_start = ids.len();
-        ids.extend_from_slice(&self.invocation);
+        let (mut ids, prompt_start) = if self.alora {
+            // The serving rule (alora_model::text::prompt), so training and serving build the
+            // same ids for the same conversation.
+            let kind = PromptAdapter::ALora {
+                invocation: &self.invocation,
+            };
+            let p = prompt::chat_prompt(self.template, self.tokenizer, context, kind)?.1;
+            let s = p
+                .activation_start
+                .context("an aLoRA prompt has an activation start")?;
+            (p.ids, s)
+        } else {
+            // A plain LoRA, with the separator (if any) after the rendered context.
+            let mut ids = self
+                .tokenizer
+                .encode(&self.template.render(context, false)?)?;
+            let s = ids.len();
+            ids.extend_from_slice(&self.invocation);
+            (ids, s)
+        };
         let target_start = ids.len();
         ids.extend(self.tokenizer.encode(&target.content)?);
         ids.extend(self.eos);
@@ -87,7 +106,7 @@ impl Encoder<'_> {
         let adapter_start = if self.alora {
             let s = find_activation_start(&ids, &self.invocation)
                 .context("the invocation sequence is not in the tokens")?;
-            if s != inv_start {
+            if s != prompt_start {
                 bail!("the target contains the invocation sequence");
             }
             s

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use alora_model::{generate, GenerateOptions, LoadedModel, LoraAdapter};
+use alora_model::{generate, GenerateOptions, LoadedModel, LoraAdapter, Prompt};
 use anyhow::Result;
 use serde::Serialize;
 
@@ -46,10 +46,15 @@ pub fn exact_match(
             max_tokens: ex.target_tokens() + 4,
             ..Default::default()
         };
+        // The example's own activation start (its invocation was placed by the prompt rule).
+        let prompt = Prompt {
+            ids: ex.ids[..ex.target_start].to_vec(),
+            activation_start: adapter.as_ref().map(|_| ex.adapter_start),
+        };
         let g = generate(
             &m.model,
             &m.tokenizer,
-            &ex.ids[..ex.target_start],
+            &prompt,
             adapter.clone(),
             &opts,
             |_| {},

@@ -122,6 +122,36 @@ fn encoding_places_the_invocation_and_masks_the_prompt() {
     assert!(e.contains("target contains the invocation"), "{e}");
 }
 
+/// Training and serving build the same ids for the same conversation: the trainer's prompt
+/// part and activation start are what the server's chat handler gets from the one prompt
+/// rule (`alora_model::text::prompt::chat_prompt`) for that aLoRA.
+#[test]
+fn training_and_serving_build_the_same_prompt() {
+    use alora_model::text::prompt::{chat_prompt, PromptAdapter};
+    let m = tiny_model();
+    for conv in [
+        vec![
+            ChatMessage::new("user", "hi"),
+            ChatMessage::new("digit", "no"),
+        ],
+        vec![
+            ChatMessage::new("system", "be brief"),
+            ChatMessage::new("user", "2 cats"),
+            ChatMessage::new("assistant", "yes"),
+            ChatMessage::new("digit", "yes"),
+        ],
+    ] {
+        let ex = encoder(&m, true).encode(&conv).unwrap();
+        let kind = PromptAdapter::ALora {
+            invocation: &[5, 6, 7],
+        };
+        let (_, served) =
+            chat_prompt(&m.template, &m.tokenizer, &conv[..conv.len() - 1], kind).unwrap();
+        assert_eq!(served.ids, &ex.ids[..ex.target_start]);
+        assert_eq!(served.activation_start, Some(ex.adapter_start));
+    }
+}
+
 #[test]
 fn a_bad_line_is_named_or_skipped_and_counted() {
     let m = tiny_model();

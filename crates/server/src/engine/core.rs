@@ -18,9 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use alora_cache::{BlockHasher, CacheConfig, CacheStats, KvCacheManager};
-use alora_model::{CausalLm, KvStore, LoadedModel, SeqStep, StopCheck, Tokenizer};
+use alora_model::{CausalLm, KvStore, LoadedModel, SeqStep, Tokenizer};
 
-use super::request::{Event, Finish, TokenEvent, Usage};
+use super::request::{EngineError, Event, Finish, TokenEvent, Usage};
 use super::seq::Seq;
 use super::{EngineConfig, LoadState, ModelInfo, Msg, Shared};
 
@@ -51,7 +51,7 @@ where
             // Keep draining so submitters see a closed engine rather than a hang.
             while let Ok(msg) = rx.recv() {
                 if let Msg::Submit(seq) = msg {
-                    let _ = seq.tx.send(Event::Error("model failed to load".into()));
+                    let _ = seq.tx.send(Event::Error(EngineError::NotLoaded));
                 }
             }
             return;
@@ -239,7 +239,11 @@ impl Engine {
                 if self.running.is_empty() {
                     // Nothing will free blocks: the request cannot fit at all.
                     let s = self.waiting.pop_front().expect("front exists");
-                    self.fail(s, "request needs more KV blocks than the cache has");
+                    let err = EngineError::CacheTooSmall {
+                        needed_tokens: cached + n,
+                        capacity_tokens: self.kv.num_blocks() * self.cfg.block_size,
+                    };
+                    self.fail(s, err);
                     continue;
                 }
                 break;
@@ -270,9 +274,9 @@ impl Engine {
         self.waiting.push_front(s);
     }
 
-    fn fail(&mut self, mut s: Box<Seq>, msg: &str) {
+    fn fail(&mut self, mut s: Box<Seq>, err: EngineError) {
         self.unqueue(&mut s);
-        let _ = s.tx.send(Event::Error(msg.to_string()));
+        let _ = s.tx.send(Event::Error(err));
         self.release(s);
     }
 
@@ -305,7 +309,7 @@ impl Engine {
                 idx.sort_unstable_by(|a, b| b.cmp(a));
                 for i in idx {
                     let s = self.running.remove(i);
-                    self.fail(s, "internal error in the model step");
+                    self.fail(s, EngineError::Step);
                 }
                 return;
             }
@@ -334,7 +338,6 @@ impl Engine {
 
     /// Appends a sampled token and streams its text; returns the finish reason when done.
     fn on_token(&mut self, i: usize, sampled: alora_model::Sampled) -> Option<Finish> {
-        let eos_ids = &self.tokenizer.eos_token_ids;
         let s = &mut self.running[i];
         let now = Instant::now();
         let m = &self.shared.metrics;
@@ -344,59 +347,25 @@ impl Engine {
         }
         s.last_token_at = Some(now);
         let t = sampled.token;
-        if (!s.req.ignore_eos && eos_ids.contains(&t)) || s.req.stop_token_ids.contains(&t) {
-            return Some(Finish::Stop);
+        let pushed = s.output.push(&self.tokenizer, t);
+        if !pushed.appended {
+            return pushed.finish;
         }
         s.tokens.push(t);
         m.generation_tokens.inc();
-        let mut finish = None;
-        let text = match s.decoder.push(&self.tokenizer, t) {
-            Ok(Some(piece)) => match s.stops.push(&piece) {
-                StopCheck::Continue(x) => x,
-                StopCheck::Stopped(x) => {
-                    finish = Some(Finish::Stop);
-                    s.hit_stop_string = true;
-                    x
-                }
-            },
-            Ok(None) => String::new(),
-            Err(e) => {
-                tracing::warn!("detokenization failed: {e}");
-                String::new()
-            }
-        };
         let _ = s.tx.send(Event::Token(TokenEvent {
             id: t,
-            text,
+            text: pushed.text,
             logprob: sampled.logprob,
             top: sampled.top,
         }));
-        if finish.is_none()
-            && (s.num_generated() >= s.req.max_tokens || s.tokens.len() >= self.max_model_len)
-        {
-            finish = Some(Finish::Length);
-        }
-        finish
+        pushed.finish
     }
 
     fn finish(&mut self, mut s: Box<Seq>, finish: Finish) {
         // Release what was held back (an incomplete character, a possible stop-string prefix)
         // unless a stop string already cut the output.
-        let mut text = String::new();
-        if !s.hit_stop_string {
-            if let Ok(Some(rest)) = s.decoder.flush(&self.tokenizer) {
-                match s.stops.push(&rest) {
-                    StopCheck::Continue(x) => text.push_str(&x),
-                    StopCheck::Stopped(x) => {
-                        text.push_str(&x);
-                        s.hit_stop_string = true;
-                    }
-                }
-            }
-            if !s.hit_stop_string {
-                text.push_str(&s.stops.flush());
-            }
-        }
+        let text = s.output.finish(&self.tokenizer);
         let usage = Usage {
             prompt_tokens: s.num_prompt,
             completion_tokens: s.num_generated(),

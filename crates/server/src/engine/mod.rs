@@ -18,7 +18,7 @@ use alora_model::{ChatTemplate, LoadedModel, ModelConfig, Tokenizer};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use crate::metrics::Metrics;
-pub use request::{Event, Finish, GenRequest, TokenEvent, Usage};
+pub use request::{EngineError, Event, Finish, GenRequest, TokenEvent, Usage};
 use seq::Seq;
 
 /// Scheduler and cache limits.
@@ -66,6 +66,8 @@ pub enum LoadState {
     Loading,
     Ready,
     Failed(String),
+    /// The engine thread is gone (it panicked): nothing will be served.
+    Stopped(String),
 }
 
 /// State shared between the engine thread and handlers.
@@ -80,7 +82,7 @@ pub struct Shared {
 
 impl Shared {
     pub fn load_state(&self) -> LoadState {
-        self.state.lock().expect("state lock poisoned").clone()
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -126,7 +128,25 @@ impl EngineHandle {
         let sh = shared.clone();
         std::thread::Builder::new()
             .name("alora-engine".into())
-            .spawn(move || core::run(config, load, sh, rx))
+            .spawn(move || {
+                let state = sh.clone();
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    core::run(config, load, sh, rx)
+                }));
+                let why = match ran {
+                    Ok(()) => "the engine thread exited".to_string(),
+                    Err(p) => match (p.downcast_ref::<&str>(), p.downcast_ref::<String>()) {
+                        (Some(m), _) => format!("the engine thread panicked: {m}"),
+                        (_, Some(m)) => format!("the engine thread panicked: {m}"),
+                        _ => "the engine thread panicked".to_string(),
+                    },
+                };
+                tracing::error!("{why}");
+                let mut st = state.state.lock().unwrap_or_else(|e| e.into_inner());
+                if !matches!(*st, LoadState::Failed(_)) {
+                    *st = LoadState::Stopped(why);
+                }
+            })
             .expect("spawning the engine thread");
         EngineHandle {
             tx,
@@ -146,9 +166,11 @@ impl EngineHandle {
     /// Queues a request; events arrive on the returned receiver. Dropping the receiver cancels
     /// the request and frees its blocks on the engine's next step.
     pub fn submit(&self, req: GenRequest) -> Result<UnboundedReceiver<Event>, SubmitError> {
-        if self.shared.load_state() != LoadState::Ready {
-            return Err(SubmitError::NotReady);
-        }
+        let info = match (self.shared.load_state(), self.info()) {
+            (LoadState::Ready, Some(info)) => info.clone(),
+            (LoadState::Stopped(_), _) => return Err(SubmitError::Stopped),
+            _ => return Err(SubmitError::NotReady),
+        };
         let cfg = &self.shared.config;
         let tokens = req.prompt.len();
         let reqs = self.shared.waiting_requests.fetch_add(1, Ordering::SeqCst) + 1;
@@ -169,7 +191,13 @@ impl EngineHandle {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         if self
             .tx
-            .send(Msg::Submit(Box::new(Seq::new(id, req, etx))))
+            .send(Msg::Submit(Box::new(Seq::new(
+                id,
+                req,
+                etx,
+                &info.tokenizer.eos_token_ids,
+                info.max_model_len,
+            ))))
             .is_err()
         {
             self.unqueue(tokens);

@@ -10,6 +10,9 @@ use tokio::sync::mpsc::UnboundedSender;
 pub struct GenRequest {
     pub prompt: Vec<u32>,
     pub adapter: Option<Arc<LoraAdapter>>,
+    /// Where the adapter switches on (`alora_model::Prompt::activation_start`, found once
+    /// when the prompt was built): `None` runs the base model.
+    pub activation_start: Option<usize>,
     pub sampling: SamplingParams,
     pub max_tokens: usize,
     pub stop: Vec<String>,
@@ -18,21 +21,9 @@ pub struct GenRequest {
     pub cache_salt: Option<String>,
 }
 
-/// Why a sequence finished, in OpenAI's words.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Finish {
-    Stop,
-    Length,
-}
-
-impl Finish {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Finish::Stop => "stop",
-            Finish::Length => "length",
-        }
-    }
-}
+/// Why a sequence finished: the model crate's one finish reason (`alora_model::OutputStream`
+/// decides it for `generate` and the engine alike).
+pub use alora_model::FinishReason as Finish;
 
 /// Token counts of a finished request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -64,7 +55,40 @@ pub enum Event {
         usage: Usage,
     },
     /// The engine failed this request; the server keeps serving.
-    Error(String),
+    Error(EngineError),
+}
+
+/// Why the engine failed a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineError {
+    /// The request can never fit the KV cache (even with nothing else running).
+    CacheTooSmall {
+        /// Tokens whose KV the request needs at once.
+        needed_tokens: usize,
+        /// Tokens the whole cache holds.
+        capacity_tokens: usize,
+    },
+    /// The model did not load.
+    NotLoaded,
+    /// The model step this request was in failed (its neighbours in the step too).
+    Step,
+}
+
+impl std::fmt::Display for EngineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EngineError::CacheTooSmall {
+                needed_tokens,
+                capacity_tokens,
+            } => write!(
+                f,
+                "the request needs KV for {needed_tokens} tokens but the KV cache holds \
+                 {capacity_tokens} tokens in all"
+            ),
+            EngineError::NotLoaded => write!(f, "model failed to load"),
+            EngineError::Step => write!(f, "internal error in the model step"),
+        }
+    }
 }
 
 pub(crate) type EventTx = UnboundedSender<Event>;

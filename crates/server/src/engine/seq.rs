@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use alora_cache::{AdapterKey, RequestKey, SeqBlocks};
-use alora_model::{ActiveAdapter, IncrementalDecoder, Sampler, StopStrings};
+use alora_model::{ActiveAdapter, OutputLimits, OutputStream, Sampler};
 
 use super::request::{EventTx, GenRequest};
 
@@ -19,8 +19,8 @@ pub(crate) struct Seq {
     pub key: RequestKey,
     pub active: Option<ActiveAdapter>,
     pub sampler: Sampler,
-    pub decoder: IncrementalDecoder,
-    pub stops: StopStrings,
+    /// EOS, stop ids and strings, the token limit, incremental detokenization.
+    pub output: OutputStream,
     pub tx: EventTx,
     pub arrival: Instant,
     pub last_token_at: Option<Instant>,
@@ -28,18 +28,27 @@ pub(crate) struct Seq {
     pub cached_tokens: Option<usize>,
     /// Still counted against the waiting-queue bound (until first admission).
     pub queued: bool,
-    /// Output ended on a stop string (nothing held back is released then).
-    pub hit_stop_string: bool,
 }
 
 impl Seq {
-    pub fn new(id: u64, req: GenRequest, tx: EventTx) -> Self {
-        let active = req.adapter.as_ref().and_then(|a| {
-            a.activation_start(&req.prompt).map(|s| ActiveAdapter {
+    /// `eos_token_ids`: the tokenizer's; `max_model_len`: the context limit (prompt and
+    /// output together).
+    pub fn new(
+        id: u64,
+        req: GenRequest,
+        tx: EventTx,
+        eos_token_ids: &[u32],
+        max_model_len: usize,
+    ) -> Self {
+        // The activation start was found once, when the handler built the prompt.
+        let active = req
+            .adapter
+            .as_ref()
+            .zip(req.activation_start)
+            .map(|(a, s)| ActiveAdapter {
                 adapter: a.clone(),
                 activation_start: s,
-            })
-        });
+            });
         let adapter = match &active {
             None => AdapterKey::Base,
             Some(a) if a.adapter.invocation_tokens().is_some() => AdapterKey::ALora {
@@ -53,7 +62,17 @@ impl Seq {
             cache_salt: req.cache_salt.clone(),
         };
         let sampler = Sampler::new(req.sampling.clone(), &req.prompt);
-        let stops = StopStrings::new(req.stop.clone());
+        let output = OutputStream::new(
+            OutputLimits {
+                max_tokens: req
+                    .max_tokens
+                    .min(max_model_len.saturating_sub(req.prompt.len())),
+                stop: req.stop.clone(),
+                stop_token_ids: req.stop_token_ids.clone(),
+                ignore_eos: req.ignore_eos,
+            },
+            eos_token_ids,
+        );
         Seq {
             id,
             tokens: req.prompt.clone(),
@@ -63,14 +82,12 @@ impl Seq {
             key,
             active,
             sampler,
-            decoder: IncrementalDecoder::new(true),
-            stops,
+            output,
             tx,
             arrival: Instant::now(),
             last_token_at: None,
             cached_tokens: None,
             queued: true,
-            hit_stop_string: false,
             req,
         }
     }

@@ -19,6 +19,7 @@ use super::types::*;
 use crate::engine::{Event, GenRequest, ModelInfo, TokenEvent};
 use crate::error::ApiError;
 use crate::state::AppState;
+use alora_model::text::prompt::{self, PromptAdapter};
 use alora_model::ChatMessage;
 
 fn to_messages(msgs: Option<Vec<ChatMessageIn>>) -> Result<Vec<ChatMessage>, ApiError> {
@@ -91,22 +92,15 @@ pub async fn chat_completions(
     let (adapter, model_name) =
         resolve_adapter(&state, &info, req.model.as_deref(), req.adapter.as_deref())?;
     let messages = to_messages(req.messages)?;
-    let invocation = adapter
-        .as_ref()
-        .and_then(|a| a.invocation_tokens().map(<[u32]>::to_vec));
-    let text = info
-        .template
-        .render(&messages, invocation.is_none())
-        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    let mut prompt = info
-        .tokenizer
-        .encode(&text)
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    if let Some(inv) = &invocation {
-        if !prompt.ends_with(inv) {
-            prompt.extend_from_slice(inv);
-        }
-    }
+    // The one prompt rule (alora_model::text::prompt): template, invocation, activation start.
+    let kind = PromptAdapter::of(adapter.as_deref().map(|a| a.invocation_tokens()));
+    let (text, prompt) = prompt::chat_prompt(&info.template, &info.tokenizer, &messages, kind)
+        .map_err(|e| match e {
+            e @ alora_model::ModelError::Template(_) => {
+                ApiError::invalid("messages", e.to_string())
+            }
+            e => ApiError::internal(e.to_string()),
+        })?;
     if state.config.log_prompts {
         tracing::info!(prompt = %text, "chat prompt");
     }
@@ -138,11 +132,12 @@ pub async fn chat_completions(
     let max_tokens = validate_lengths(
         param,
         req.max_completion_tokens.or(req.max_tokens),
-        prompt.len(),
+        prompt.ids.len(),
         info.max_model_len,
     )?;
     let base = GenRequest {
-        prompt,
+        prompt: prompt.ids,
+        activation_start: prompt.activation_start,
         adapter,
         sampling: gen.sampling,
         max_tokens,
@@ -231,7 +226,7 @@ pub async fn chat_completions(
                         None,
                     )]
                 }
-                Event::Error(e) => vec![ApiError::internal(e).body_json()],
+                Event::Error(e) => vec![ApiError::from(e).body_json()],
             },
             move |usages| {
                 if with_usage {

@@ -280,7 +280,7 @@ pub async fn collect(mut rx: UnboundedReceiver<Event>) -> Result<Collected, ApiE
                     usage,
                 });
             }
-            Event::Error(e) => return Err(ApiError::internal(e)),
+            Event::Error(e) => return Err(e.into()),
         }
     }
     Err(ApiError::internal("The engine dropped the request"))

@@ -16,6 +16,7 @@ use super::types::*;
 use crate::engine::{Event, GenRequest, ModelInfo, TokenEvent};
 use crate::error::ApiError;
 use crate::state::AppState;
+use alora_model::text::prompt::{self, PromptAdapter};
 
 fn prompts(p: Option<Prompt>, info: &ModelInfo) -> Result<Vec<(Vec<u32>, String)>, ApiError> {
     let vocab = info.config.vocab_size;
@@ -87,18 +88,23 @@ pub async fn completions(State(state): State<AppState>, body: Bytes) -> Result<R
     let (adapter, model_name) =
         resolve_adapter(&state, &info, req.model.as_deref(), req.adapter.as_deref())?;
     let prompts = prompts(req.prompt, &info)?;
-    if let Some(inv) = adapter.as_ref().and_then(|a| a.invocation_tokens()) {
-        if let Some(i) = prompts
-            .iter()
-            .position(|(p, _)| alora_model::find_activation_start(p, inv).is_none())
-        {
-            return Err(ApiError::invalid(
+    // Prompts are used as given; an aLoRA's invocation must be in each (found once here).
+    let kind = PromptAdapter::of(adapter.as_deref().map(|a| a.invocation_tokens()));
+    let prompts = prompts
+        .into_iter()
+        .enumerate()
+        .map(|(i, (ids, text))| match prompt::ids_prompt(ids, kind) {
+            Ok(p) => Ok((p, text)),
+            Err(prompt::InvocationNotFound) => Err(ApiError::invalid(
                 "prompt",
-                format!("prompt {i} does not contain the invocation tokens {inv:?} of aLoRA adapter `{model_name}`"),
+                format!(
+                    "prompt {i} does not contain the invocation tokens {:?} of aLoRA adapter `{model_name}`",
+                    adapter.as_deref().and_then(|a| a.invocation_tokens()).unwrap_or_default()
+                ),
             )
-            .with_code("invocation_not_found"));
-        }
-    }
+            .with_code("invocation_not_found")),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let logprobs = match req.logprobs {
         None => None,
         Some(k) if (0..=MAX_TOP_LOGPROBS).contains(&k) => Some(k as usize),
@@ -112,14 +118,19 @@ pub async fn completions(State(state): State<AppState>, body: Bytes) -> Result<R
     let gen = validate_sampling(&req.sampling, logprobs, info.config.vocab_size)?;
     let mut rxs = Vec::new();
     let mut echoes = Vec::new();
-    for (ids, text) in prompts {
+    for (p, text) in prompts {
         if state.config.log_prompts {
             tracing::info!(prompt = %text, "completion prompt");
         }
-        let max_tokens =
-            validate_lengths("max_tokens", req.max_tokens, ids.len(), info.max_model_len)?;
+        let max_tokens = validate_lengths(
+            "max_tokens",
+            req.max_tokens,
+            p.ids.len(),
+            info.max_model_len,
+        )?;
         let base = GenRequest {
-            prompt: ids,
+            prompt: p.ids,
+            activation_start: p.activation_start,
             adapter: adapter.clone(),
             sampling: gen.sampling.clone(),
             max_tokens,
@@ -204,7 +215,7 @@ pub async fn completions(State(state): State<AppState>, body: Bytes) -> Result<R
                         None,
                     )]
                 }
-                Event::Error(e) => vec![ApiError::internal(e).body_json()],
+                Event::Error(e) => vec![ApiError::from(e).body_json()],
             },
             move |usages| {
                 if with_usage {

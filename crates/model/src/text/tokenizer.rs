@@ -3,8 +3,6 @@
 
 use std::path::Path;
 
-use candle_core::quantized::gguf_file;
-use candle_core::quantized::tokenizer::TokenizerFromGguf;
 use serde_json::Value;
 
 use crate::error::{ModelError, Result};
@@ -28,7 +26,7 @@ impl std::fmt::Debug for Tokenizer {
     }
 }
 
-fn tok_err(e: impl std::fmt::Display) -> ModelError {
+pub(crate) fn tok_err(e: impl std::fmt::Display) -> ModelError {
     ModelError::Tokenizer(e.to_string())
 }
 
@@ -75,47 +73,24 @@ impl Tokenizer {
         Ok(t)
     }
 
-    /// From GGUF metadata (gpt2-type BPE).
-    pub fn from_gguf(ct: &gguf_file::Content) -> Result<Self> {
-        let mut inner = tokenizers::Tokenizer::from_gguf(ct).map_err(tok_err)?;
-        let pre = ct
-            .metadata
-            .get("tokenizer.ggml.pre")
-            .and_then(|v| v.to_string().ok())
-            .cloned();
-        if !matches!(
-            pre.as_deref(),
-            Some("qwen2" | "llama3" | "smaug-bpe" | "lfm2")
-        ) {
-            // candle's generic GPT-2 pipeline adds a prefix space; transformers' GGUF converter
-            // (the reference) honours `tokenizer.ggml.add_space_prefix`, false when absent.
-            let add_prefix = ct
-                .metadata
-                .get("tokenizer.ggml.add_space_prefix")
-                .and_then(|v| v.to_bool().ok())
-                .unwrap_or(false);
-            inner.with_pre_tokenizer(Some(
-                tokenizers::pre_tokenizers::byte_level::ByteLevel::new(add_prefix, true, true),
-            ));
-        }
-        let id = |k: &str| ct.metadata.get(k).and_then(|v| v.to_u32().ok());
-        let name = |i: Option<u32>| i.and_then(|i| inner.id_to_token(i));
-        let bos = id("tokenizer.ggml.bos_token_id");
-        let eos = id("tokenizer.ggml.eos_token_id");
-        let chat_template = ct
-            .metadata
-            .get("tokenizer.chat_template")
-            .and_then(|v| v.to_string().ok())
-            .cloned();
+    /// From a built tokenizer and the special tokens around it (a GGUF file's metadata, for
+    /// one: `loader::tokenizer_from_gguf`). The EOS token's id joins `eos_token_ids`.
+    pub fn from_parts(
+        inner: tokenizers::Tokenizer,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+        eos_token_ids: Vec<u32>,
+        chat_template: Option<String>,
+    ) -> Self {
         let mut t = Tokenizer {
-            bos_token: name(bos),
-            eos_token: name(eos),
-            eos_token_ids: eos.into_iter().collect(),
-            chat_template,
             inner,
+            bos_token,
+            eos_token,
+            eos_token_ids,
+            chat_template,
         };
         t.add_eos_from_token();
-        Ok(t)
+        t
     }
 
     fn add_eos_from_token(&mut self) {

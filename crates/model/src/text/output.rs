@@ -1,0 +1,155 @@
+//! The one output state machine: sampled ids in, final text pieces and one finish reason out.
+//! `generate` (one sequence) and the server's engine (many) both run it, so EOS, stop ids,
+//! stop strings, the length limit and the release of held-back text work the same in both.
+//!
+//! Per sampled token: an EOS (unless ignored) or a stop id finishes with `Stop` and is not part
+//! of the output; otherwise the token is appended, detokenized incrementally (bytes of an
+//! incomplete character are held back) and checked against the stop strings (text that could
+//! still become one is held back; a match finishes with `Stop` and cuts the text before it);
+//! reaching the token limit finishes with `Length`. On any finish, [`OutputStream::finish`]
+//! releases what was held back unless a stop string cut the output.
+
+use crate::text::sampling::{StopCheck, StopStrings};
+use crate::text::tokenizer::{IncrementalDecoder, Tokenizer};
+
+/// Why generation ended, in OpenAI's words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// EOS, a stop token or a stop string.
+    Stop,
+    /// The token limit (`max_tokens`, or the model's context) reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// What ends a sequence's output.
+#[derive(Debug, Clone, Default)]
+pub struct OutputLimits {
+    /// Tokens to generate at most (the caller folds the context limit in).
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+    pub stop_token_ids: Vec<u32>,
+    pub ignore_eos: bool,
+}
+
+/// What one sampled token did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pushed {
+    /// Whether the token is part of the output (false for an EOS or stop id).
+    pub appended: bool,
+    /// Text it completes, safe to send (may be empty).
+    pub text: String,
+    pub finish: Option<FinishReason>,
+}
+
+/// One sequence's output state.
+#[derive(Debug, Clone)]
+pub struct OutputStream {
+    limits: OutputLimits,
+    eos_token_ids: Vec<u32>,
+    decoder: IncrementalDecoder,
+    stops: StopStrings,
+    generated: usize,
+    cut_by_stop_string: bool,
+}
+
+impl OutputStream {
+    /// `eos_token_ids`: the tokenizer's (ignored when `limits.ignore_eos`).
+    pub fn new(limits: OutputLimits, eos_token_ids: &[u32]) -> Self {
+        OutputStream {
+            stops: StopStrings::new(limits.stop.clone()),
+            eos_token_ids: if limits.ignore_eos {
+                Vec::new()
+            } else {
+                eos_token_ids.to_vec()
+            },
+            limits,
+            decoder: IncrementalDecoder::new(true),
+            generated: 0,
+            cut_by_stop_string: false,
+        }
+    }
+
+    /// Tokens appended so far.
+    pub fn generated(&self) -> usize {
+        self.generated
+    }
+
+    /// Whether the limit allows no token at all (then nothing should be sampled).
+    pub fn is_empty_limit(&self) -> bool {
+        self.limits.max_tokens == 0
+    }
+
+    /// The output text so far (what was released, stop string excluded).
+    pub fn text_so_far(&self) -> &str {
+        self.stops.text_so_far()
+    }
+
+    /// Feeds one sampled token. A detokenization failure is logged and yields no text (the
+    /// token still counts).
+    pub fn push(&mut self, tok: &Tokenizer, t: u32) -> Pushed {
+        if self.eos_token_ids.contains(&t) || self.limits.stop_token_ids.contains(&t) {
+            return Pushed {
+                appended: false,
+                text: String::new(),
+                finish: Some(FinishReason::Stop),
+            };
+        }
+        self.generated += 1;
+        let mut finish = None;
+        let text = match self.decoder.push(tok, t) {
+            Ok(Some(piece)) => match self.stops.push(&piece) {
+                StopCheck::Continue(x) => x,
+                StopCheck::Stopped(x) => {
+                    finish = Some(FinishReason::Stop);
+                    self.cut_by_stop_string = true;
+                    x
+                }
+            },
+            Ok(None) => String::new(),
+            Err(e) => {
+                tracing::warn!("detokenization failed: {e}");
+                String::new()
+            }
+        };
+        if finish.is_none() && self.generated >= self.limits.max_tokens {
+            finish = Some(FinishReason::Length);
+        }
+        Pushed {
+            appended: true,
+            text,
+            finish,
+        }
+    }
+
+    /// At the end (any finish): the text held back (an incomplete character, a possible
+    /// stop-string prefix), unless a stop string already cut the output.
+    pub fn finish(&mut self, tok: &Tokenizer) -> String {
+        let mut text = String::new();
+        if self.cut_by_stop_string {
+            return text;
+        }
+        match self.decoder.flush(tok) {
+            Ok(Some(rest)) => match self.stops.push(&rest) {
+                StopCheck::Continue(x) => text.push_str(&x),
+                StopCheck::Stopped(x) => {
+                    text.push_str(&x);
+                    self.cut_by_stop_string = true;
+                    return text;
+                }
+            },
+            Ok(None) => {}
+            Err(e) => tracing::warn!("detokenization failed: {e}"),
+        }
+        text.push_str(&self.stops.flush());
+        text
+    }
+}
