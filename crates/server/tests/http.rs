@@ -234,17 +234,24 @@ async fn overload_gets_429_and_the_rest_complete() {
     let ok = results.iter().filter(|r| r.0 == 200).count();
     let limited: Vec<_> = results.iter().filter(|r| r.0 == 429).collect();
     assert_eq!(ok + limited.len(), 12, "{results:?}");
+    // The first `max_queue_requests` submissions always find room; how many more do depends
+    // on how fast the engine admits them, so the split is bounded, not fixed.
     assert!(
-        ok >= 1 && !limited.is_empty(),
+        ok >= 2 && !limited.is_empty(),
         "ok {ok}, 429 {}",
         limited.len()
+    );
+    assert_eq!(
+        s.metric("alora:rejected_requests_total").await,
+        limited.len() as f64,
+        "every 429 is counted"
     );
     for (_, retry, body) in &limited {
         assert!(*retry, "429 carries Retry-After");
         assert_eq!(body["error"]["type"], "rate_limit_error");
     }
-    for (st, _, body) in results.iter().filter(|r| r.0 == 200) {
-        assert_eq!(*st, 200);
+    for (_, _, body) in results.iter().filter(|r| r.0 == 200) {
+        assert_eq!(body["object"], "text_completion");
         assert_eq!(body["usage"]["completion_tokens"], 20);
     }
 }
@@ -619,17 +626,14 @@ async fn openai_features() {
         "{e}"
     );
 
-    let (st, m) = (
-        200,
-        s.client
-            .get(format!("{}/v1/models", s.url))
-            .send()
-            .await
-            .unwrap()
-            .json::<Value>()
-            .await
-            .unwrap(),
-    );
+    let r = s
+        .client
+        .get(format!("{}/v1/models", s.url))
+        .send()
+        .await
+        .unwrap();
+    let st = r.status().as_u16();
+    let m = r.json::<Value>().await.unwrap();
     assert_eq!(st, 200);
     let ids: Vec<&str> = m["data"]
         .as_array()
