@@ -519,11 +519,12 @@ pub(crate) mod avx512 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::qmatmul::BlockFormat;
 
-    fn reference_f64(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    /// `x W^T` accumulated in f64: the reference of every projection kernel's tests.
+    pub(crate) fn reference_f64(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
         let mut y = vec![0f32; m * n];
         for i in 0..m {
             for j in 0..n {

@@ -769,14 +769,7 @@ mod tests {
             let w = bm.dequantize();
             for m in 1..=9 {
                 let x = weights(m, k, 3 + m as u64);
-                let mut want = vec![0f32; m * n];
-                for i in 0..m {
-                    for j in 0..n {
-                        want[i * n + j] = (0..k)
-                            .map(|t| x[i * k + t] as f64 * w[j * k + t] as f64)
-                            .sum::<f64>() as f32;
-                    }
-                }
+                let want = crate::gemm::tests::reference_f64(&x, m, k, &w, n);
                 for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
                     if isa != Isa::Portable && !Isa::test_has(isa) {
                         continue;

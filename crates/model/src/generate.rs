@@ -81,6 +81,8 @@ pub fn generate(
     let mut out = Vec::new();
     let mut pos = 0;
     let mut finish = FinishReason::Length;
+    // A zero limit (no room in the context) samples nothing; otherwise the loop ends on the
+    // finish the output stream reports.
     while !output.is_empty_limit() {
         let end = if pos < prompt.len() {
             (pos + opts.chunk).min(prompt.len())

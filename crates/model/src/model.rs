@@ -197,6 +197,8 @@ pub struct DenseWeights {
 /// The step context every layer reads.
 struct StepCtx<'a> {
     prep: &'a Prepared,
+    /// The step's geometry as the attention kernels read it, checked once per step.
+    attn: alora_kernels::AttnBatch<'a>,
     cos: Tensor,
     sin: Tensor,
     /// Write slots expanded to [N, kv_heads, head_dim].
@@ -424,8 +426,15 @@ impl CausalLm {
             .reshape((prep.num_tokens, 1, 1))?
             .broadcast_as(kv_shape)?
             .contiguous()?;
+        let attn = alora_kernels::AttnBatch::new(
+            &prep.seqlens_q,
+            &prep.seqlens_k,
+            &prep.start_pos,
+            &prep.gather_slots_host,
+        )?;
         let ctx = StepCtx {
             prep: &prep,
+            attn,
             cos,
             sin,
             write_idx,
@@ -523,7 +532,7 @@ impl CausalLm {
         };
         if self.attention == AttentionImpl::Paged || (decode_like && self.dtype == DType::F32) {
             let (kp, vp) = ctx.kv.pools(l);
-            let out = ops::attention_in_place(InPlace::Paged, &q, kp, vp, ctx.prep, &shape)?
+            let out = ops::attention_in_place(InPlace::Paged, &q, kp, vp, &ctx.attn, &shape)?
                 .to_dtype(self.dtype)?
                 .reshape((n, c.num_heads * c.head_dim))?;
             return a.o_proj.forward(&out, groups);
@@ -539,7 +548,7 @@ impl CausalLm {
         }
         if flash_runs && matches!(self.attention, AttentionImpl::Auto | AttentionImpl::Flash) {
             let (kp, vp) = ctx.kv.pools(l);
-            let out = ops::attention_in_place(InPlace::Flash, &q, kp, vp, ctx.prep, &shape)?
+            let out = ops::attention_in_place(InPlace::Flash, &q, kp, vp, &ctx.attn, &shape)?
                 .reshape((n, c.num_heads * c.head_dim))?;
             return a.o_proj.forward(&out, groups);
         }

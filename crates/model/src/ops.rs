@@ -6,7 +6,6 @@
 use alora_kernels::{flash, paged, rowops, AttnBatch, Shape};
 use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor};
 
-use crate::batch::Prepared;
 use crate::error::{ModelError, Result};
 
 /// Runs `f` on the contiguous f32 contents of `t` (a CPU tensor).
@@ -119,33 +118,25 @@ pub(crate) enum InPlace {
 }
 
 /// Attention for `q` [tokens, heads, head_dim] over one layer's pools [slots, kv_heads,
-/// head_dim] through the step's slots, with the chosen kernel; returns [tokens, heads,
+/// head_dim] through the step's slots (`batch`, built once per step), with the chosen kernel; returns [tokens, heads,
 /// head_dim] f32.
 pub(crate) fn attention_in_place(
     kernel: InPlace,
     q: &Tensor,
     k_pool: &Tensor,
     v_pool: &Tensor,
-    prep: &Prepared,
+    batch: &AttnBatch<'_>,
     sh: &Shape,
 ) -> Result<Tensor> {
     let q = q.to_dtype(DType::F32)?.contiguous()?;
-    let batch = AttnBatch::new(
-        &prep.seqlens_q,
-        &prep.seqlens_k,
-        &prep.start_pos,
-        &prep.gather_slots_host,
-    )
-    .map_err(|e| ModelError::Batch(e.to_string()))?;
     let out = with_f32(&q, |qd| {
         with_f32(k_pool, |kd| {
             with_f32(v_pool, |vd| match kernel {
-                InPlace::Paged => paged::attention(qd, kd, vd, &batch, sh),
-                InPlace::Flash => flash::attention(qd, kd, vd, &batch, sh),
+                InPlace::Paged => paged::attention(qd, kd, vd, batch, sh),
+                InPlace::Flash => flash::attention(qd, kd, vd, batch, sh),
             })
         })
-    })???
-    .map_err(|e| ModelError::Batch(e.to_string()))?;
+    })????;
     Ok(Tensor::from_vec(
         out,
         (batch.num_tokens(), sh.num_heads, sh.head_dim),
