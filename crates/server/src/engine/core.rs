@@ -1,17 +1,12 @@
 //! The engine loop: receive, drop cancelled, schedule, run one forward, sample, stream.
 //!
-//! Scheduling is iteration-level and FCFS (vLLM v1's shape): each step first gives every
-//! running sequence its next tokens (one decode token, or the next prefill chunk) within the
-//! token budget, preempting the most recently admitted sequences by recompute when blocks run
-//! out; then admits waiting sequences, each after a prefix-cache lookup, while blocks, the
-//! budget and `max_num_seqs` allow.
-//!
-//! ```text
-//!   running: [A decode 1][B prefill chunk 300][C decode 1]  + admitted: [D prefill 200 (48 cached)]
-//!   one forward over 502 rows -> sample A, C, D (D's prompt done), B continues next step
-//! ```
+//! Three stages with plain data between them: the [`Scheduler`] plans a step as a
+//! [`SchedulerOutput`] keyed by sequence id (see scheduler.rs for the policy); the runner
+//! ([`Engine::step`]) builds the model batch from it, runs one forward and samples the sequences
+//! whose prompt is complete; the output stage ([`Engine::on_token`], [`Engine::finish`]) pushes
+//! each token through the request's `OutputStream` and streams it to the client.
 
-use std::collections::VecDeque;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
@@ -21,6 +16,7 @@ use alora_cache::{BlockHasher, CacheConfig, CacheStats, KvCacheManager};
 use alora_model::{CausalLm, KvStore, LoadedModel, SeqStep, Tokenizer};
 
 use super::request::{EngineError, Event, Finish, TokenEvent, Usage};
+use super::scheduler::{Scheduled, Scheduler, SchedulerConfig, SchedulerOutput};
 use super::seq::Seq;
 use super::{EngineConfig, LoadState, ModelInfo, Msg, Shared};
 
@@ -28,12 +24,10 @@ struct Engine {
     model: CausalLm,
     tokenizer: Tokenizer,
     kv: KvStore,
-    cache: KvCacheManager,
-    waiting: VecDeque<Box<Seq>>,
-    // Boxed like `waiting` so moving a sequence between the two moves a pointer.
-    #[allow(clippy::vec_box)]
-    running: Vec<Box<Seq>>,
-    cfg: EngineConfig,
+    /// Tokens, blocks and what runs when.
+    sched: Scheduler,
+    /// Runner and output state of every request the scheduler holds, by id.
+    seqs: HashMap<u64, Box<Seq>>,
     shared: Arc<Shared>,
     max_model_len: usize,
     last_stats: CacheStats,
@@ -64,6 +58,16 @@ where
         "engine ready"
     );
     engine.run(rx);
+}
+
+/// Leaves the waiting-queue accounting the handlers' bound is checked against.
+fn unqueue(shared: &Shared, seq: &mut Seq) {
+    if std::mem::replace(&mut seq.queued, false) {
+        shared.waiting_requests.fetch_sub(1, Ordering::SeqCst);
+        shared
+            .waiting_tokens
+            .fetch_sub(seq.num_prompt, Ordering::SeqCst);
+    }
 }
 
 impl Engine {
@@ -108,14 +112,19 @@ impl Engine {
             num_blocks: cache_cfg.num_blocks,
         };
         let _ = shared.info.set(Arc::new(info));
+        let sched = Scheduler::new(
+            cache,
+            SchedulerConfig {
+                max_num_seqs: cfg.max_num_seqs,
+                max_num_batched_tokens: cfg.max_num_batched_tokens,
+            },
+        );
         Ok(Engine {
             model,
             tokenizer,
             kv,
-            cache,
-            waiting: VecDeque::new(),
-            running: Vec::new(),
-            cfg,
+            sched,
+            seqs: HashMap::new(),
             shared,
             max_model_len,
             last_stats: CacheStats::default(),
@@ -124,7 +133,7 @@ impl Engine {
 
     fn run(&mut self, rx: Receiver<Msg>) {
         loop {
-            if self.running.is_empty() && self.waiting.is_empty() {
+            if self.sched.is_idle() {
                 match rx.recv_timeout(Duration::from_millis(500)) {
                     Ok(m) => self.handle(m),
                     Err(RecvTimeoutError::Timeout) => {
@@ -138,9 +147,10 @@ impl Engine {
                 self.handle(m);
             }
             self.drop_cancelled();
-            let plan = self.schedule();
-            if !plan.is_empty() {
-                self.step(&plan);
+            let out = self.sched.schedule();
+            self.on_schedule(&out);
+            if !out.scheduled.is_empty() {
+                self.step(&out);
             }
             self.publish_gauges();
         }
@@ -148,7 +158,7 @@ impl Engine {
 
     fn handle(&mut self, m: Msg) {
         match m {
-            Msg::Submit(seq) => {
+            Msg::Submit(mut seq) => {
                 self.shared
                     .metrics
                     .adapter_requests
@@ -156,146 +166,83 @@ impl Engine {
                         adapter: seq.adapter_label().to_string(),
                     })
                     .inc();
-                self.waiting.push_back(seq);
+                let prompt = std::mem::take(&mut seq.prompt);
+                self.sched.add(seq.id, prompt, seq.key.clone());
+                self.seqs.insert(seq.id, seq);
             }
             Msg::ResetPrefixCache(tx) => {
-                let _ = tx.send(self.cache.reset_prefix_cache());
+                let _ = tx.send(self.sched.cache().reset_prefix_cache());
             }
         }
     }
 
-    /// Leaves the waiting-queue accounting the handlers' bound is checked against.
-    fn unqueue(&self, seq: &mut Seq) {
-        if std::mem::replace(&mut seq.queued, false) {
-            self.shared.waiting_requests.fetch_sub(1, Ordering::SeqCst);
-            self.shared
-                .waiting_tokens
-                .fetch_sub(seq.num_prompt, Ordering::SeqCst);
-        }
+    /// Takes request `id` out of the scheduler (freeing its blocks) and the engine.
+    fn remove(&mut self, id: u64) -> Option<Box<Seq>> {
+        self.sched.remove(id);
+        let mut s = self.seqs.remove(&id)?;
+        unqueue(&self.shared, &mut s);
+        Some(s)
     }
 
     fn drop_cancelled(&mut self) {
-        let mut i = 0;
-        while i < self.waiting.len() {
-            if self.waiting[i].is_cancelled() {
-                let mut s = self.waiting.remove(i).expect("index in range");
-                self.unqueue(&mut s);
-                self.release(s);
-            } else {
-                i += 1;
-            }
-        }
-        let (gone, keep): (Vec<_>, Vec<_>) = self.running.drain(..).partition(|s| s.is_cancelled());
-        self.running = keep;
-        for s in gone {
-            tracing::debug!(seq = s.id, "cancelled");
-            self.release(s);
+        let gone: Vec<u64> = self
+            .seqs
+            .values()
+            .filter(|s| s.is_cancelled())
+            .map(|s| s.id)
+            .collect();
+        for id in gone {
+            tracing::debug!(seq = id, "cancelled");
+            self.remove(id);
         }
     }
 
-    fn release(&mut self, mut s: Box<Seq>) {
-        if let Some(b) = s.blocks.take() {
-            self.cache.free(b);
-        }
-    }
-
-    /// Returns (index into `running`, tokens to compute) for this step.
-    fn schedule(&mut self) -> Vec<(usize, usize)> {
-        let mut plan = Vec::new();
-        let mut budget = self.cfg.max_num_batched_tokens;
-        let mut preempted = false;
-        let mut i = 0;
-        while i < self.running.len() && budget > 0 {
-            let n = (self.running[i].tokens.len() - self.running[i].num_computed).min(budget);
-            let need = self.running[i].num_computed + n;
-            loop {
-                let s = &mut self.running[i];
-                let blocks = s.blocks.as_mut().expect("running sequences hold blocks");
-                if self.cache.grow(blocks, need) {
-                    plan.push((i, n));
-                    budget -= n;
-                    i += 1;
-                    break;
-                }
-                // Out of blocks: recompute the most recently admitted sequence later.
-                let victim = self.running.pop().expect("running is not empty");
-                let is_self = self.running.len() == i;
-                self.preempt(victim);
-                preempted = true;
-                if is_self {
-                    break;
-                }
-            }
-        }
-        if preempted {
-            return plan;
-        }
-        while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
-            let Some(s) = self.waiting.front() else { break };
-            let hit = self.cache.lookup(&s.tokens, &s.key);
-            let cached = hit.num_computed_tokens;
-            let n = (s.tokens.len() - cached).min(budget);
-            let Some(blocks) = self.cache.allocate(hit, s.key.clone(), cached + n) else {
-                if self.running.is_empty() {
-                    // Nothing will free blocks: the request cannot fit at all.
-                    let s = self.waiting.pop_front().expect("front exists");
-                    let err = EngineError::CacheTooSmall {
-                        needed_tokens: cached + n,
-                        capacity_tokens: self.kv.num_blocks() * self.cfg.block_size,
-                    };
-                    self.fail(s, err);
-                    continue;
-                }
-                break;
+    /// Books what the scheduler decided besides the batch: admissions, preemptions, rejections.
+    fn on_schedule(&mut self, out: &SchedulerOutput) {
+        let m = &self.shared.metrics;
+        for a in &out.admitted {
+            let Some(s) = self.seqs.get_mut(&a.id) else {
+                continue;
             };
-            let mut s = self.waiting.pop_front().expect("front exists");
-            self.unqueue(&mut s);
-            if s.cached_tokens.is_none() {
-                s.cached_tokens = Some(cached);
-                let m = &self.shared.metrics;
-                m.prompt_tokens.inc_by(s.num_prompt as u64);
-            }
-            s.num_computed = cached;
-            s.blocks = Some(blocks);
-            plan.push((self.running.len(), n));
-            budget -= n;
-            self.running.push(s);
+            s.cached_tokens = Some(a.cached_tokens);
+            m.prompt_tokens.inc_by(s.num_prompt as u64);
+            unqueue(&self.shared, s);
         }
-        plan
-    }
-
-    fn preempt(&mut self, mut s: Box<Seq>) {
-        tracing::debug!(seq = s.id, "preempted");
-        if let Some(b) = s.blocks.take() {
-            self.cache.free(b);
+        m.num_preemptions.inc_by(out.preempted.len() as u64);
+        for (id, err) in &out.rejected {
+            self.fail(*id, err.clone());
         }
-        s.num_computed = 0;
-        self.shared.metrics.num_preemptions.inc();
-        self.waiting.push_front(s);
     }
 
-    fn fail(&mut self, mut s: Box<Seq>, err: EngineError) {
-        self.unqueue(&mut s);
-        let _ = s.tx.send(Event::Error(err));
-        self.release(s);
+    fn fail(&mut self, id: u64, err: EngineError) {
+        if let Some(s) = self.remove(id) {
+            let _ = s.tx.send(Event::Error(err));
+        }
     }
 
-    fn step(&mut self, plan: &[(usize, usize)]) {
+    /// The runner: one forward over the scheduled tokens, then sampling where a prompt is done.
+    fn step(&mut self, out: &SchedulerOutput) {
         let result = {
-            let steps: Vec<SeqStep<'_>> = plan
+            let steps: Vec<SeqStep<'_>> = out
+                .scheduled
                 .iter()
-                .map(|&(i, n)| {
-                    let s = &self.running[i];
+                .map(|sch| {
+                    let s = self.sched.seq(sch.id).expect("scheduled sequences run");
                     SeqStep {
-                        tokens: &s.tokens[s.num_computed..s.num_computed + n],
-                        start_pos: s.num_computed,
-                        adapter: s.active.clone(),
-                        block_table: s.blocks.as_ref().expect("scheduled with blocks").blocks(),
+                        tokens: &s.tokens()[sch.start_pos..sch.start_pos + sch.num_tokens],
+                        start_pos: sch.start_pos,
+                        adapter: self.seqs[&sch.id].active.clone(),
+                        block_table: s.block_table(),
                         all_logits: false,
                     }
                 })
                 .collect();
-            let _span = tracing::debug_span!("step", seqs = steps.len()).entered();
+            let _span = tracing::debug_span!(
+                "step",
+                seqs = steps.len(),
+                tokens = out.num_batched_tokens()
+            )
+            .entered();
             self.model.forward(&steps, &self.kv).and_then(|l| {
                 let rows = l.logits.to_vec2::<f32>()?;
                 Ok((rows, l.rows))
@@ -305,40 +252,30 @@ impl Engine {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!("forward failed: {e}");
-                let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
-                idx.sort_unstable_by(|a, b| b.cmp(a));
-                for i in idx {
-                    let s = self.running.remove(i);
-                    self.fail(s, EngineError::Step);
+                for sch in &out.scheduled {
+                    self.fail(sch.id, EngineError::Step);
                 }
                 return;
             }
         };
-        let mut finished = Vec::new();
-        for (j, &(i, n)) in plan.iter().enumerate() {
-            let s = &mut self.running[i];
-            s.num_computed += n;
-            let computed = s.num_computed;
-            self.cache
-                .commit(s.blocks.as_mut().expect("blocks"), &s.tokens[..computed]);
-            if computed < s.tokens.len() {
+        self.sched.computed(out);
+        for (sch, range) in out.scheduled.iter().zip(&ranges) {
+            if !sch.samples {
                 continue; // mid-prefill chunk
             }
-            let sampled = s.sampler.sample(&rows[ranges[j].end - 1]);
-            if let Some(f) = self.on_token(i, sampled) {
-                finished.push((i, f));
+            if let Some(f) = self.on_token(sch, &rows[range.end - 1]) {
+                self.finish(sch.id, f);
             }
-        }
-        finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
-        for (i, f) in finished {
-            let s = self.running.remove(i);
-            self.finish(s, f);
         }
     }
 
-    /// Appends a sampled token and streams its text; returns the finish reason when done.
-    fn on_token(&mut self, i: usize, sampled: alora_model::Sampled) -> Option<Finish> {
-        let s = &mut self.running[i];
+    /// Samples, appends and streams one token; returns the finish reason when done.
+    fn on_token(&mut self, sch: &Scheduled, logits: &[f32]) -> Option<Finish> {
+        let s = self
+            .seqs
+            .get_mut(&sch.id)
+            .expect("scheduled sequences exist");
+        let sampled = s.sampler.sample(logits);
         let now = Instant::now();
         let m = &self.shared.metrics;
         match s.last_token_at {
@@ -351,7 +288,8 @@ impl Engine {
         if !pushed.appended {
             return pushed.finish;
         }
-        s.tokens.push(t);
+        s.num_generated += 1;
+        self.sched.append_token(sch.id, t);
         m.generation_tokens.inc();
         let _ = s.tx.send(Event::Token(TokenEvent {
             id: t,
@@ -362,24 +300,22 @@ impl Engine {
         pushed.finish
     }
 
-    fn finish(&mut self, mut s: Box<Seq>, finish: Finish) {
+    fn finish(&mut self, id: u64, finish: Finish) {
+        // Blocks go back to the pool, and the gauges say so, before the client hears it is
+        // done: whoever reads /metrics after a response sees the blocks free.
+        let Some(mut s) = self.remove(id) else { return };
         // Release what was held back (an incomplete character, a possible stop-string prefix)
         // unless a stop string already cut the output.
         let text = s.output.finish(&self.tokenizer);
         let usage = Usage {
             prompt_tokens: s.num_prompt,
-            completion_tokens: s.num_generated(),
+            completion_tokens: s.num_generated,
             cached_tokens: s.cached_tokens.unwrap_or(0),
         };
         self.shared
             .metrics
             .e2e
             .observe(s.arrival.elapsed().as_secs_f64());
-        // Blocks go back to the pool, and the gauges say so, before the client hears it is
-        // done: whoever reads /metrics after a response sees the blocks free.
-        if let Some(b) = s.blocks.take() {
-            self.cache.free(b);
-        }
         self.publish_kv_gauges();
         let _ = s.tx.send(Event::Done {
             text,
@@ -390,16 +326,17 @@ impl Engine {
 
     fn publish_kv_gauges(&mut self) {
         let m = &self.shared.metrics;
-        m.kv_cache_usage_perc.set(self.cache.usage());
-        m.kv_blocks_in_use.set(self.cache.num_used_blocks() as i64);
+        let cache = self.sched.cache();
+        m.kv_cache_usage_perc.set(cache.usage());
+        m.kv_blocks_in_use.set(cache.num_used_blocks() as i64);
     }
 
     fn publish_gauges(&mut self) {
         self.publish_kv_gauges();
         let m = &self.shared.metrics;
-        m.num_requests_running.set(self.running.len() as i64);
-        m.num_requests_waiting.set(self.waiting.len() as i64);
-        let st = self.cache.stats();
+        m.num_requests_running.set(self.sched.num_running() as i64);
+        m.num_requests_waiting.set(self.sched.num_waiting() as i64);
+        let st = self.sched.cache().stats();
         m.prefix_cache_queries
             .inc_by(st.query_tokens - self.last_stats.query_tokens);
         m.prefix_cache_hits
@@ -407,17 +344,17 @@ impl Engine {
         m.adapter_tokens_from_base_blocks
             .inc_by(st.adapter_hit_tokens_from_base - self.last_stats.adapter_hit_tokens_from_base);
         self.last_stats = st;
-        let names = |v: &mut dyn Iterator<Item = &Box<Seq>>| {
-            let mut n: Vec<String> = v
-                .filter_map(|s| s.req.adapter.as_ref().map(|a| a.name.clone()))
+        let names = |ids: &mut dyn Iterator<Item = u64>| {
+            let mut n: Vec<String> = ids
+                .filter_map(|id| self.seqs.get(&id)?.adapter_name.clone())
                 .collect();
             n.sort();
             n.dedup();
             n.join(",")
         };
         let labels = crate::metrics::LoraInfoLabels {
-            running_lora_adapters: names(&mut self.running.iter()),
-            waiting_lora_adapters: names(&mut self.waiting.iter()),
+            running_lora_adapters: names(&mut self.sched.running().map(|s| s.id())),
+            waiting_lora_adapters: names(&mut self.sched.waiting().map(|s| s.id())),
             max_lora: "0".into(),
         };
         m.lora_requests_info.clear();

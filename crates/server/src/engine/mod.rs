@@ -1,5 +1,5 @@
-//! The engine: one thread that owns the model, the KV store, the block manager and the
-//! scheduler, and a cheap cloneable [`EngineHandle`] that handlers use to submit requests.
+//! The engine: one thread that owns the model, the KV store and the scheduler (which owns the
+//! block manager), and a cheap cloneable [`EngineHandle`] that handlers use to submit requests.
 //! Model compute never runs on tokio workers.
 //!
 //! **Invariant:** only the engine thread touches the model, the `KvStore` and the
@@ -8,6 +8,7 @@
 
 mod core;
 pub mod request;
+mod scheduler;
 mod seq;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

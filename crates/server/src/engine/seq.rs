@@ -1,22 +1,24 @@
-//! A sequence in the engine: its tokens, progress, blocks and output state.
+//! A request in the engine, on the runner and output side: how its tokens are computed
+//! (adapter), sampled (sampler) and streamed (output state, client channel, timings). Its
+//! tokens and blocks live in the scheduler under the same id.
 
 use std::time::Instant;
 
-use alora_cache::{AdapterKey, RequestKey, SeqBlocks};
+use alora_cache::{AdapterKey, RequestKey};
 use alora_model::{ActiveAdapter, OutputLimits, OutputStream, Sampler};
 
 use super::request::{EventTx, GenRequest};
 
 pub(crate) struct Seq {
     pub id: u64,
-    pub req: GenRequest,
-    /// Prompt followed by generated tokens.
-    pub tokens: Vec<u32>,
+    /// The prompt, until the scheduler takes it (on arrival at the engine).
+    pub prompt: Vec<u32>,
     pub num_prompt: usize,
-    /// Tokens whose K/V is in this sequence's blocks.
-    pub num_computed: usize,
-    pub blocks: Option<SeqBlocks>,
+    pub num_generated: usize,
+    /// The cache key: the adapter as far as KV is concerned, and the salt.
     pub key: RequestKey,
+    /// The adapter's name for metrics and logs; `None` for the base model.
+    pub adapter_name: Option<String>,
     pub active: Option<ActiveAdapter>,
     pub sampler: Sampler,
     /// EOS, stop ids and strings, the token limit, incremental detokenization.
@@ -59,27 +61,27 @@ impl Seq {
         };
         let key = RequestKey {
             adapter,
-            cache_salt: req.cache_salt.clone(),
+            cache_salt: req.cache_salt,
         };
-        let sampler = Sampler::new(req.sampling.clone(), &req.prompt);
+        let sampler = Sampler::new(req.sampling, &req.prompt);
         let output = OutputStream::new(
             OutputLimits {
                 max_tokens: req
                     .max_tokens
                     .min(max_model_len.saturating_sub(req.prompt.len())),
-                stop: req.stop.clone(),
-                stop_token_ids: req.stop_token_ids.clone(),
+                stop: req.stop,
+                stop_token_ids: req.stop_token_ids,
                 ignore_eos: req.ignore_eos,
             },
             eos_token_ids,
         );
         Seq {
             id,
-            tokens: req.prompt.clone(),
             num_prompt: req.prompt.len(),
-            num_computed: 0,
-            blocks: None,
+            prompt: req.prompt,
+            num_generated: 0,
             key,
+            adapter_name: req.adapter.as_ref().map(|a| a.name.clone()),
             active,
             sampler,
             output,
@@ -88,12 +90,7 @@ impl Seq {
             last_token_at: None,
             cached_tokens: None,
             queued: true,
-            req,
         }
-    }
-
-    pub fn num_generated(&self) -> usize {
-        self.tokens.len() - self.num_prompt
     }
 
     /// The client is gone (disconnect, timeout): stop work and free blocks.
@@ -103,10 +100,6 @@ impl Seq {
 
     /// Name of the adapter for metrics, "base" for none.
     pub fn adapter_label(&self) -> &str {
-        self.req
-            .adapter
-            .as_ref()
-            .map(|a| a.name.as_str())
-            .unwrap_or("base")
+        self.adapter_name.as_deref().unwrap_or("base")
     }
 }

@@ -1,0 +1,576 @@
+//! The scheduler: which sequences compute which tokens this step, and whose blocks they use.
+//!
+//! It knows token ids, blocks and cache keys, nothing of the model, the sampler or the client:
+//! each step it returns a plain [`SchedulerOutput`] keyed by sequence id, the runner computes
+//! what it says, and the engine reports back what happened ([`Scheduler::computed`],
+//! [`Scheduler::append_token`], [`Scheduler::remove`]). That split is what lets the tests below
+//! drive it without a model, in the manner of vLLM's scheduler tests.
+//!
+//! Policy (vLLM v1's shape): iteration-level and FCFS. Each step first gives every running
+//! sequence its next tokens (one decode token, or the next prefill chunk) within the token
+//! budget, preempting the most recently admitted sequences by recompute when blocks run out;
+//! then, if nothing was preempted, admits waiting sequences in arrival order, each after a
+//! prefix-cache lookup, while blocks, the budget and `max_num_seqs` allow.
+//!
+//! ```text
+//!   running: [A decode 1][B prefill chunk 300][C decode 1]  + admitted: [D prefill 200 (48 cached)]
+//!   one forward over 502 rows -> sample A, C, D (D's prompt done), B continues next step
+//! ```
+
+use std::collections::VecDeque;
+
+use alora_cache::{BlockId, KvCacheManager, RequestKey, SeqBlocks};
+
+use super::request::EngineError;
+
+/// The scheduler's limits (a subset of `EngineConfig`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SchedulerConfig {
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+}
+
+/// A sequence as the scheduler sees it: tokens, progress and blocks.
+#[derive(Debug)]
+pub(crate) struct SchedSeq {
+    id: u64,
+    /// Prompt followed by generated tokens.
+    tokens: Vec<u32>,
+    /// Tokens whose K/V is in `blocks`.
+    num_computed: usize,
+    blocks: Option<SeqBlocks>,
+    key: RequestKey,
+    /// Admitted at least once (a preempted sequence is re-admitted, not new).
+    admitted: bool,
+}
+
+impl SchedSeq {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// The block table; empty while waiting.
+    pub fn block_table(&self) -> &[BlockId] {
+        self.blocks.as_ref().map(|b| b.blocks()).unwrap_or(&[])
+    }
+}
+
+/// One sequence's work in a step: compute `num_tokens` tokens from position `start_pos`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Scheduled {
+    pub id: u64,
+    pub start_pos: usize,
+    pub num_tokens: usize,
+    /// The step computes the last known token: its logits give the next token.
+    pub samples: bool,
+}
+
+/// A first admission (not a re-admission after preemption).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Admitted {
+    pub id: u64,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: usize,
+}
+
+/// What one step is to do, keyed by sequence id.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct SchedulerOutput {
+    /// In running order; running sequences first, then this step's admissions.
+    pub scheduled: Vec<Scheduled>,
+    pub admitted: Vec<Admitted>,
+    /// Moved back to the front of the waiting queue, their blocks freed (recomputed later).
+    pub preempted: Vec<u64>,
+    /// Removed for good: they can never be scheduled.
+    pub rejected: Vec<(u64, EngineError)>,
+}
+
+impl SchedulerOutput {
+    pub fn num_batched_tokens(&self) -> usize {
+        self.scheduled.iter().map(|s| s.num_tokens).sum()
+    }
+}
+
+/// Owns the waiting queue, the running set and the KV block manager.
+pub(crate) struct Scheduler {
+    cache: KvCacheManager,
+    waiting: VecDeque<SchedSeq>,
+    running: Vec<SchedSeq>,
+    cfg: SchedulerConfig,
+}
+
+impl Scheduler {
+    pub fn new(cache: KvCacheManager, cfg: SchedulerConfig) -> Self {
+        Scheduler {
+            cache,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            cfg,
+        }
+    }
+
+    /// Queues a new sequence behind the waiting ones.
+    pub fn add(&mut self, id: u64, prompt: Vec<u32>, key: RequestKey) {
+        self.waiting.push_back(SchedSeq {
+            id,
+            tokens: prompt,
+            num_computed: 0,
+            blocks: None,
+            key,
+            admitted: false,
+        });
+    }
+
+    pub fn cache(&mut self) -> &mut KvCacheManager {
+        &mut self.cache
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.running.is_empty() && self.waiting.is_empty()
+    }
+
+    pub fn running(&self) -> impl Iterator<Item = &SchedSeq> {
+        self.running.iter()
+    }
+
+    pub fn waiting(&self) -> impl Iterator<Item = &SchedSeq> {
+        self.waiting.iter()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// The running sequence `id`.
+    pub fn seq(&self, id: u64) -> Option<&SchedSeq> {
+        self.running.iter().find(|s| s.id == id)
+    }
+
+    /// Tokens the whole cache holds.
+    pub fn capacity_tokens(&self) -> usize {
+        self.cache.pool().num_blocks() * self.cache.block_size()
+    }
+
+    /// Plans one step.
+    pub fn schedule(&mut self) -> SchedulerOutput {
+        let mut out = SchedulerOutput::default();
+        let mut budget = self.cfg.max_num_batched_tokens;
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let s = &self.running[i];
+            let n = (s.tokens.len() - s.num_computed).min(budget);
+            let need = s.num_computed + n;
+            loop {
+                let s = &mut self.running[i];
+                let blocks = s.blocks.as_mut().expect("running sequences hold blocks");
+                if self.cache.grow(blocks, need) {
+                    out.scheduled.push(Scheduled {
+                        id: s.id,
+                        start_pos: s.num_computed,
+                        num_tokens: n,
+                        samples: need == s.tokens.len(),
+                    });
+                    budget -= n;
+                    i += 1;
+                    break;
+                }
+                // Out of blocks: recompute the most recently admitted sequence later.
+                let victim = self.running.pop().expect("running is not empty");
+                let is_self = self.running.len() == i;
+                out.preempted.push(victim.id);
+                self.preempt(victim);
+                if is_self {
+                    break;
+                }
+            }
+        }
+        if !out.preempted.is_empty() {
+            return out;
+        }
+        while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+            let Some(s) = self.waiting.front() else { break };
+            let hit = self.cache.lookup(&s.tokens, &s.key);
+            let cached = hit.num_computed_tokens;
+            let n = (s.tokens.len() - cached).min(budget);
+            let Some(blocks) = self.cache.allocate(hit, s.key.clone(), cached + n) else {
+                if self.running.is_empty() {
+                    // Nothing will free blocks: the request cannot fit at all.
+                    let s = self.waiting.pop_front().expect("front exists");
+                    let err = EngineError::CacheTooSmall {
+                        needed_tokens: cached + n,
+                        capacity_tokens: self.capacity_tokens(),
+                    };
+                    out.rejected.push((s.id, err));
+                    continue;
+                }
+                break;
+            };
+            let mut s = self.waiting.pop_front().expect("front exists");
+            if !std::mem::replace(&mut s.admitted, true) {
+                out.admitted.push(Admitted {
+                    id: s.id,
+                    cached_tokens: cached,
+                });
+            }
+            s.num_computed = cached;
+            s.blocks = Some(blocks);
+            out.scheduled.push(Scheduled {
+                id: s.id,
+                start_pos: cached,
+                num_tokens: n,
+                samples: cached + n == s.tokens.len(),
+            });
+            budget -= n;
+            self.running.push(s);
+        }
+        out
+    }
+
+    fn preempt(&mut self, mut s: SchedSeq) {
+        tracing::debug!(seq = s.id, "preempted");
+        if let Some(b) = s.blocks.take() {
+            self.cache.free(b);
+        }
+        s.num_computed = 0;
+        self.waiting.push_front(s);
+    }
+
+    /// The step ran: its tokens' K/V is in their blocks, and full blocks become findable.
+    pub fn computed(&mut self, out: &SchedulerOutput) {
+        for sch in &out.scheduled {
+            let Some(s) = self.running.iter_mut().find(|s| s.id == sch.id) else {
+                continue; // removed since (cancelled)
+            };
+            debug_assert_eq!(s.num_computed, sch.start_pos);
+            s.num_computed += sch.num_tokens;
+            let blocks = s.blocks.as_mut().expect("running sequences hold blocks");
+            self.cache.commit(blocks, &s.tokens[..s.num_computed]);
+        }
+    }
+
+    /// A token was sampled for running sequence `id`; it is computed in the next step.
+    pub fn append_token(&mut self, id: u64, token: u32) {
+        if let Some(s) = self.running.iter_mut().find(|s| s.id == id) {
+            s.tokens.push(token);
+        }
+    }
+
+    /// Takes `id` out, waiting or running, and frees its blocks (finish, cancel, failure).
+    /// False if it is not here.
+    pub fn remove(&mut self, id: u64) -> bool {
+        let s = if let Some(i) = self.running.iter().position(|s| s.id == id) {
+            self.running.remove(i)
+        } else if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
+            self.waiting.remove(i).expect("index in range")
+        } else {
+            return false;
+        };
+        if let Some(b) = s.blocks {
+            self.cache.free(b);
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use alora_cache::{AdapterDigest, AdapterKey, BlockHasher, CacheConfig};
+
+    use super::*;
+
+    const BS: usize = 4;
+
+    fn scheduler(num_blocks: usize, max_num_seqs: usize, budget: usize) -> Scheduler {
+        let cache = KvCacheManager::new(
+            CacheConfig {
+                block_size: BS,
+                num_blocks,
+            },
+            BlockHasher::with_seed(7),
+        );
+        Scheduler::new(
+            cache,
+            SchedulerConfig {
+                max_num_seqs,
+                max_num_batched_tokens: budget,
+            },
+        )
+    }
+
+    fn prompt(len: usize, salt: u32) -> Vec<u32> {
+        (0..len as u32).map(|t| t * 31 + salt).collect()
+    }
+
+    /// Runs the planned step as the engine would: computed, then one token per sampling seq.
+    fn run(s: &mut Scheduler, out: &SchedulerOutput) {
+        s.computed(out);
+        for sch in &out.scheduled {
+            if sch.samples {
+                s.append_token(sch.id, 1000 + sch.id as u32);
+            }
+        }
+    }
+
+    fn plan(out: &SchedulerOutput) -> Vec<(u64, usize, usize)> {
+        out.scheduled
+            .iter()
+            .map(|s| (s.id, s.start_pos, s.num_tokens))
+            .collect()
+    }
+
+    fn assert_no_blocks_held(s: &mut Scheduler) {
+        assert!(s.is_idle());
+        assert_eq!(s.cache().num_used_blocks(), 0);
+        let n = s.cache().pool().num_blocks();
+        s.cache().check_invariants(&vec![0; n]).unwrap();
+    }
+
+    #[test]
+    fn admits_in_arrival_order_up_to_max_num_seqs() {
+        let mut s = scheduler(64, 2, 1000);
+        for id in 1..=3 {
+            s.add(id, prompt(5, id as u32), RequestKey::base());
+        }
+        let out = s.schedule();
+        assert_eq!(plan(&out), vec![(1, 0, 5), (2, 0, 5)]);
+        assert_eq!(
+            out.admitted.iter().map(|a| a.id).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert!(out.scheduled.iter().all(|x| x.samples));
+        assert_eq!(s.num_waiting(), 1);
+        run(&mut s, &out);
+        // Both decode; 3 waits for a free seat.
+        let out = s.schedule();
+        assert_eq!(plan(&out), vec![(1, 5, 1), (2, 5, 1)]);
+        run(&mut s, &out);
+        assert!(s.remove(1));
+        let out = s.schedule();
+        assert_eq!(plan(&out), vec![(2, 6, 1), (3, 0, 5)]);
+        run(&mut s, &out);
+        s.remove(2);
+        s.remove(3);
+        assert_no_blocks_held(&mut s);
+    }
+
+    #[test]
+    fn the_token_budget_chunks_prefill_and_decode_goes_first() {
+        let mut s = scheduler(64, 8, 6);
+        s.add(1, prompt(3, 1), RequestKey::base());
+        s.add(2, prompt(10, 2), RequestKey::base());
+        let out = s.schedule();
+        // 1 takes 3, 2 gets the 3 left: a chunk that does not sample.
+        assert_eq!(plan(&out), vec![(1, 0, 3), (2, 0, 3)]);
+        assert_eq!(
+            out.scheduled.iter().map(|x| x.samples).collect::<Vec<_>>(),
+            vec![true, false]
+        );
+        assert_eq!(out.num_batched_tokens(), 6);
+        run(&mut s, &out);
+        let out = s.schedule();
+        // 1 decodes one token, 2 continues where it stopped with the rest of the budget.
+        assert_eq!(plan(&out), vec![(1, 3, 1), (2, 3, 5)]);
+        run(&mut s, &out);
+        let out = s.schedule();
+        assert_eq!(plan(&out), vec![(1, 4, 1), (2, 8, 2)]);
+        assert!(out.scheduled[1].samples);
+        run(&mut s, &out);
+        assert_eq!(s.seq(2).unwrap().tokens().len(), 11);
+        s.remove(1);
+        s.remove(2);
+        assert_no_blocks_held(&mut s);
+    }
+
+    #[test]
+    fn preempts_the_latest_admitted_and_recomputes_it_with_its_output() {
+        // 4 blocks of 4: two sequences of 8 prompt tokens fill 2 blocks each.
+        let mut s = scheduler(4, 8, 100);
+        s.add(1, prompt(8, 1), RequestKey::base());
+        s.add(2, prompt(8, 2), RequestKey::base());
+        let out = s.schedule();
+        assert_eq!(plan(&out), vec![(1, 0, 8), (2, 0, 8)]);
+        run(&mut s, &out);
+        // Both now need position 8, a third block each; the pool has none: 2 goes back.
+        let out = s.schedule();
+        assert_eq!(out.preempted, vec![2]);
+        assert_eq!(plan(&out), vec![(1, 8, 1)]);
+        assert_eq!(s.num_waiting(), 1);
+        assert!(s.waiting().all(|w| w.block_table().is_empty()));
+        run(&mut s, &out);
+        s.remove(1);
+        // 2 is re-admitted with the token it had generated, and it is not a new admission.
+        // 1's growth evicted 2's tail block (freed tail first); its first block is still
+        // cached, so only the rest is recomputed.
+        let out = s.schedule();
+        assert!(out.admitted.is_empty());
+        assert_eq!(plan(&out), vec![(2, 4, 5)]);
+        assert_eq!(s.seq(2).unwrap().tokens()[8], 1002);
+        run(&mut s, &out);
+        s.remove(2);
+        assert_no_blocks_held(&mut s);
+    }
+
+    #[test]
+    fn the_latest_admitted_preempts_itself_when_it_cannot_grow() {
+        // 3 blocks: 1 holds 2 (5 tokens), 2 holds 1 (4 tokens).
+        let mut s = scheduler(3, 8, 100);
+        s.add(1, prompt(5, 1), RequestKey::base());
+        s.add(2, prompt(4, 2), RequestKey::base());
+        let out = s.schedule();
+        assert_eq!(plan(&out), vec![(1, 0, 5), (2, 0, 4)]);
+        run(&mut s, &out);
+        // 1 decodes into its second block; 2 needs a second block, the pool is empty, and
+        // the latest admitted is 2 itself.
+        let out = s.schedule();
+        assert_eq!(out.preempted, vec![2]);
+        assert_eq!(plan(&out), vec![(1, 5, 1)]);
+        // Nothing is admitted in a step that preempted.
+        assert_eq!(s.num_running(), 1);
+        run(&mut s, &out);
+        s.remove(1);
+        s.remove(2);
+        assert_no_blocks_held(&mut s);
+    }
+
+    #[test]
+    fn a_repeated_prompt_hits_whole_blocks_but_still_runs_its_last_token() {
+        let mut s = scheduler(64, 8, 100);
+        s.add(1, prompt(10, 1), RequestKey::base());
+        let out = s.schedule();
+        run(&mut s, &out);
+        s.remove(1);
+        s.add(2, prompt(10, 1), RequestKey::base());
+        let out = s.schedule();
+        assert_eq!(
+            out.admitted,
+            vec![Admitted {
+                id: 2,
+                cached_tokens: 8
+            }]
+        );
+        assert_eq!(plan(&out), vec![(2, 8, 2)]);
+        // Exactly a block multiple: the last block is not a hit, its last token must run.
+        s.add(3, prompt(8, 1), RequestKey::base());
+        let out = s.schedule();
+        assert_eq!(plan(&out).last(), Some(&(3, 4, 4)));
+        s.remove(2);
+        s.remove(3);
+        // A salted request never shares the unsalted blocks.
+        s.add(
+            4,
+            prompt(10, 1),
+            RequestKey {
+                adapter: AdapterKey::Base,
+                cache_salt: Some("tenant".into()),
+            },
+        );
+        let out = s.schedule();
+        assert_eq!(out.admitted[0].cached_tokens, 0);
+        s.remove(4);
+        assert_no_blocks_held(&mut s);
+    }
+
+    #[test]
+    fn an_alora_request_finds_the_base_blocks_before_its_activation_start() {
+        let mut s = scheduler(64, 8, 100);
+        let conversation = prompt(13, 1);
+        s.add(1, conversation.clone(), RequestKey::base());
+        let out = s.schedule();
+        run(&mut s, &out);
+        s.remove(1);
+        // The invocation starts at 10: blocks [0,4) and [4,8) are base KV, [8,12) is not.
+        let mut alora = conversation[..10].to_vec();
+        alora.extend([7, 7, 7]);
+        let key = RequestKey {
+            adapter: AdapterKey::ALora {
+                digest: AdapterDigest([3; 32]),
+                activation_start: 10,
+            },
+            cache_salt: None,
+        };
+        s.add(2, alora.clone(), key.clone());
+        let out = s.schedule();
+        assert_eq!(out.admitted[0].cached_tokens, 8);
+        assert_eq!(plan(&out), vec![(2, 8, 5)]);
+        assert_eq!(s.cache().stats().adapter_hit_tokens_from_base, 8);
+        // A plain LoRA on the same tokens adapts every token: no hit.
+        s.add(
+            3,
+            alora,
+            RequestKey {
+                adapter: AdapterKey::Lora(AdapterDigest([3; 32])),
+                cache_salt: None,
+            },
+        );
+        let out = s.schedule();
+        assert_eq!(out.admitted[0].cached_tokens, 0);
+        s.remove(2);
+        s.remove(3);
+        assert_no_blocks_held(&mut s);
+    }
+
+    #[test]
+    fn cancelling_while_queued_or_running_frees_everything() {
+        let mut s = scheduler(64, 1, 100);
+        s.add(1, prompt(9, 1), RequestKey::base());
+        s.add(2, prompt(9, 2), RequestKey::base());
+        let out = s.schedule();
+        assert_eq!(plan(&out), vec![(1, 0, 9)]);
+        // Cancelled after scheduling, before the step's result: the result is ignored.
+        assert!(s.remove(1));
+        run(&mut s, &out);
+        assert!(!s.remove(1));
+        // 2 is cancelled while queued: it never runs.
+        assert!(s.remove(2));
+        assert!(s.schedule().scheduled.is_empty());
+        assert_no_blocks_held(&mut s);
+    }
+
+    #[test]
+    fn a_request_that_can_never_fit_is_rejected_with_the_limit() {
+        let mut s = scheduler(2, 8, 100);
+        s.add(1, prompt(9, 1), RequestKey::base());
+        s.add(2, prompt(5, 2), RequestKey::base());
+        let out = s.schedule();
+        assert_eq!(
+            out.rejected,
+            vec![(
+                1,
+                EngineError::CacheTooSmall {
+                    needed_tokens: 9,
+                    capacity_tokens: 8
+                }
+            )]
+        );
+        // The next in line is not held up by it.
+        assert_eq!(plan(&out), vec![(2, 0, 5)]);
+        run(&mut s, &out);
+        s.remove(2);
+        assert_no_blocks_held(&mut s);
+    }
+
+    #[test]
+    fn waits_rather_than_rejects_while_others_hold_blocks() {
+        let mut s = scheduler(3, 8, 100);
+        s.add(1, prompt(8, 1), RequestKey::base());
+        s.add(2, prompt(8, 2), RequestKey::base());
+        let out = s.schedule();
+        assert_eq!(plan(&out), vec![(1, 0, 8)]);
+        assert!(out.rejected.is_empty());
+        assert_eq!(s.num_waiting(), 1);
+        run(&mut s, &out);
+        s.remove(1);
+        let out = s.schedule();
+        assert_eq!(plan(&out), vec![(2, 0, 8)]);
+        s.remove(2);
+        assert_no_blocks_held(&mut s);
+    }
+}
