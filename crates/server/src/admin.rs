@@ -10,8 +10,8 @@ use serde_json::json;
 
 use crate::engine::LoadState;
 use crate::error::ApiError;
-use crate::openai::common::{parse_body, resolve_adapter};
 use crate::openai::types::ChatMessageIn;
+use crate::openai::validate::{parse_body, resolve_adapter};
 use crate::state::AppState;
 
 #[derive(Deserialize)]

@@ -406,6 +406,14 @@ async fn bad_inputs_get_openai_errors() {
         assert_eq!(e["param"].as_str(), param, "{path} {body}: {v}");
         assert_eq!(e["code"].as_str(), code, "{path} {body}: {v}");
     }
+    // A completion prompt as long as the context: the error names `prompt`, not `messages`.
+    let max_len = s.state.engine.info().unwrap().max_model_len;
+    let (st, v) = s
+        .post("/v1/completions", json!({"prompt": vec![1; max_len]}))
+        .await;
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(v["error"]["param"], "prompt", "{v}");
+    assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
     // Malformed JSON and an oversized body.
     let r = s
         .client

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use alora_cache::RequestKey;
 use alora_model::{LoraAdapter, SamplingParams};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -18,7 +19,9 @@ pub struct GenRequest {
     pub stop: Vec<String>,
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
-    pub cache_salt: Option<String>,
+    /// What decides this prompt's KV besides its ids (adapter digest, activation start, salt),
+    /// computed once with the prompt (`openai::validate`).
+    pub cache_key: RequestKey,
 }
 
 /// Why a sequence finished: the model crate's one finish reason (`alora_model::OutputStream`

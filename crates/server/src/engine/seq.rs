@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use alora_cache::{AdapterKey, RequestKey};
+use alora_cache::RequestKey;
 use alora_model::{ActiveAdapter, OutputLimits, OutputStream, Sampler};
 
 use super::request::{EventTx, GenRequest};
@@ -51,18 +51,6 @@ impl Seq {
                 adapter: a.clone(),
                 activation_start: s,
             });
-        let adapter = match &active {
-            None => AdapterKey::Base,
-            Some(a) if a.adapter.invocation_tokens().is_some() => AdapterKey::ALora {
-                digest: a.adapter.digest,
-                activation_start: a.activation_start,
-            },
-            Some(a) => AdapterKey::Lora(a.adapter.digest),
-        };
-        let key = RequestKey {
-            adapter,
-            cache_salt: req.cache_salt,
-        };
         let sampler = Sampler::new(req.sampling, &req.prompt);
         let output = OutputStream::new(
             OutputLimits {
@@ -80,7 +68,7 @@ impl Seq {
             num_prompt: req.prompt.len(),
             prompt: req.prompt,
             num_generated: 0,
-            key,
+            key: req.cache_key,
             adapter_name: req.adapter.as_ref().map(|a| a.name.clone()),
             active,
             sampler,

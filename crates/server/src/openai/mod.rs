@@ -5,3 +5,4 @@ pub mod common;
 pub mod completions;
 pub mod models;
 pub mod types;
+pub mod validate;

@@ -7,8 +7,8 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::common::parse_body;
 use super::types::now_unix;
+use super::validate::parse_body;
 use crate::error::ApiError;
 use crate::registry::confine;
 use crate::state::AppState;

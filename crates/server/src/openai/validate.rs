@@ -1,0 +1,519 @@
+//! Wire request -> validated request. Everything a handler checks happens here, once: the body's
+//! fields, the model or adapter it names, the prompt's ids with their activation start and cache
+//! key (found once by `alora_model::text::prompt`, never searched for again), sampling and length
+//! limits. A handler gets a [`Validated`] or the OpenAI error naming the field.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use alora_cache::{AdapterKey, RequestKey};
+use alora_model::text::prompt::{self, PromptAdapter};
+use alora_model::{ChatMessage, LoraAdapter, SamplingParams};
+use axum::body::Bytes;
+use serde::de::DeserializeOwned;
+
+use super::types::*;
+use crate::engine::{GenRequest, ModelInfo};
+use crate::error::ApiError;
+use crate::state::AppState;
+
+pub const MAX_N: i64 = 16;
+pub const MAX_TOP_LOGPROBS: i64 = 20;
+/// Most stop strings per request.
+pub const MAX_STOP: usize = 16;
+
+/// A request ready for the engine: one [`GenRequest`] per prompt, each submitted `n` times.
+pub struct Validated {
+    /// The name responses carry: the adapter's, or the served model's.
+    pub model_name: String,
+    pub prompts: Vec<ValidPrompt>,
+    /// Choices per prompt.
+    pub n: usize,
+    /// Top log-probabilities per token, when log-probabilities were asked for.
+    pub logprobs: Option<usize>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+pub struct ValidPrompt {
+    pub request: GenRequest,
+    /// Text echoed before the completion (`/v1/completions` with `echo`); empty otherwise.
+    pub echo: String,
+}
+
+/// Parses a JSON body, refusing fields outside `allowed` by name.
+pub fn parse_body<T: DeserializeOwned>(body: &Bytes, allowed: &[&str]) -> Result<T, ApiError> {
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("Malformed JSON body: {e}")))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| ApiError::bad_request("The request body must be a JSON object"))?;
+    if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(ApiError::invalid(
+            k,
+            format!("Unsupported parameter `{k}`: alora does not implement it"),
+        ));
+    }
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let param = if path == "." || path.is_empty() {
+            "body".to_string()
+        } else {
+            path
+        };
+        ApiError::invalid(&param, format!("Invalid `{param}`: {}", e.inner()))
+    })
+}
+
+/// The base model (None) or an adapter, from `adapter`, else from `model`.
+pub fn resolve_adapter(
+    state: &AppState,
+    info: &ModelInfo,
+    model: Option<&str>,
+    adapter: Option<&str>,
+) -> Result<(Option<Arc<LoraAdapter>>, String), ApiError> {
+    if let Some(name) = adapter {
+        let a = state
+            .registry
+            .get(name)
+            .ok_or_else(|| ApiError::model_not_found("adapter", name))?;
+        return Ok((Some(a), name.to_string()));
+    }
+    match model {
+        None | Some("") => Ok((None, state.served_name(info))),
+        Some(m) if m == state.served_name(info) || m == info.name => Ok((None, m.to_string())),
+        Some(m) => match state.registry.get(m) {
+            Some(a) => Ok((Some(a), m.to_string())),
+            None => Err(ApiError::model_not_found("model", m)),
+        },
+    }
+}
+
+/// `POST /v1/chat/completions`.
+pub fn chat(
+    state: &AppState,
+    info: &ModelInfo,
+    req: ChatCompletionRequest,
+) -> Result<Validated, ApiError> {
+    let (adapter, model_name) =
+        resolve_adapter(state, info, req.model.as_deref(), req.adapter.as_deref())?;
+    let messages = messages(req.messages)?;
+    // The one prompt rule (alora_model::text::prompt): template, invocation, activation start.
+    let kind = PromptAdapter::of(adapter.as_deref().map(|a| a.invocation_tokens()));
+    let (text, prompt) = prompt::chat_prompt(&info.template, &info.tokenizer, &messages, kind)
+        .map_err(|e| match e {
+            e @ alora_model::ModelError::Template(_) => {
+                ApiError::invalid("messages", e.to_string())
+            }
+            e => ApiError::internal(e.to_string()),
+        })?;
+    if state.config.log_prompts {
+        tracing::info!(prompt = %text, "chat prompt");
+    }
+    let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
+        (false, Some(_)) => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "`top_logprobs` requires `logprobs: true`",
+            ))
+        }
+        (false, None) => None,
+        (true, k) => Some(top_logprobs("top_logprobs", k.unwrap_or(0))?),
+    };
+    let gen = sampling(&req.sampling, logprobs, info.config.vocab_size)?;
+    let param = if req.max_completion_tokens.is_some() {
+        "max_completion_tokens"
+    } else {
+        "max_tokens"
+    };
+    let limit = req.max_completion_tokens.or(req.max_tokens);
+    let max_tokens = lengths(
+        ("messages", prompt.ids.len()),
+        (param, limit),
+        info.max_model_len,
+    )?;
+    let request = gen.request(prompt, adapter, max_tokens, req.cache_salt);
+    Ok(Validated {
+        model_name,
+        prompts: vec![ValidPrompt {
+            request,
+            echo: String::new(),
+        }],
+        n: gen.n,
+        logprobs,
+        stream: req.stream,
+        include_usage: include_usage(&req.stream_options),
+    })
+}
+
+/// `POST /v1/completions`: prompts are used as given; an aLoRA's invocation must be in each.
+pub fn completion(
+    state: &AppState,
+    info: &ModelInfo,
+    req: CompletionRequest,
+) -> Result<Validated, ApiError> {
+    if req.suffix.as_ref().is_some_and(|s| !s.is_null()) {
+        return Err(ApiError::invalid("suffix", "`suffix` is not supported"));
+    }
+    if req.best_of.is_some_and(|b| b != 1) {
+        return Err(ApiError::invalid(
+            "best_of",
+            "`best_of` other than 1 is not supported",
+        ));
+    }
+    let (adapter, model_name) =
+        resolve_adapter(state, info, req.model.as_deref(), req.adapter.as_deref())?;
+    let texts = prompts(req.prompt, info)?;
+    let logprobs = req
+        .logprobs
+        .map(|k| top_logprobs("logprobs", k))
+        .transpose()?;
+    let gen = sampling(&req.sampling, logprobs, info.config.vocab_size)?;
+    let kind = PromptAdapter::of(adapter.as_deref().map(|a| a.invocation_tokens()));
+    let mut prompts = Vec::with_capacity(texts.len());
+    for (i, (ids, text)) in texts.into_iter().enumerate() {
+        let p = prompt::ids_prompt(ids, kind).map_err(|prompt::InvocationNotFound| {
+            let inv = adapter.as_deref().and_then(|a| a.invocation_tokens());
+            ApiError::invalid(
+                "prompt",
+                format!(
+                    "prompt {i} does not contain the invocation tokens {:?} of aLoRA adapter \
+                     `{model_name}`",
+                    inv.unwrap_or_default()
+                ),
+            )
+            .with_code("invocation_not_found")
+        })?;
+        if state.config.log_prompts {
+            tracing::info!(prompt = %text, "completion prompt");
+        }
+        let max_tokens = lengths(
+            ("prompt", p.ids.len()),
+            ("max_tokens", req.max_tokens),
+            info.max_model_len,
+        )?;
+        let request = gen.request(p, adapter.clone(), max_tokens, req.cache_salt.clone());
+        let echo = if req.echo { text } else { String::new() };
+        prompts.push(ValidPrompt { request, echo });
+    }
+    Ok(Validated {
+        model_name,
+        prompts,
+        n: gen.n,
+        logprobs,
+        stream: req.stream,
+        include_usage: include_usage(&req.stream_options),
+    })
+}
+
+/// The cache key of a prompt: which adapter computes which positions, and the salt.
+fn cache_key(
+    adapter: Option<&LoraAdapter>,
+    activation_start: Option<usize>,
+    cache_salt: Option<String>,
+) -> RequestKey {
+    let adapter = match (adapter, activation_start) {
+        (Some(a), Some(s)) if a.invocation_tokens().is_some() => AdapterKey::ALora {
+            digest: a.digest,
+            activation_start: s,
+        },
+        (Some(a), Some(_)) => AdapterKey::Lora(a.digest),
+        // No adapter, or an aLoRA that does not switch on: base-model KV.
+        _ => AdapterKey::Base,
+    };
+    RequestKey {
+        adapter,
+        cache_salt,
+    }
+}
+
+fn messages(msgs: Option<Vec<ChatMessageIn>>) -> Result<Vec<ChatMessage>, ApiError> {
+    let msgs = msgs
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| ApiError::invalid("messages", "`messages` must be a non-empty list"))?;
+    msgs.into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let content = match m.content {
+                None => String::new(),
+                Some(MessageContent::Text(t)) => t,
+                Some(MessageContent::Parts(parts)) => {
+                    let mut s = String::new();
+                    for p in parts {
+                        match (p.kind.as_str(), p.text) {
+                            ("text", Some(t)) => s.push_str(&t),
+                            (k, _) => {
+                                return Err(ApiError::invalid(
+                                    &format!("messages[{i}].content"),
+                                    format!("content part type `{k}` is not supported (text only)"),
+                                ))
+                            }
+                        }
+                    }
+                    s
+                }
+            };
+            if m.role.is_empty() {
+                return Err(ApiError::invalid(
+                    &format!("messages[{i}].role"),
+                    "`role` must not be empty",
+                ));
+            }
+            Ok(ChatMessage {
+                role: m.role,
+                content,
+            })
+        })
+        .collect()
+}
+
+/// The prompts of a completion request as (ids, text).
+fn prompts(p: Option<Prompt>, info: &ModelInfo) -> Result<Vec<(Vec<u32>, String)>, ApiError> {
+    let vocab = info.config.vocab_size;
+    let ids = |v: Vec<i64>| -> Result<(Vec<u32>, String), ApiError> {
+        if let Some(bad) = v.iter().find(|t| **t < 0 || **t as usize >= vocab) {
+            return Err(ApiError::invalid(
+                "prompt",
+                format!("token id {bad} is not in [0, {vocab})"),
+            ));
+        }
+        let ids: Vec<u32> = v.into_iter().map(|t| t as u32).collect();
+        let text = info.tokenizer.decode(&ids, false).unwrap_or_default();
+        Ok((ids, text))
+    };
+    let text = |s: String| -> Result<(Vec<u32>, String), ApiError> {
+        let ids = info
+            .tokenizer
+            .encode(&s)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        Ok((ids, s))
+    };
+    let out = match p.ok_or_else(|| ApiError::invalid("prompt", "`prompt` is required"))? {
+        Prompt::Text(s) => vec![text(s)?],
+        Prompt::Texts(v) => v.into_iter().map(text).collect::<Result<_, _>>()?,
+        Prompt::Ids(v) => vec![ids(v)?],
+        Prompt::IdLists(v) => v.into_iter().map(ids).collect::<Result<_, _>>()?,
+    };
+    if out.is_empty() {
+        return Err(ApiError::invalid("prompt", "`prompt` must not be empty"));
+    }
+    Ok(out)
+}
+
+fn top_logprobs(param: &str, k: i64) -> Result<usize, ApiError> {
+    if (0..=MAX_TOP_LOGPROBS).contains(&k) {
+        Ok(k as usize)
+    } else {
+        Err(ApiError::invalid(
+            param,
+            format!("`{param}` must be in [0, {MAX_TOP_LOGPROBS}], got {k}"),
+        ))
+    }
+}
+
+fn include_usage(o: &Option<StreamOptions>) -> bool {
+    o.as_ref().is_some_and(|o| o.include_usage)
+}
+
+/// Everything but the prompt of an engine request, validated.
+struct Generation {
+    sampling: SamplingParams,
+    stop: Vec<String>,
+    stop_token_ids: Vec<u32>,
+    n: usize,
+    ignore_eos: bool,
+}
+
+impl Generation {
+    fn request(
+        &self,
+        prompt: prompt::Prompt,
+        adapter: Option<Arc<LoraAdapter>>,
+        max_tokens: usize,
+        cache_salt: Option<String>,
+    ) -> GenRequest {
+        let cache_key = cache_key(adapter.as_deref(), prompt.activation_start, cache_salt);
+        GenRequest {
+            prompt: prompt.ids,
+            activation_start: prompt.activation_start,
+            adapter,
+            cache_key,
+            sampling: self.sampling.clone(),
+            max_tokens,
+            stop: self.stop.clone(),
+            stop_token_ids: self.stop_token_ids.clone(),
+            ignore_eos: self.ignore_eos,
+        }
+    }
+}
+
+fn range(param: &str, v: f32, lo: f32, hi: f32) -> Result<f32, ApiError> {
+    if v.is_finite() && v >= lo && v <= hi {
+        Ok(v)
+    } else {
+        Err(ApiError::invalid(
+            param,
+            format!("`{param}` must be in [{lo}, {hi}], got {v}"),
+        ))
+    }
+}
+
+fn sampling(s: &Sampling, logprobs: Option<usize>, vocab: usize) -> Result<Generation, ApiError> {
+    let temperature = range("temperature", s.temperature.unwrap_or(1.0), 0.0, 2.0)?;
+    let top_p = s.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid(
+            "top_p",
+            format!("`top_p` must be in (0, 1], got {top_p}"),
+        ));
+    }
+    let top_k = match s.top_k.unwrap_or(0) {
+        -1 | 0 => 0,
+        k if k > 0 => k as usize,
+        k => {
+            return Err(ApiError::invalid(
+                "top_k",
+                format!("`top_k` must be -1, 0 or positive, got {k}"),
+            ))
+        }
+    };
+    let min_p = range("min_p", s.min_p.unwrap_or(0.0), 0.0, 1.0)?;
+    let presence_penalty = range(
+        "presence_penalty",
+        s.presence_penalty.unwrap_or(0.0),
+        -2.0,
+        2.0,
+    )?;
+    let frequency_penalty = range(
+        "frequency_penalty",
+        s.frequency_penalty.unwrap_or(0.0),
+        -2.0,
+        2.0,
+    )?;
+    let repetition_penalty = s.repetition_penalty.unwrap_or(1.0);
+    if !(repetition_penalty > 0.0 && repetition_penalty <= 10.0) {
+        return Err(ApiError::invalid(
+            "repetition_penalty",
+            format!("`repetition_penalty` must be in (0, 10], got {repetition_penalty}"),
+        ));
+    }
+    let mut logit_bias = HashMap::new();
+    for (k, v) in s.logit_bias.clone().unwrap_or_default() {
+        let id: u32 = k.parse().map_err(|_| {
+            ApiError::invalid(
+                "logit_bias",
+                format!("`logit_bias` key `{k}` is not a token id"),
+            )
+        })?;
+        if id as usize >= vocab {
+            return Err(ApiError::invalid(
+                "logit_bias",
+                format!("`logit_bias` token {id} is not below the vocabulary size {vocab}"),
+            ));
+        }
+        logit_bias.insert(id, range("logit_bias", v, -100.0, 100.0)?);
+    }
+    let n = s.n.unwrap_or(1);
+    if !(1..=MAX_N).contains(&n) {
+        return Err(ApiError::invalid(
+            "n",
+            format!("`n` must be in [1, {MAX_N}], got {n}"),
+        ));
+    }
+    let seed = match s.seed {
+        Some(x) if x < 0 => {
+            return Err(ApiError::invalid(
+                "seed",
+                format!("`seed` must be >= 0, got {x}"),
+            ))
+        }
+        x => x.map(|x| x as u64),
+    };
+    let stop = s.stop.clone().map(|x| x.into_vec()).unwrap_or_default();
+    if stop.len() > MAX_STOP {
+        return Err(ApiError::invalid(
+            "stop",
+            format!(
+                "`stop` may hold at most {MAX_STOP} strings, got {}",
+                stop.len()
+            ),
+        ));
+    }
+    let stop_token_ids = s.stop_token_ids.clone().unwrap_or_default();
+    if let Some(t) = stop_token_ids.iter().find(|t| **t as usize >= vocab) {
+        return Err(ApiError::invalid(
+            "stop_token_ids",
+            format!("token {t} is not below the vocabulary size {vocab}"),
+        ));
+    }
+    Ok(Generation {
+        sampling: SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            seed,
+            repetition_penalty,
+            presence_penalty,
+            frequency_penalty,
+            logit_bias,
+            logprobs,
+        },
+        stop,
+        stop_token_ids,
+        n: n as usize,
+        ignore_eos: s.ignore_eos.unwrap_or(false),
+    })
+}
+
+/// The output limit against the context: prompt + limit must fit in `max_model_len`.
+/// `prompt` and `limit` are (field name, value), so errors name the field the client sent.
+fn lengths(
+    (prompt_param, prompt_len): (&str, usize),
+    (param, max_tokens): (&str, Option<i64>),
+    max_model_len: usize,
+) -> Result<usize, ApiError> {
+    if prompt_len == 0 {
+        return Err(ApiError::invalid(prompt_param, "The prompt is empty"));
+    }
+    if prompt_len >= max_model_len {
+        return Err(ApiError::invalid(
+            prompt_param,
+            format!(
+                "The prompt has {prompt_len} tokens; the maximum context length is {max_model_len}"
+            ),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    match max_tokens {
+        None => Ok(max_model_len - prompt_len),
+        Some(m) if m < 1 => Err(ApiError::invalid(param, format!("`{param}` must be >= 1, got {m}"))),
+        Some(m) if prompt_len + m as usize > max_model_len => Err(ApiError::invalid(
+            param,
+            format!(
+                "`{param}` must be <= {} (prompt {prompt_len} + {param} must not exceed the context length {max_model_len}), got {m}",
+                max_model_len - prompt_len
+            ),
+        )
+        .with_code("context_length_exceeded")),
+        Some(m) => Ok(m as usize),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_field_the_client_sent() {
+        let e = lengths(("prompt", 10), ("max_tokens", None), 10).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("prompt"));
+        let e = lengths(("messages", 4), ("max_completion_tokens", Some(7)), 10).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("max_completion_tokens"));
+        assert_eq!(lengths(("prompt", 4), ("max_tokens", None), 10).unwrap(), 6);
+        assert_eq!(
+            lengths(("prompt", 4), ("max_tokens", Some(6)), 10).unwrap(),
+            6
+        );
+    }
+}
