@@ -37,7 +37,9 @@ pub use error::{ModelError, Result};
 pub use generate::{generate, GenerateOptions, Generation};
 pub use kv::KvStore;
 pub use loader::{LoadOptions, LoadedModel};
-pub use lora::{find_activation_start, AdapterKind, LoraAdapter, Module};
+pub use lora::{
+    find_activation_start, AdapterKind, LoraAdapter, Module, PeftConfig, PeftConfigError,
+};
 pub use model::{causal_mask, AttentionImpl, CausalLm, DenseLayer, DenseWeights};
 pub use sampling::{Sampled, Sampler, SamplingParams, StopCheck, StopStrings};
 pub use text::output::{FinishReason, OutputLimits, OutputStream, Pushed};

@@ -9,9 +9,9 @@
 
 use std::path::Path;
 
+use crate::error::{data, io_err, Result};
 use alora_model::text::prompt::{self, find_activation_start, PromptAdapter};
 use alora_model::{ChatMessage, ChatTemplate, Tokenizer};
-use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 /// One tokenized training example.
@@ -49,23 +49,25 @@ pub fn conversation(v: &Value) -> Result<Vec<ChatMessage>> {
         Value::Array(a) => a,
         Value::Object(o) => match o.get("chat") {
             Some(Value::Array(a)) => a,
-            _ => bail!("`messages.chat` must be a list"),
+            _ => return Err(data("`messages.chat` must be a list")),
         },
-        Value::Null => bail!("no `messages`"),
-        _ => bail!("`messages` must be a list or {{\"chat\": [...]}}"),
+        Value::Null => return Err(data("no `messages`")),
+        _ => return Err(data("`messages` must be a list or {\"chat\": [...]}")),
     };
     if msgs.len() < 2 {
-        bail!("a conversation needs at least one turn before the target turn");
+        return Err(data(
+            "a conversation needs at least one turn before the target turn",
+        ));
     }
     msgs.iter()
         .enumerate()
         .map(|(i, m)| {
             let role = m["role"]
                 .as_str()
-                .with_context(|| format!("message {i}: no string `role`"))?;
+                .ok_or_else(|| data(format!("message {i}: no string `role`")))?;
             let content = m["content"]
                 .as_str()
-                .with_context(|| format!("message {i}: no string `content`"))?;
+                .ok_or_else(|| data(format!("message {i}: no string `content`")))?;
             Ok(ChatMessage::new(role, content))
         })
         .collect()
@@ -73,7 +75,9 @@ pub fn conversation(v: &Value) -> Result<Vec<ChatMessage>> {
 
 impl Encoder<'_> {
     pub fn encode(&self, conv: &[ChatMessage]) -> Result<Example> {
-        let (target, context) = conv.split_last().context("empty conversation")?;
+        let (target, context) = conv
+            .split_last()
+            .ok_or_else(|| data("empty conversation"))?;
         let (mut ids, prompt_start) = if self.alora {
             // The serving rule (alora_model::text::prompt), so training and serving build the
             // same ids for the same conversation.
@@ -83,7 +87,7 @@ impl Encoder<'_> {
             let p = prompt::chat_prompt(self.template, self.tokenizer, context, kind)?.1;
             let s = p
                 .activation_start
-                .context("an aLoRA prompt has an activation start")?;
+                .ok_or_else(|| data("an aLoRA prompt has an activation start"))?;
             (p.ids, s)
         } else {
             // A plain LoRA, with the separator (if any) after the rendered context.
@@ -98,16 +102,20 @@ impl Encoder<'_> {
         ids.extend(self.tokenizer.encode(&target.content)?);
         ids.extend(self.eos);
         if ids.len() == target_start {
-            bail!("the target turn is empty");
+            return Err(data("the target turn is empty"));
         }
         if ids.len() > self.max_len {
-            bail!("{} tokens, over --max-len {}", ids.len(), self.max_len);
+            return Err(data(format!(
+                "{} tokens, over --max-len {}",
+                ids.len(),
+                self.max_len
+            )));
         }
         let adapter_start = if self.alora {
             let s = find_activation_start(&ids, &self.invocation)
-                .context("the invocation sequence is not in the tokens")?;
+                .ok_or_else(|| data("the invocation sequence is not in the tokens"))?;
             if s != prompt_start {
-                bail!("the target contains the invocation sequence");
+                return Err(data("the target contains the invocation sequence"));
             }
             s
         } else {
@@ -123,24 +131,24 @@ impl Encoder<'_> {
     /// Reads a JSONL file. A bad line is an error naming it, unless `skip_bad`, in which case
     /// it is counted and left out. Returns the examples and the number skipped.
     pub fn read(&self, path: &Path, skip_bad: bool) -> Result<(Vec<Example>, usize)> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {path:?}"))?;
+        let text = std::fs::read_to_string(path).map_err(io_err(path))?;
         let (mut out, mut skipped) = (Vec::new(), 0);
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
             let r = serde_json::from_str::<Value>(line)
-                .context("not JSON")
+                .map_err(|e| data(format!("not JSON: {e}")))
                 .and_then(|v| conversation(&v))
                 .and_then(|c| self.encode(&c));
             match r {
                 Ok(e) => out.push(e),
                 Err(_) if skip_bad => skipped += 1,
-                Err(e) => bail!("{}:{}: {e:#}", path.display(), i + 1),
+                Err(e) => return Err(data(format!("{}:{}: {e}", path.display(), i + 1))),
             }
         }
         if out.is_empty() {
-            bail!("{}: no usable examples", path.display());
+            return Err(data(format!("{}: no usable examples", path.display())));
         }
         Ok((out, skipped))
     }

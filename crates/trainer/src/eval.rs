@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::error::Result;
 use alora_model::{generate, GenerateOptions, LoadedModel, LoraAdapter, Prompt};
-use anyhow::Result;
 use serde::Serialize;
 
 use crate::data::Example;

@@ -10,10 +10,10 @@
 
 use std::cell::RefCell;
 
+use crate::error::{data, Result};
 use alora_model::{
     causal_mask, rope::Rope, Architecture, CausalLm, DenseWeights, ModelConfig, Module,
 };
-use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, D};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -226,14 +226,14 @@ impl TrainModel {
         let cfg = &self.cfg;
         let (t, start) = (ids.len(), past.map_or(0, Past::len));
         if t == 0 {
-            anyhow::bail!("no tokens to run");
+            return Err(data("no tokens to run"));
         }
         if start + t > self.max_positions() {
-            anyhow::bail!(
+            return Err(data(format!(
                 "{} tokens exceed the model's {} positions",
                 start + t,
                 self.max_positions()
-            );
+            )));
         }
         let (nh, kvh, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let cos = self.cos.narrow(0, start, t)?;

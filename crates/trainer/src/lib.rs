@@ -6,9 +6,11 @@
 //! - [`forward`]: a differentiable Llama/Granite forward on the model crate's dense weights.
 //! - [`optim`]: AdamW, the linear schedule, gradient clipping.
 //! - [`train`]: the loop (accumulation, validation, best-so-far saving, checkpoints).
+//! - [`error`]: [`TrainError`], the one error type of the library.
 //! - [`eval`]: held-out exact-match accuracy of an intrinsic against the majority baseline.
 
 pub mod data;
+pub mod error;
 pub mod eval;
 pub mod forward;
 pub mod optim;
@@ -16,6 +18,7 @@ pub mod params;
 pub mod train;
 
 pub use data::{Encoder, Example};
+pub use error::{Result, TrainError};
 pub use forward::{AdapterUse, Past, TrainModel};
 pub use params::{AdapterSpec, LoraParams};
 pub use train::{batch_gradients, eval_loss, example_loss, TrainConfig, Trainer};

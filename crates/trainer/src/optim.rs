@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use crate::error::{files, io_err, Result};
 use candle_core::{Tensor, Var};
 
 #[derive(Debug, Clone, Copy)]
@@ -86,7 +86,7 @@ impl AdamW {
         }
         let tmp = path.with_extension("tmp");
         candle_core::safetensors::save(&t, &tmp)?;
-        std::fs::rename(&tmp, path)?;
+        std::fs::rename(&tmp, path).map_err(io_err(path))?;
         Ok(())
     }
 
@@ -97,14 +97,14 @@ impl AdamW {
             .map(|x| x.device().clone())
             .unwrap_or(candle_core::Device::Cpu);
         let mut s = candle_core::safetensors::load(path, &dev)
-            .with_context(|| format!("reading {path:?}"))?;
+            .map_err(|e| files(format!("reading {path:?}: {e}")))?;
         for (i, n) in names.iter().enumerate() {
             self.m[i] = s
                 .remove(&format!("m.{n}"))
-                .with_context(|| format!("{path:?}: no m.{n}"))?;
+                .ok_or_else(|| files(format!("{path:?}: no m.{n}")))?;
             self.v[i] = s
                 .remove(&format!("v.{n}"))
-                .with_context(|| format!("{path:?}: no v.{n}"))?;
+                .ok_or_else(|| files(format!("{path:?}: no v.{n}")))?;
         }
         self.t = t;
         Ok(())

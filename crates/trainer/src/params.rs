@@ -4,12 +4,12 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use alora_model::{ModelConfig, Module};
-use anyhow::{bail, Context, Result};
+use alora_model::{ModelConfig, Module, PeftConfig};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::{json, Value};
+
+use crate::error::{files, io_err, Result};
 
 /// What kind of adapter is trained, and its hyper-parameters (PEFT's `LoraConfig` fields).
 #[derive(Debug, Clone, PartialEq)]
@@ -25,76 +25,46 @@ pub struct AdapterSpec {
 
 impl AdapterSpec {
     pub fn scaling(&self) -> f64 {
-        if self.use_rslora {
-            self.alpha / (self.rank as f64).sqrt()
-        } else {
-            self.alpha / self.rank as f64
-        }
+        alora_model::lora::scaling(self.alpha, self.rank as f64, self.use_rslora)
     }
 
     /// `adapter_config.json` as PEFT writes it (loadable by `PeftModel.from_pretrained`).
-    pub fn peft_config(&self, base_model: &str) -> Value {
-        let mut targets: Vec<&str> = self.targets.iter().map(|m| m.name()).collect();
-        targets.sort();
-        let mut v = json!({
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": base_model,
-            "r": self.rank,
-            "lora_alpha": self.alpha,
-            "lora_dropout": self.dropout,
-            "target_modules": targets,
-            "bias": "none",
-            "use_rslora": self.use_rslora,
-            "use_dora": false,
-            "fan_in_fan_out": false,
-            "init_lora_weights": true,
-            "inference_mode": true,
-            "modules_to_save": null,
-            "rank_pattern": {},
-            "alpha_pattern": {},
-            "layers_to_transform": null,
-            "layers_pattern": null,
-            "revision": null,
-        });
-        if let Some(t) = &self.invocation_tokens {
-            v["alora_invocation_tokens"] = json!(t);
-        }
-        v
+    pub fn peft_config(&self, base_model: &str) -> PeftConfig {
+        PeftConfig::new(
+            self.rank,
+            self.alpha,
+            self.dropout,
+            self.use_rslora,
+            &self.targets,
+            self.invocation_tokens.clone(),
+            base_model,
+        )
     }
 
-    /// Reads the fields this trainer supports from an `adapter_config.json`.
-    pub fn from_peft_config(v: &Value) -> Result<AdapterSpec> {
-        if v["peft_type"] != "LORA" {
-            bail!("peft_type is not LORA");
-        }
-        for k in ["rank_pattern", "alpha_pattern"] {
-            if v[k].as_object().is_some_and(|o| !o.is_empty()) {
-                bail!("`{k}` is not supported by the trainer");
+    /// The spec of a parsed `adapter_config.json` (the model crate's parser and rules), plus
+    /// the trainer's own limit: one rank and one alpha for every module.
+    pub fn from_peft_config(c: &PeftConfig) -> Result<AdapterSpec> {
+        for (k, empty) in [
+            ("rank_pattern", c.rank_pattern.is_empty()),
+            ("alpha_pattern", c.alpha_pattern.is_empty()),
+        ] {
+            if !empty {
+                return Err(files(format!("`{k}` is not supported by the trainer")));
             }
         }
-        let rank = v["r"].as_u64().context("no `r`")? as usize;
-        let targets = match &v["target_modules"] {
-            Value::Array(a) => a
-                .iter()
-                .map(|m| {
-                    let n = m.as_str().unwrap_or_default();
-                    Module::from_name(n).with_context(|| format!("unsupported target `{n}`"))
-                })
-                .collect::<Result<Vec<_>>>()?,
-            Value::String(s) => bail!("target_modules `{s}` as a regex is not supported"),
-            _ => bail!("no target_modules"),
-        };
+        if c.invocation_string.is_some() && c.alora_invocation_tokens.is_none() {
+            return Err(files(
+                "`invocation_string` adapters are not supported by the trainer; give \
+                 `alora_invocation_tokens`",
+            ));
+        }
         Ok(AdapterSpec {
-            invocation_tokens: match &v["alora_invocation_tokens"] {
-                Value::Null => None,
-                t => Some(serde_json::from_value(t.clone()).context("alora_invocation_tokens")?),
-            },
-            rank,
-            alpha: v["lora_alpha"].as_f64().unwrap_or(rank as f64),
-            dropout: v["lora_dropout"].as_f64().unwrap_or(0.0),
-            use_rslora: v["use_rslora"].as_bool().unwrap_or(false),
-            targets,
+            invocation_tokens: c.alora_invocation_tokens.clone(),
+            rank: c.r,
+            alpha: c.alpha(),
+            dropout: c.lora_dropout,
+            use_rslora: c.use_rslora,
+            targets: c.targets()?,
         })
     }
 }
@@ -135,14 +105,12 @@ impl LoraParams {
     /// given weights).
     pub fn load(dir: &Path, cfg: &ModelConfig, device: &Device) -> Result<Self> {
         let cfg_path = dir.join("adapter_config.json");
-        let v: Value = serde_json::from_slice(
-            &std::fs::read(&cfg_path).with_context(|| format!("reading {cfg_path:?}"))?,
-        )
-        .with_context(|| format!("{cfg_path:?}"))?;
-        let spec = AdapterSpec::from_peft_config(&v).with_context(|| format!("{cfg_path:?}"))?;
+        let bytes = std::fs::read(&cfg_path).map_err(io_err(&cfg_path))?;
+        let spec = AdapterSpec::from_peft_config(&PeftConfig::from_json(&bytes)?)
+            .map_err(|e| files(format!("{cfg_path:?}: {e}")))?;
         let w_path = dir.join("adapter_model.safetensors");
         let mut t = candle_core::safetensors::load(&w_path, device)
-            .with_context(|| format!("reading {w_path:?}"))?;
+            .map_err(|e| files(format!("reading {w_path:?}: {e}")))?;
         let mut pairs = vec![None; cfg.num_layers * Module::ALL.len()];
         for layer in 0..cfg.num_layers {
             for &m in &spec.targets {
@@ -151,9 +119,12 @@ impl LoraParams {
                     let k = m.peft_key(layer, ab);
                     let x = t
                         .remove(&k)
-                        .with_context(|| format!("{w_path:?}: no `{k}`"))?;
+                        .ok_or_else(|| files(format!("{w_path:?}: no `{k}`")))?;
                     if x.dims() != shape {
-                        bail!("{w_path:?}: `{k}` is {:?}, expected {shape:?}", x.dims());
+                        return Err(files(format!(
+                            "{w_path:?}: `{k}` is {:?}, expected {shape:?}",
+                            x.dims()
+                        )));
                     }
                     Ok(Var::from_tensor(&x.to_dtype(DType::F32)?)?)
                 };
@@ -163,7 +134,7 @@ impl LoraParams {
             }
         }
         if let Some(k) = t.keys().next() {
-            bail!("{w_path:?}: unexpected tensor `{k}`");
+            return Err(files(format!("{w_path:?}: unexpected tensor `{k}`")));
         }
         Ok(LoraParams { spec, pairs })
     }
@@ -193,7 +164,7 @@ impl LoraParams {
     /// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir`, atomically
     /// per file (written aside, then renamed).
     pub fn save(&self, dir: &Path, base_model: &str) -> Result<()> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {dir:?}"))?;
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let tensors: HashMap<String, Tensor> = self
             .named()
             .into_iter()
@@ -201,11 +172,12 @@ impl LoraParams {
             .collect();
         let tmp = dir.join(".adapter_model.safetensors.tmp");
         candle_core::safetensors::save(&tensors, &tmp)?;
-        std::fs::rename(&tmp, dir.join("adapter_model.safetensors"))?;
-        let cfg = serde_json::to_string_pretty(&self.spec.peft_config(base_model))?;
+        std::fs::rename(&tmp, dir.join("adapter_model.safetensors")).map_err(io_err(dir))?;
+        let cfg = serde_json::to_string_pretty(&self.spec.peft_config(base_model).to_json())
+            .expect("a JSON value serializes");
         let tmp = dir.join(".adapter_config.json.tmp");
-        std::fs::write(&tmp, cfg)?;
-        std::fs::rename(&tmp, dir.join("adapter_config.json"))?;
+        std::fs::write(&tmp, cfg).map_err(io_err(&tmp))?;
+        std::fs::rename(&tmp, dir.join("adapter_config.json")).map_err(io_err(dir))?;
         Ok(())
     }
 }

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use crate::error::{data, files, io_err, json_err, Result};
 use candle_core::{Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
@@ -43,7 +43,7 @@ pub fn example_loss(
     let dev = model.device();
     let s = ex.adapter_start;
     if ex.target_start <= s || ex.target_start > ex.ids.len() {
-        bail!("example has no target after the adapter start");
+        return Err(data("example has no target after the adapter start"));
     }
     // The prefix before s runs the base model only: no adapter, no graph.
     let past = if s > 0 {
@@ -155,8 +155,9 @@ pub struct Trainer<'a> {
 
 fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(v)?)?;
-    std::fs::rename(&tmp, path)?;
+    let bytes = serde_json::to_vec_pretty(v).map_err(json_err(path))?;
+    std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))?;
     Ok(())
 }
 
@@ -183,7 +184,7 @@ impl Trainer<'_> {
                 &vars,
             )?
         };
-        std::fs::create_dir_all(&self.out).with_context(|| format!("creating {:?}", self.out))?;
+        std::fs::create_dir_all(&self.out).map_err(io_err(&self.out))?;
         let mut state = State {
             step: 0,
             best_val: None,
@@ -192,12 +193,14 @@ impl Trainer<'_> {
         };
         if resume {
             let ck = self.checkpoint_dir();
-            let s: State = serde_json::from_slice(
-                &std::fs::read(ck.join("trainer_state.json"))
-                    .with_context(|| format!("no checkpoint to resume in {ck:?}"))?,
-            )?;
+            let state_path = ck.join("trainer_state.json");
+            let bytes = std::fs::read(&state_path)
+                .map_err(|e| files(format!("no checkpoint to resume in {ck:?}: {e}")))?;
+            let s: State = serde_json::from_slice(&bytes).map_err(json_err(&state_path))?;
             if s.config != cfg || s.train_examples != train.len() {
-                bail!("{ck:?} was made with other settings or data; start afresh without --resume");
+                return Err(files(format!(
+                    "{ck:?} was made with other settings or data; start afresh without --resume"
+                )));
             }
             self.params = LoraParams::load(&ck, self.model.config(), self.model.device())?;
             opt.load(&names, &ck.join("optimizer.safetensors"), s.step)?;
@@ -217,10 +220,12 @@ impl Trainer<'_> {
         } else {
             ProgressBar::hidden()
         };
+        let log_path = self.out.join("train_log.jsonl");
         let mut log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.out.join("train_log.jsonl"))?;
+            .open(&log_path)
+            .map_err(io_err(&log_path))?;
         let t0 = Instant::now();
         let mut last_loss = None;
         let mut order: Option<(u64, Vec<usize>)> = None;
@@ -291,7 +296,8 @@ impl Trainer<'_> {
                 write_json(&ck.join("trainer_state.json"), &state)?;
             }
             use std::io::Write;
-            writeln!(log, "{}", serde_json::to_string(&line)?)?;
+            let json = serde_json::to_string(&line).map_err(json_err(&log_path))?;
+            writeln!(log, "{json}").map_err(io_err(&log_path))?;
             bar.set_message(format!(
                 "loss {loss:.4} lr {lr:.2e} {:.0} tok/s{}",
                 line.tokens_per_s,

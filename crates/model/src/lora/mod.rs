@@ -16,12 +16,14 @@ use std::path::Path;
 
 use alora_cache::AdapterDigest;
 use candle_core::{DType, Device, Tensor};
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::config::ModelConfig;
 use crate::error::{io_err, ModelError, Result};
 pub use crate::text::prompt::find_activation_start;
+pub use config::{scaling, PeftConfig, PeftConfigError, TargetModules};
+
+mod config;
 
 /// The projections an adapter may target, in checkpoint names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -138,22 +140,6 @@ fn adapter_err(dir: &Path, msg: impl Into<String>) -> ModelError {
     }
 }
 
-/// PEFT's pattern lookup (`get_pattern_key`): a key matches a module whose dotted name equals
-/// it or ends with `.key`. Regex keys are not supported and are refused at load.
-fn pattern_value(patterns: &HashMap<String, Value>, full_name: &str) -> Option<f64> {
-    patterns
-        .iter()
-        .find(|(k, _)| full_name == k.as_str() || full_name.ends_with(&format!(".{k}")))
-        .and_then(|(_, v)| v.as_f64())
-}
-
-fn object(cfg: &Value, key: &str) -> HashMap<String, Value> {
-    cfg.get(key)
-        .and_then(|v| v.as_object())
-        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-        .unwrap_or_default()
-}
-
 /// Turns an IBM-style `invocation_string` into token ids; the loader passes the model's
 /// tokenizer encode (`add_special_tokens = false`).
 pub type EncodeFn<'a> = &'a dyn Fn(&str) -> Result<Vec<u32>>;
@@ -169,9 +155,7 @@ impl LoraAdapter {
     ) -> Result<Self> {
         let cfg_path = dir.join("adapter_config.json");
         let cfg_bytes = std::fs::read(&cfg_path).map_err(io_err(&cfg_path))?;
-        let cfg: Value = serde_json::from_slice(&cfg_bytes)
-            .map_err(|e| adapter_err(dir, format!("adapter_config.json: {e}")))?;
-        Self::check_supported(dir, &cfg)?;
+        let cfg = PeftConfig::from_json(&cfg_bytes).map_err(|e| adapter_err(dir, e.to_string()))?;
         let kind = Self::kind(dir, &cfg, encode)?;
         let w_path = dir.join("adapter_model.safetensors");
         let w_bytes = std::fs::read(&w_path).map_err(io_err(&w_path))?;
@@ -200,75 +184,15 @@ impl LoraAdapter {
         })
     }
 
-    fn check_supported(dir: &Path, cfg: &Value) -> Result<()> {
-        let peft_type = cfg.get("peft_type").and_then(|v| v.as_str()).unwrap_or("");
-        if peft_type != "LORA" {
-            return Err(adapter_err(
-                dir,
-                format!("peft_type `{peft_type}` is not LORA"),
-            ));
-        }
-        let truthy = |k: &str| cfg.get(k).is_some_and(|v| v.as_bool() == Some(true));
-        for k in [
-            "use_dora",
-            "use_qalora",
-            "lora_bias",
-            "fan_in_fan_out",
-            "use_bdlora",
-        ] {
-            if truthy(k) {
-                return Err(adapter_err(dir, format!("`{k}` is not supported")));
-            }
-        }
-        if cfg
-            .get("bias")
-            .and_then(|v| v.as_str())
-            .is_some_and(|b| b != "none")
-        {
-            return Err(adapter_err(
-                dir,
-                "`bias` other than \"none\" is not supported",
-            ));
-        }
-        for k in [
-            "modules_to_save",
-            "trainable_token_indices",
-            "layer_replication",
-        ] {
-            if cfg
-                .get(k)
-                .is_some_and(|v| !v.is_null() && v != &Value::Array(vec![]))
-            {
-                return Err(adapter_err(dir, format!("`{k}` is not supported")));
-            }
-        }
-        for k in ["rank_pattern", "alpha_pattern"] {
-            if let Some(bad) = object(cfg, k)
-                .keys()
-                .find(|p| p.contains(['*', '(', '[', '\\', '^', '$', '|', '+', '?']))
-            {
-                return Err(adapter_err(
-                    dir,
-                    format!("`{k}` key `{bad}` is a regex; only module names are supported"),
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    fn kind(dir: &Path, cfg: &Value, encode: Option<EncodeFn<'_>>) -> Result<AdapterKind> {
-        if let Some(v) = cfg.get("alora_invocation_tokens").filter(|v| !v.is_null()) {
-            let toks: Vec<u32> = serde_json::from_value(v.clone())
-                .map_err(|e| adapter_err(dir, format!("alora_invocation_tokens: {e}")))?;
-            if toks.is_empty() {
-                return Err(adapter_err(dir, "alora_invocation_tokens is empty"));
-            }
+    fn kind(dir: &Path, cfg: &PeftConfig, encode: Option<EncodeFn<'_>>) -> Result<AdapterKind> {
+        if let Some(toks) = &cfg.alora_invocation_tokens {
+            // Non-empty: checked with the config.
             return Ok(AdapterKind::ALora {
-                invocation_tokens: toks,
+                invocation_tokens: toks.clone(),
             });
         }
         // IBM's format: a string. PEFT would drop it and run a plain LoRA; we convert it.
-        if let Some(s) = cfg.get("invocation_string").and_then(|v| v.as_str()) {
+        if let Some(s) = &cfg.invocation_string {
             let encode = encode.ok_or_else(|| {
                 adapter_err(
                     dir,
@@ -289,25 +213,10 @@ impl LoraAdapter {
     #[allow(clippy::type_complexity)]
     fn pairs(
         dir: &Path,
-        cfg: &Value,
+        cfg: &PeftConfig,
         mut tensors: HashMap<String, Tensor>,
         model: &ModelConfig,
     ) -> Result<(Vec<Option<LoraPair>>, usize, Vec<Module>)> {
-        let r_default = cfg
-            .get("r")
-            .and_then(|v| v.as_u64())
-            .ok_or_else(|| adapter_err(dir, "no `r`"))?;
-        let alpha_default = cfg
-            .get("lora_alpha")
-            .and_then(|v| v.as_f64())
-            .unwrap_or(r_default as f64);
-        let rslora = cfg
-            .get("use_rslora")
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false);
-        let rank_pattern = object(cfg, "rank_pattern");
-        let alpha_pattern = object(cfg, "alpha_pattern");
-
         // Keys: base_model.model.model.layers.{L}.{self_attn|mlp}.{module}.lora_{A|B}.weight
         let mut found: HashMap<(usize, Module), ()> = HashMap::new();
         for key in tensors.keys() {
@@ -357,9 +266,7 @@ impl LoraAdapter {
             let a = take("A")?.to_dtype(DType::F32)?;
             let b = take("B")?.to_dtype(DType::F32)?;
             let (inp, out) = module.dims(model);
-            let r = pattern_value(&rank_pattern, &full_name)
-                .map(|x| x as usize)
-                .unwrap_or(r_default as usize);
+            let r = cfg.rank_of(&full_name);
             if a.dims() != [r, inp] || b.dims() != [out, r] {
                 return Err(adapter_err(
                     dir,
@@ -370,12 +277,7 @@ impl LoraAdapter {
                     ),
                 ));
             }
-            let alpha = pattern_value(&alpha_pattern, &full_name).unwrap_or(alpha_default);
-            let scaling = if rslora {
-                alpha / (r as f64).sqrt()
-            } else {
-                alpha / r as f64
-            };
+            let scaling = cfg.scaling_of(&full_name);
             max_rank = max_rank.max(r);
             if !targets.contains(&module) {
                 targets.push(module);
