@@ -2,11 +2,12 @@
 //! computes for base, LoRA and aLoRA requests in one forward over a ragged batch whose KV lives
 //! in paged blocks owned by the cache crate.
 //!
-//! Modules: [`config`] (HF / GGUF config), [`weights`] (safetensors, GGUF, quantization),
-//! [`rope`], [`lora`] (PEFT adapters, activation rule), [`kv`] (K/V pools), [`batch`] (a step's
-//! inputs and outputs), [`model`] (the forward), [`sampling`], [`tokenizer`] (with incremental
-//! detokenization), [`chat`] (templates), [`loader`] (path -> model + tokenizer + template),
-//! [`generate`] (one-sequence generation).
+//! By area: [`weights`] (safetensors and GGUF apart, quantization, the projection routing rule),
+//! [`lora`] (PEFT adapters and the one typed `adapter_config.json`, [`PeftConfig`]), [`model`]
+//! (layers, the step, the attention path), [`text`] (templates, tokenizer, prompt building,
+//! sampling, the output state machine); besides them [`config`] (HF / GGUF config), [`rope`],
+//! [`kv`] (K/V pools), [`batch`] (a step's inputs and outputs), [`loader`] (path -> model +
+//! tokenizer + template), [`generate`] (one-sequence generation).
 
 #![deny(unsafe_code)]
 
@@ -25,7 +26,7 @@ pub mod lora;
 pub mod model;
 mod ops;
 pub mod rope;
-#[doc(hidden)]
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod text;
 pub mod weights;

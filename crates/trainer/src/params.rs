@@ -72,12 +72,8 @@ impl AdapterSpec {
 /// The trainable factors: `A` [r, in] and `B` [out, r] per (layer, targeted module).
 pub struct LoraParams {
     pub spec: AdapterSpec,
-    /// Indexed by `layer * 7 + module index`.
+    /// Indexed by [`Module::slot`].
     pairs: Vec<Option<(Var, Var)>>,
-}
-
-fn slot(layer: usize, m: Module) -> usize {
-    layer * Module::ALL.len() + Module::ALL.iter().position(|x| *x == m).unwrap()
 }
 
 impl LoraParams {
@@ -85,7 +81,7 @@ impl LoraParams {
     /// 1/sqrt(in)); B = 0 (so the adapter starts as the identity).
     pub fn init(spec: AdapterSpec, cfg: &ModelConfig, seed: u64, device: &Device) -> Result<Self> {
         let mut rng = StdRng::seed_from_u64(seed);
-        let mut pairs = vec![None; cfg.num_layers * Module::ALL.len()];
+        let mut pairs = vec![None; cfg.num_layers * Module::PER_LAYER];
         for layer in 0..cfg.num_layers {
             for &m in &spec.targets {
                 let (inp, out) = m.dims(cfg);
@@ -95,7 +91,7 @@ impl LoraParams {
                     .collect();
                 let a = Var::from_tensor(&Tensor::from_vec(a, (spec.rank, inp), device)?)?;
                 let b = Var::zeros((out, spec.rank), DType::F32, device)?;
-                pairs[slot(layer, m)] = Some((a, b));
+                pairs[m.slot(layer)] = Some((a, b));
             }
         }
         Ok(LoraParams { spec, pairs })
@@ -111,7 +107,7 @@ impl LoraParams {
         let w_path = dir.join("adapter_model.safetensors");
         let mut t = candle_core::safetensors::load(&w_path, device)
             .map_err(|e| files(format!("reading {w_path:?}: {e}")))?;
-        let mut pairs = vec![None; cfg.num_layers * Module::ALL.len()];
+        let mut pairs = vec![None; cfg.num_layers * Module::PER_LAYER];
         for layer in 0..cfg.num_layers {
             for &m in &spec.targets {
                 let (inp, out) = m.dims(cfg);
@@ -130,7 +126,7 @@ impl LoraParams {
                 };
                 let a = take("A", [spec.rank, inp])?;
                 let b = take("B", [out, spec.rank])?;
-                pairs[slot(layer, m)] = Some((a, b));
+                pairs[m.slot(layer)] = Some((a, b));
             }
         }
         if let Some(k) = t.keys().next() {
@@ -141,7 +137,7 @@ impl LoraParams {
 
     /// The factors of one projection, if targeted.
     pub fn pair(&self, layer: usize, m: Module) -> Option<&(Var, Var)> {
-        self.pairs.get(slot(layer, m))?.as_ref()
+        self.pairs.get(m.slot(layer))?.as_ref()
     }
 
     /// Every parameter with its PEFT tensor name, in a fixed order.
@@ -149,7 +145,7 @@ impl LoraParams {
         let mut out = Vec::new();
         for (i, p) in self.pairs.iter().enumerate() {
             if let Some((a, b)) = p {
-                let (layer, m) = (i / Module::ALL.len(), Module::ALL[i % Module::ALL.len()]);
+                let (layer, m) = Module::of_slot(i);
                 out.push((m.peft_key(layer, "A"), a));
                 out.push((m.peft_key(layer, "B"), b));
             }

@@ -90,8 +90,23 @@ impl Module {
         }
     }
 
-    fn index(self) -> usize {
+    /// Position in [`Module::ALL`].
+    pub fn index(self) -> usize {
         self as usize
+    }
+
+    /// Slots per layer in a per-(layer, module) table.
+    pub const PER_LAYER: usize = Module::ALL.len();
+
+    /// The one slot rule of per-(layer, module) tables (adapters, trainable factors):
+    /// `layer * PER_LAYER + index`.
+    pub fn slot(self, layer: usize) -> usize {
+        layer * Self::PER_LAYER + self.index()
+    }
+
+    /// The inverse of [`slot`](Self::slot): (layer, module).
+    pub fn of_slot(slot: usize) -> (usize, Module) {
+        (slot / Self::PER_LAYER, Module::ALL[slot % Self::PER_LAYER])
     }
 
     /// PEFT's tensor name for factor `ab` ("A" or "B") of this module in `layer`.
@@ -252,7 +267,7 @@ impl LoraAdapter {
         if found.is_empty() {
             return Err(adapter_err(dir, "no LoRA weights found"));
         }
-        let mut pairs = vec![None; model.num_layers * Module::ALL.len()];
+        let mut pairs = vec![None; model.num_layers * Module::PER_LAYER];
         let mut targets = Vec::new();
         let mut max_rank = 0;
         for (&(layer, module), ()) in &found {
@@ -282,7 +297,7 @@ impl LoraAdapter {
             if !targets.contains(&module) {
                 targets.push(module);
             }
-            pairs[layer * Module::ALL.len() + module.index()] = Some(LoraPair {
+            pairs[module.slot(layer)] = Some(LoraPair {
                 a_t: a.t()?.contiguous()?,
                 b_t: b.t()?.contiguous()?,
                 scaling,
@@ -294,9 +309,7 @@ impl LoraAdapter {
 
     /// The factors for one projection, if the adapter targets it.
     pub fn pair(&self, layer: usize, module: Module) -> Option<&LoraPair> {
-        self.pairs
-            .get(layer * Module::ALL.len() + module.index())?
-            .as_ref()
+        self.pairs.get(module.slot(layer))?.as_ref()
     }
 
     /// The invocation tokens of an aLoRA.

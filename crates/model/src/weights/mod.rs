@@ -1,25 +1,23 @@
-//! Where weights come from: HF safetensors (single or sharded) or a GGUF file, behind one
-//! lookup by HF tensor name, and the dense-or-quantized linear weight the projections use.
-//!
-//! GGUF specifics handled here:
-//! - names: `blk.{i}.attn_q.weight` etc. are mapped from the HF names;
-//! - RoPE: llama.cpp's converter permutes the rows of Q and K for interleaved RoPE,
-//!   `(heads, 2, d/2, in) -> (heads, d/2, 2, in)`; we apply the inverse so the HF half-split
-//!   RoPE and HF-trained LoRA factors line up (see `rope.rs`). Rows are independent in GGML
-//!   quantized formats, so the inverse is a byte-level row shuffle even for kept weights.
+//! Where weights come from: HF safetensors (single or sharded, `safetensors.rs`) or a GGUF file
+//! (`gguf.rs`: names, the Q/K row permutation), behind one lookup by HF tensor name, and the
+//! dense-or-quantized linear weight the projections use, with the one rule that routes its
+//! computation ([`LinearWeight::route`]).
 
 use std::cell::RefCell;
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module as _, Tensor};
 
 use crate::config::ModelConfig;
-use crate::error::{io_err, read_json, ModelError, Result};
+use crate::error::{ModelError, Result};
 use crate::qmatmul::{BlockFormat, BlockMatrix};
 use alora_kernels::gemm::{self, WeightRows};
+
+mod gguf;
+mod safetensors;
 
 /// How to hold GGUF weights in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -262,95 +260,15 @@ pub(crate) enum Permute {
     Heads(usize),
 }
 
-fn gguf_name(hf: &str) -> Option<String> {
-    if hf == "model.embed_tokens.weight" {
-        return Some("token_embd.weight".into());
-    }
-    if hf == "model.norm.weight" {
-        return Some("output_norm.weight".into());
-    }
-    if hf == "lm_head.weight" {
-        return Some("output.weight".into());
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let short = match rest {
-        "input_layernorm.weight" => "attn_norm",
-        "post_attention_layernorm.weight" => "ffn_norm",
-        "self_attn.q_proj.weight" => "attn_q",
-        "self_attn.k_proj.weight" => "attn_k",
-        "self_attn.v_proj.weight" => "attn_v",
-        "self_attn.o_proj.weight" => "attn_output",
-        "mlp.gate_proj.weight" => "ffn_gate",
-        "mlp.up_proj.weight" => "ffn_up",
-        "mlp.down_proj.weight" => "ffn_down",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{short}.weight"))
-}
-
-/// Row order that undoes the permutation: output row r takes input row `perm[r]`.
-fn unpermute_rows(rows: usize, heads: usize) -> Vec<u32> {
-    let hd = rows / heads;
-    let half = hd / 2;
-    let mut perm = vec![0u32; rows];
-    for h in 0..heads {
-        for c in 0..2 {
-            for i in 0..half {
-                perm[h * hd + c * half + i] = (h * hd + 2 * i + c) as u32;
-            }
-        }
-    }
-    perm
-}
-
 impl WeightSource {
     /// Opens an HF model directory's safetensors (sharded through the index when present).
     pub fn safetensors(dir: &Path) -> Result<Self> {
-        let index = dir.join("model.safetensors.index.json");
-        let files: Vec<PathBuf> = if index.exists() {
-            #[derive(serde::Deserialize)]
-            struct Index {
-                weight_map: std::collections::BTreeMap<String, String>,
-            }
-            let idx: Index = read_json(&index)?;
-            let mut f: Vec<PathBuf> = idx.weight_map.values().map(|v| dir.join(v)).collect();
-            f.sort();
-            f.dedup();
-            f
-        } else {
-            vec![dir.join("model.safetensors")]
-        };
-        for f in &files {
-            if !f.exists() {
-                return Err(ModelError::Io {
-                    path: f.display().to_string(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::NotFound,
-                        "weights file missing",
-                    ),
-                });
-            }
-        }
-        // SAFETY: the files are mapped read-only; alora does not modify model files while
-        // serving, and a concurrent external truncation is outside what any mmap loader guards.
-        // The model crate's one `unsafe` (the crate denies `unsafe_code`; compute that needs
-        // it lives in `alora-kernels`).
-        #[allow(unsafe_code)]
-        let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files)? };
-        Ok(WeightSource::Safetensors(st))
+        Ok(WeightSource::Safetensors(safetensors::open(dir)?))
     }
 
+    /// Opens a GGUF file; `policy` says how its projections are held.
     pub fn gguf(path: &Path, policy: QuantPolicy) -> Result<Self> {
-        let mut file = File::open(path).map_err(io_err(path))?;
-        let content = gguf_file::Content::read(&mut file).map_err(|e| {
-            ModelError::Config(format!("{}: not a readable GGUF file: {e}", path.display()))
-        })?;
-        if content.tensor_infos.contains_key("rope_freqs.weight") {
-            return Err(ModelError::Config(
-                "GGUF with `rope_freqs` (Llama 3.1 rope scaling) is not supported; use the HF checkpoint".into(),
-            ));
-        }
+        let (content, file) = gguf::open(path)?;
         Ok(WeightSource::Gguf {
             content,
             file: RefCell::new(file),
@@ -370,7 +288,7 @@ impl WeightSource {
         match self {
             WeightSource::Safetensors(st) => st.get(hf).is_ok(),
             WeightSource::Gguf { content, .. } => {
-                gguf_name(hf).is_some_and(|n| content.tensor_infos.contains_key(&n))
+                gguf::gguf_name(hf).is_some_and(|n| content.tensor_infos.contains_key(&n))
             }
         }
     }
@@ -379,17 +297,7 @@ impl WeightSource {
         let WeightSource::Gguf { content, file, .. } = self else {
             unreachable!("gguf only")
         };
-        let name = gguf_name(hf).ok_or_else(|| ModelError::Weight {
-            key: hf.into(),
-            msg: "no GGUF equivalent".into(),
-        })?;
-        let mut f = file.borrow_mut();
-        content
-            .tensor(&mut *f, &name, device)
-            .map_err(|e| ModelError::Weight {
-                key: name.clone(),
-                msg: e.to_string(),
-            })
+        gguf::tensor(content, &mut file.borrow_mut(), hf, device)
     }
 
     /// A dense tensor of `shape` in `dtype`.
@@ -412,10 +320,7 @@ impl WeightSource {
                 let t = self.qtensor(hf, device)?.dequantize(device)?;
                 match permute {
                     Permute::None => t,
-                    Permute::Heads(h) => {
-                        let perm = Tensor::new(unpermute_rows(t.dim(0)?, h).as_slice(), device)?;
-                        t.index_select(&perm, 0)?
-                    }
+                    Permute::Heads(h) => gguf::unpermute_dense(&t, h)?,
                 }
             }
         };
@@ -451,7 +356,7 @@ impl WeightSource {
                 let qt = self.qtensor(hf, device)?;
                 match block_format(qt.dtype()) {
                     Some(f) => {
-                        let qt = self.check_and_unpermute(hf, qt, out, inp, permute)?;
+                        let qt = gguf::unpermute_blocks(hf, qt, out, inp, permute)?;
                         let data = qt.data()?.into_owned();
                         Ok(LinearWeight::Blocks(Arc::new(BlockMatrix::new(
                             f, out, inp, data,
@@ -478,45 +383,10 @@ impl WeightSource {
             }
             QuantPolicy::Keep => {
                 let qt = self.qtensor(hf, device)?;
-                let qt = self.check_and_unpermute(hf, qt, out, inp, permute)?;
+                let qt = gguf::unpermute_blocks(hf, qt, out, inp, permute)?;
                 Ok(LinearWeight::Quant(QMatMul::from_qtensor(qt)?))
             }
         }
-    }
-
-    /// Checks a kept tensor's shape and undoes llama.cpp's Q/K row permutation on its blocks.
-    fn check_and_unpermute(
-        &self,
-        hf: &str,
-        qt: QTensor,
-        out: usize,
-        inp: usize,
-        permute: Permute,
-    ) -> Result<QTensor> {
-        if qt.shape().dims() != [out, inp] {
-            return Err(ModelError::Weight {
-                key: hf.into(),
-                msg: format!("shape {:?}, expected [{out}, {inp}]", qt.shape().dims()),
-            });
-        }
-        Ok(match permute {
-            Permute::None => qt,
-            Permute::Heads(h) => {
-                let data = qt.data()?;
-                let row = data.len() / out;
-                let mut shuffled = Vec::with_capacity(data.len());
-                for r in unpermute_rows(out, h) {
-                    let r = r as usize;
-                    shuffled.extend_from_slice(&data[r * row..(r + 1) * row]);
-                }
-                let storage = QStorage::from_data(
-                    std::borrow::Cow::Owned(shuffled),
-                    &qt.device(),
-                    qt.dtype(),
-                )?;
-                QTensor::new(storage, (out, inp))?
-            }
-        })
     }
 }
 
@@ -655,24 +525,5 @@ mod tests {
             Route::BlockDequantized
         };
         assert_eq!(blocks.route(&x(BLOCK_KERNEL_MAX_ROWS + 1)).unwrap(), many);
-    }
-
-    /// Permuting as llama.cpp's converter does and then applying our inverse is the identity.
-    #[test]
-    fn unpermute_inverts_llama_cpp_permute() {
-        let (heads, hd) = (3, 8);
-        let rows = heads * hd;
-        // llama.cpp: reshape(heads, 2, hd/2) -> swap(1, 2): gguf row h*hd + 2i + c holds hf row h*hd + c*hd/2 + i.
-        let mut gguf_holds = vec![0usize; rows];
-        for h in 0..heads {
-            for i in 0..hd / 2 {
-                for c in 0..2 {
-                    gguf_holds[h * hd + 2 * i + c] = h * hd + c * hd / 2 + i;
-                }
-            }
-        }
-        let perm = unpermute_rows(rows, heads);
-        let restored: Vec<usize> = perm.iter().map(|&g| gguf_holds[g as usize]).collect();
-        assert_eq!(restored, (0..rows).collect::<Vec<_>>());
     }
 }
