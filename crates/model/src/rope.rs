@@ -2,7 +2,7 @@
 //!
 //! Every model here runs RoPE on the HF layout: dimension `i` of a head pairs with `i + d/2`.
 //! GGUF files store Q and K rows permuted for llama.cpp's interleaved RoPE; the GGUF loader
-//! undoes that permutation (see `weights.rs`), so one convention serves both formats and PEFT
+//! undoes that permutation (see `weights/gguf.rs`), so one convention serves both formats and PEFT
 //! adapters trained on the HF layout apply unchanged. Getting this wrong does not crash: it
 //! produces fluent-looking nonsense, which is why the GGUF path is tested against transformers.
 //!

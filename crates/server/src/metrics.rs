@@ -3,22 +3,49 @@
 
 use std::sync::atomic::AtomicU64;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+/// A label value escaped as the Prometheus text format requires (`\\`, `\"`, `\n`):
+/// prometheus-client writes `String` values raw, so a client-chosen adapter name could
+/// otherwise end the label and forge lines in the scrape.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct LabelValue(pub String);
+
+impl From<String> for LabelValue {
+    fn from(s: String) -> Self {
+        LabelValue(s)
+    }
+}
+
+impl EncodeLabelValue for LabelValue {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        for c in self.0.chars() {
+            match c {
+                '\\' => encoder.write_str("\\\\")?,
+                '"' => encoder.write_str("\\\"")?,
+                '\n' => encoder.write_str("\\n")?,
+                c => encoder.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AdapterLabel {
-    pub adapter: String,
+    pub adapter: LabelValue,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LoraInfoLabels {
-    pub running_lora_adapters: String,
-    pub waiting_lora_adapters: String,
+    pub running_lora_adapters: LabelValue,
+    pub waiting_lora_adapters: LabelValue,
     pub max_lora: String,
 }
 
@@ -165,5 +192,31 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_cannot_forge_lines() {
+        let m = Metrics::new();
+        let name = "x\"} 1\nfake_metric{a=\"b\\";
+        m.adapter_requests
+            .get_or_create(&AdapterLabel {
+                adapter: name.to_string().into(),
+            })
+            .inc();
+        let out = m.render();
+        assert!(!out.lines().any(|l| l.starts_with("fake_metric")), "{out}");
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("alora:adapter_requests_total{"))
+            .expect("the counter is exported");
+        assert_eq!(
+            line,
+            r#"alora:adapter_requests_total{adapter="x\"} 1\nfake_metric{a=\"b\\"} 1"#
+        );
     }
 }

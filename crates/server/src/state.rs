@@ -40,6 +40,15 @@ impl AppState {
         self.engine.info().cloned().ok_or_else(ApiError::not_ready)
     }
 
+    /// The error for a request whose event stream ended without its end (the engine dropped
+    /// it): 503 `engine_stopped` when the engine thread is gone, else a 500.
+    pub fn dropped_request(&self) -> ApiError {
+        match self.engine.shared().load_state() {
+            LoadState::Stopped(_) => ApiError::engine_stopped(),
+            _ => ApiError::internal("The engine dropped the request"),
+        }
+    }
+
     pub fn served_name(&self, info: &ModelInfo) -> String {
         self.config
             .served_model_name

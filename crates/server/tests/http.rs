@@ -254,6 +254,22 @@ async fn overload_gets_429_and_the_rest_complete() {
         assert_eq!(body["object"], "text_completion");
         assert_eq!(body["usage"]["completion_tokens"], 20);
     }
+    // A request that could never be queued whole (3 choices, a queue of 2) is a 400 naming the
+    // bound, not a 429 to retry forever; so are 3 prompts.
+    let rejected = s.metric("alora:rejected_requests_total").await;
+    for (body, param) in [
+        (json!({"prompt": "x", "n": 3, "max_tokens": 1}), "n"),
+        (
+            json!({"prompt": ["x", "y", "z"], "max_tokens": 1}),
+            "prompt",
+        ),
+    ] {
+        let (st, v) = s.post("/v1/completions", body).await;
+        assert_eq!(st, 400, "{v}");
+        assert_eq!(v["error"]["param"], param, "{v}");
+        assert_eq!(v["error"]["code"], "queue_limit_exceeded", "{v}");
+    }
+    assert_eq!(s.metric("alora:rejected_requests_total").await, rejected);
 }
 
 /// Every bad input gets its status and an OpenAI error body naming the field.
@@ -302,6 +318,29 @@ async fn bad_inputs_get_openai_errors() {
             Some("temperature"),
             None,
         ),
+        // Wrong types name the field, the sampling fields included.
+        (
+            chat,
+            json!({"messages": msgs, "temperature": "hot"}),
+            400,
+            Some("temperature"),
+            None,
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "stop": 5}),
+            400,
+            Some("stop"),
+            None,
+        ),
+        (
+            chat,
+            json!({"messages": msgs, "seed": "one"}),
+            400,
+            Some("seed"),
+            None,
+        ),
+        ("/detokenize", json!({}), 400, Some("tokens"), None),
         (
             chat,
             json!({"messages": msgs, "top_p": 0}),

@@ -52,6 +52,50 @@ pub fn flash_available(head_dim: usize) -> bool {
     alora_kernels::flash::available(head_dim)
 }
 
+/// The attention computation of one step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AttnPath {
+    /// alora's paged kernel, reading K/V in place from the pools.
+    Paged,
+    /// alora's flash kernel (AVX-512), reading K/V in place.
+    Flash,
+    /// candle's varlen flash kernel on gathered K/V (f16 decode on the CPU).
+    CandleFlashF16,
+    /// Per-sequence matmul + mask + softmax on gathered K/V: any device and dtype.
+    Reference,
+}
+
+impl AttnPath {
+    /// The one rule that picks a step's attention path (see [`AttentionImpl`]).
+    fn choose(
+        forced: AttentionImpl,
+        device: &Device,
+        dtype: DType,
+        head_dim: usize,
+        ctx: &StepCtx<'_>,
+    ) -> Result<AttnPath> {
+        let cpu_f32 = device.is_cpu() && dtype == DType::F32;
+        let flash_runs = cpu_f32 && flash_available(head_dim);
+        let decode_like =
+            device.is_cpu() && ctx.prep.seqlens_q.iter().all(|&n| n < FLASH_MAX_QUERY);
+        Ok(match forced {
+            AttentionImpl::Paged => AttnPath::Paged,
+            AttentionImpl::Flash if flash_runs => AttnPath::Flash,
+            AttentionImpl::Flash => {
+                return Err(ModelError::Batch(format!(
+                    "flash attention needs f32 on an AVX-512 CPU and head_dim 16, 32, 64 or 128 \
+                     (head_dim {head_dim})"
+                )))
+            }
+            AttentionImpl::Reference => AttnPath::Reference,
+            AttentionImpl::Auto if decode_like && dtype == DType::F32 => AttnPath::Paged,
+            AttentionImpl::Auto if flash_runs => AttnPath::Flash,
+            AttentionImpl::Auto if decode_like && dtype == DType::F16 => AttnPath::CandleFlashF16,
+            AttentionImpl::Auto => AttnPath::Reference,
+        })
+    }
+}
+
 impl CausalLm {
     pub(super) fn attention_forward(
         &self,
@@ -70,59 +114,47 @@ impl CausalLm {
         let q = Rope::apply(&q, &ctx.cos, &ctx.sin)?;
         let k = Rope::apply(&k, &ctx.cos, &ctx.sin)?;
         ctx.kv.write(l, &ctx.write_idx, &k, &v)?;
-        let decode_like = self.attention == AttentionImpl::Auto
-            && self.device.is_cpu()
-            && ctx.prep.seqlens_q.iter().all(|&n| n < FLASH_MAX_QUERY);
         let shape = alora_kernels::Shape {
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
             scale: c.attention_scale as f32,
         };
-        if self.attention == AttentionImpl::Paged || (decode_like && self.dtype == DType::F32) {
-            let (kp, vp) = ctx.kv.pools(l);
-            let out = ops::attention_in_place(InPlace::Paged, &q, kp, vp, &ctx.attn, &shape)?
-                .to_dtype(self.dtype)?
-                .reshape((n, c.num_heads * c.head_dim))?;
-            return a.o_proj.forward(&out, groups);
-        }
-        let flash_runs =
-            self.device.is_cpu() && self.dtype == DType::F32 && flash_available(c.head_dim);
-        if self.attention == AttentionImpl::Flash && !flash_runs {
-            return Err(ModelError::Batch(format!(
-                "flash attention needs f32 on an AVX-512 CPU and head_dim 16, 32, 64 or 128 \
-                 (head_dim {})",
-                c.head_dim
-            )));
-        }
-        if flash_runs && matches!(self.attention, AttentionImpl::Auto | AttentionImpl::Flash) {
-            let (kp, vp) = ctx.kv.pools(l);
-            let out = ops::attention_in_place(InPlace::Flash, &q, kp, vp, &ctx.attn, &shape)?
-                .reshape((n, c.num_heads * c.head_dim))?;
-            return a.o_proj.forward(&out, groups);
-        }
-        let (kc, vc) = ctx.kv.gather(l, &ctx.prep.gather_slots)?;
-        let use_flash = decode_like && self.dtype == DType::F16;
-        let out = if use_flash {
-            let p = ctx.prep;
-            let sq: Vec<u32> = p.seqlens_q.iter().map(|&x| x as u32).collect();
-            let sk: Vec<u32> = p.seqlens_k.iter().map(|&x| x as u32).collect();
-            candle_nn::attention::flash_attn_varlen_cpu(
-                &q,
-                &kc,
-                &vc,
-                None,
-                &Tensor::new(sq.as_slice(), &self.device)?,
-                &Tensor::new(sk.as_slice(), &self.device)?,
-                p.seqlens_q.iter().copied().max().unwrap_or(0),
-                p.seqlens_k.iter().copied().max().unwrap_or(0),
-                c.attention_scale as f32,
-                true,
-                None,
-                None,
-            )?
-        } else {
-            self.reference_attention(&q, &kc, &vc, ctx.prep)?
+        let path = AttnPath::choose(self.attention, &self.device, self.dtype, c.head_dim, ctx)?;
+        let out = match path {
+            AttnPath::Paged | AttnPath::Flash => {
+                let (kp, vp) = ctx.kv.pools(l);
+                let kernel = match path {
+                    AttnPath::Paged => InPlace::Paged,
+                    _ => InPlace::Flash,
+                };
+                ops::attention_in_place(kernel, &q, kp, vp, &ctx.attn, &shape)?
+                    .to_dtype(self.dtype)?
+            }
+            AttnPath::CandleFlashF16 => {
+                let (kc, vc) = ctx.kv.gather(l, &ctx.prep.gather_slots)?;
+                let p = ctx.prep;
+                let sq: Vec<u32> = p.seqlens_q.iter().map(|&x| x as u32).collect();
+                let sk: Vec<u32> = p.seqlens_k.iter().map(|&x| x as u32).collect();
+                candle_nn::attention::flash_attn_varlen_cpu(
+                    &q,
+                    &kc,
+                    &vc,
+                    None,
+                    &Tensor::new(sq.as_slice(), &self.device)?,
+                    &Tensor::new(sk.as_slice(), &self.device)?,
+                    p.seqlens_q.iter().copied().max().unwrap_or(0),
+                    p.seqlens_k.iter().copied().max().unwrap_or(0),
+                    c.attention_scale as f32,
+                    true,
+                    None,
+                    None,
+                )?
+            }
+            AttnPath::Reference => {
+                let (kc, vc) = ctx.kv.gather(l, &ctx.prep.gather_slots)?;
+                self.reference_attention(&q, &kc, &vc, ctx.prep)?
+            }
         };
         let out = out.reshape((n, c.num_heads * c.head_dim))?;
         a.o_proj.forward(&out, groups)

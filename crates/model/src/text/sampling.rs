@@ -11,10 +11,15 @@ use std::collections::HashMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+/// Temperatures below this sample greedily (vLLM's `_SAMPLING_EPS`): dividing logits by a tiny
+/// positive temperature (a denormal like 1e-45) overflows them all to +-inf, which is no
+/// distribution at all.
+pub const GREEDY_TEMPERATURE: f32 = 1e-5;
+
 /// Validated sampling settings of one request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
-    /// 0 means greedy.
+    /// Below [`GREEDY_TEMPERATURE`] (0 included) means greedy.
     pub temperature: f32,
     /// 0 means off.
     pub top_k: usize,
@@ -155,7 +160,7 @@ impl Sampler {
                 }
             }
         }
-        let token = if p.temperature <= 0.0 {
+        let token = if p.temperature < GREEDY_TEMPERATURE {
             argmax(&x)
         } else {
             self.draw(x)
@@ -317,6 +322,22 @@ impl StopStrings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tiny_positive_temperature_is_greedy() {
+        let logits = [0.5f32, 3.0, 2.9, -1.0];
+        for t in [1e-45f32, 1e-30, 1e-6] {
+            let params = SamplingParams {
+                temperature: t,
+                seed: Some(3),
+                ..SamplingParams::default()
+            };
+            for _ in 0..20 {
+                let mut s = Sampler::new(params.clone(), &[]);
+                assert_eq!(s.sample(&logits).token, 1, "temperature {t}");
+            }
+        }
+    }
 
     #[test]
     fn greedy_bias_and_penalties() {

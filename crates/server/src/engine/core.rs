@@ -163,7 +163,7 @@ impl Engine {
                     .metrics
                     .adapter_requests
                     .get_or_create(&crate::metrics::AdapterLabel {
-                        adapter: seq.adapter_label().to_string(),
+                        adapter: seq.adapter_label().to_string().into(),
                     })
                     .inc();
                 let prompt = std::mem::take(&mut seq.prompt);
@@ -353,8 +353,8 @@ impl Engine {
             n.join(",")
         };
         let labels = crate::metrics::LoraInfoLabels {
-            running_lora_adapters: names(&mut self.sched.running().map(|s| s.id())),
-            waiting_lora_adapters: names(&mut self.sched.waiting().map(|s| s.id())),
+            running_lora_adapters: names(&mut self.sched.running().map(|s| s.id())).into(),
+            waiting_lora_adapters: names(&mut self.sched.waiting().map(|s| s.id())).into(),
             max_lora: "0".into(),
         };
         m.lora_requests_info.clear();

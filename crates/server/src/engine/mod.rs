@@ -82,6 +82,10 @@ pub struct Shared {
 }
 
 impl Shared {
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
     pub fn load_state(&self) -> LoadState {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }

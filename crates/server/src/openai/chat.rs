@@ -14,7 +14,7 @@ use axum::Json;
 
 use super::common::{respond, submit, token_text, Collected, Wire};
 use super::types::*;
-use super::validate::{self, parse_body};
+use super::validate::{self, parse_generation_body};
 use crate::engine::{Finish, ModelInfo, TokenEvent};
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -23,7 +23,7 @@ pub async fn chat_completions(
     State(state): State<AppState>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let req: ChatCompletionRequest = parse_body(&body, CHAT_FIELDS)?;
+    let req: ChatCompletionRequest = parse_generation_body(&body, CHAT_FIELDS)?;
     let info = state.info()?;
     let v = validate::chat(&state, &info, req)?;
     let rxs = submit(&state, &v)?;

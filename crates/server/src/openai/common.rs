@@ -20,6 +20,7 @@ use crate::state::AppState;
 /// Submits every prompt's `n` choices, in choice order; seeds differ per choice so choices
 /// differ. On a refusal the receivers already made are dropped, which cancels them.
 pub fn submit(state: &AppState, v: &Validated) -> Result<Vec<UnboundedReceiver<Event>>, ApiError> {
+    check_queue_bounds(state, v)?;
     let mut out = Vec::with_capacity(v.prompts.len() * v.n);
     for p in &v.prompts {
         for i in 0..v.n {
@@ -31,6 +32,44 @@ pub fn submit(state: &AppState, v: &Validated) -> Result<Vec<UnboundedReceiver<E
         }
     }
     Ok(out)
+}
+
+/// A request larger than the waiting-queue bounds could never be queued whole: a 400 naming
+/// the bound, not a 429 its client would retry forever. Each choice (prompts x `n`) is one
+/// queued request carrying its prompt's tokens.
+fn check_queue_bounds(state: &AppState, v: &Validated) -> Result<(), ApiError> {
+    let cfg = state.engine.shared().config();
+    let param = if v.prompts.len() > 1 { "prompt" } else { "n" };
+    let choices = v.prompts.len() * v.n;
+    if choices > cfg.max_queue_requests {
+        return Err(ApiError::invalid(
+            param,
+            format!(
+                "The request has {choices} choices (prompts x n); the server queues at most {} \
+                 requests (--max-queue)",
+                cfg.max_queue_requests
+            ),
+        )
+        .with_code("queue_limit_exceeded"));
+    }
+    let tokens: usize = v
+        .prompts
+        .iter()
+        .map(|p| p.request.prompt.len())
+        .sum::<usize>()
+        * v.n;
+    if tokens > cfg.max_queue_tokens {
+        return Err(ApiError::invalid(
+            param,
+            format!(
+                "The request queues {tokens} prompt tokens (prompts x n); the server queues at \
+                 most {} (--max-queue-tokens)",
+                cfg.max_queue_tokens
+            ),
+        )
+        .with_code("queue_limit_exceeded"));
+    }
+    Ok(())
 }
 
 /// How one endpoint writes its responses; [`respond`] does the rest, for both endpoints.
@@ -63,9 +102,11 @@ pub async fn respond<W: Wire>(
     let wire = Arc::new(wire);
     let first = wire.opening(rxs.len());
     let (w1, w2, with_usage) = (wire.clone(), wire, v.include_usage);
+    let st = state.clone();
     let body = spawn_stream(
         rxs,
         state.config.request_timeout,
+        move || st.dropped_request(),
         move |i, ev| match ev {
             Event::Token(t) => w1.token(i, t).into_iter().collect(),
             Event::Done { text, finish, .. } => vec![w1.done(i, text, finish)],
@@ -87,7 +128,9 @@ pub struct Collected {
     pub usage: Usage,
 }
 
-pub async fn collect(mut rx: UnboundedReceiver<Event>) -> Result<Collected, ApiError> {
+/// One choice's events until its end; `None` if the stream ended without one (the engine
+/// dropped the request).
+async fn collect(mut rx: UnboundedReceiver<Event>) -> Option<Result<Collected, ApiError>> {
     let mut text = String::new();
     let mut tokens = Vec::new();
     while let Some(ev) = rx.recv().await {
@@ -102,17 +145,17 @@ pub async fn collect(mut rx: UnboundedReceiver<Event>) -> Result<Collected, ApiE
                 usage,
             } => {
                 text.push_str(&rest);
-                return Ok(Collected {
+                return Some(Ok(Collected {
                     text,
                     tokens,
                     finish,
                     usage,
-                });
+                }));
             }
-            Event::Error(e) => return Err(e.into()),
+            Event::Error(e) => return Some(Err(e.into())),
         }
     }
-    Err(ApiError::internal("The engine dropped the request"))
+    None
 }
 
 /// Usage of a request's choices, `n` per prompt: each prompt counted once.
@@ -143,7 +186,10 @@ pub async fn collect_all(
             .map_err(|_| ApiError::timeout())?,
         None => all.await,
     };
-    results.into_iter().collect()
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(state.dropped_request())))
+        .collect()
 }
 
 /// Events of all choices, tagged with the choice index, as they come.
@@ -178,15 +224,17 @@ pub fn token_text(info: &ModelInfo, id: u32) -> (String, Vec<u8>) {
 /// Runs a request's event streams on a task that turns them into SSE payloads. The task ends
 /// (dropping the engine receivers, which cancels the request and frees its blocks) as soon as
 /// the client goes away, even while the request is still queued.
-pub fn spawn_stream<F, G>(
+pub fn spawn_stream<F, G, D>(
     rxs: Vec<UnboundedReceiver<Event>>,
     timeout: Option<std::time::Duration>,
+    dropped: D,
     mut on_event: F,
     finale: G,
 ) -> impl Stream<Item = String> + Send + 'static
 where
     F: FnMut(usize, Event) -> Vec<String> + Send + 'static,
     G: FnOnce(&[Usage]) -> Vec<String> + Send + 'static,
+    D: FnOnce() -> ApiError + Send + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::channel::<String>(64);
     let n = rxs.len();
@@ -221,6 +269,12 @@ where
             if is_end {
                 open -= 1;
             }
+        }
+        if open > 0 {
+            // A choice's events ended without its end: say so rather than end the stream as
+            // if it had finished.
+            let _ = tx.send(dropped().body_json()).await;
+            return;
         }
         for payload in finale(&usages) {
             if tx.send(payload).await.is_err() {

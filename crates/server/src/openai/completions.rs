@@ -11,13 +11,13 @@ use axum::Json;
 
 use super::common::{respond, submit, token_text, Collected, Wire};
 use super::types::*;
-use super::validate::{self, parse_body};
+use super::validate::{self, parse_generation_body};
 use crate::engine::{Finish, ModelInfo, TokenEvent};
 use crate::error::ApiError;
 use crate::state::AppState;
 
 pub async fn completions(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    let req: CompletionRequest = parse_body(&body, COMPLETION_FIELDS)?;
+    let req: CompletionRequest = parse_generation_body(&body, COMPLETION_FIELDS)?;
     let info = state.info()?;
     let v = validate::completion(&state, &info, req)?;
     let rxs = submit(&state, &v)?;

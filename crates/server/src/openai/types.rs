@@ -32,6 +32,23 @@ pub struct StreamOptions {
     pub continuous_usage_stats: bool,
 }
 
+/// A request with sampling fields (read apart from the rest so errors name them).
+pub trait HasSampling {
+    fn sampling_mut(&mut self) -> &mut Sampling;
+}
+
+impl HasSampling for ChatCompletionRequest {
+    fn sampling_mut(&mut self) -> &mut Sampling {
+        &mut self.sampling
+    }
+}
+
+impl HasSampling for CompletionRequest {
+    fn sampling_mut(&mut self) -> &mut Sampling {
+        &mut self.sampling
+    }
+}
+
 /// Sampling fields shared by both endpoints.
 #[derive(Debug, Clone, Deserialize, Default)]
 pub struct Sampling {
@@ -139,7 +156,8 @@ pub struct ChatCompletionRequest {
     pub stream_options: Option<StreamOptions>,
     pub max_tokens: Option<i64>,
     pub max_completion_tokens: Option<i64>,
-    #[serde(flatten)]
+    /// Read from the same object by `validate::parse_generation_body`.
+    #[serde(skip)]
     pub sampling: Sampling,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
@@ -166,7 +184,8 @@ pub struct CompletionRequest {
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub max_tokens: Option<i64>,
-    #[serde(flatten)]
+    /// Read from the same object by `validate::parse_generation_body`.
+    #[serde(skip)]
     pub sampling: Sampling,
     pub logprobs: Option<i64>,
     #[serde(default)]

@@ -12,6 +12,8 @@ use alora_model::{ChatMessage, LoraAdapter, SamplingParams};
 use axum::body::Bytes;
 use serde::de::DeserializeOwned;
 
+pub use super::types::HasSampling;
+
 use super::types::*;
 use crate::engine::{GenRequest, ModelInfo};
 use crate::error::ApiError;
@@ -43,6 +45,22 @@ pub struct ValidPrompt {
 
 /// Parses a JSON body, refusing fields outside `allowed` by name.
 pub fn parse_body<T: DeserializeOwned>(body: &Bytes, allowed: &[&str]) -> Result<T, ApiError> {
+    from_value(&parse_object(body, allowed)?)
+}
+
+/// [`parse_body`] for a generation request: its sampling fields are read from the same object
+/// on their own, so an error names the field (serde loses the path inside `flatten`).
+pub fn parse_generation_body<T: DeserializeOwned + HasSampling>(
+    body: &Bytes,
+    allowed: &[&str],
+) -> Result<T, ApiError> {
+    let v = parse_object(body, allowed)?;
+    let mut req: T = from_value(&v)?;
+    *req.sampling_mut() = from_value(&v)?;
+    Ok(req)
+}
+
+fn parse_object(body: &Bytes, allowed: &[&str]) -> Result<serde_json::Value, ApiError> {
     let v: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("Malformed JSON body: {e}")))?;
     let obj = v
@@ -54,14 +72,25 @@ pub fn parse_body<T: DeserializeOwned>(body: &Bytes, allowed: &[&str]) -> Result
             format!("Unsupported parameter `{k}`: alora does not implement it"),
         ));
     }
+    Ok(v)
+}
+
+/// Deserializes `v`, naming the offending field in the error: the path serde reports, or the
+/// field a "missing field" error names.
+fn from_value<T: DeserializeOwned>(v: &serde_json::Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(v).map_err(|e| {
         let path = e.path().to_string();
-        let param = if path == "." || path.is_empty() {
-            "body".to_string()
-        } else {
-            path
+        let inner = e.inner().to_string();
+        let missing = inner
+            .strip_prefix("missing field `")
+            .and_then(|r| r.split('`').next());
+        let param = match (path.as_str(), missing) {
+            ("." | "", Some(field)) => field.to_string(),
+            ("." | "", None) => "body".to_string(),
+            (p, Some(field)) => format!("{p}.{field}"),
+            (p, None) => p.to_string(),
         };
-        ApiError::invalid(&param, format!("Invalid `{param}`: {}", e.inner()))
+        ApiError::invalid(&param, format!("Invalid `{param}`: {inner}"))
     })
 }
 
