@@ -72,6 +72,11 @@ fn unsupported_adapters_are_refused_by_name() {
         ),
         ("rank", Box::new(|c| c["r"] = json!(8)), "expected [8, 64]"),
         (
+            "inv_past_vocab",
+            Box::new(|c| c["alora_invocation_tokens"] = json!([5, 99_999_999])),
+            "vocabulary",
+        ),
+        (
             "empty_inv",
             Box::new(|c| c["alora_invocation_tokens"] = json!([])),
             "empty",
@@ -124,4 +129,18 @@ fn ibm_invocation_string_is_converted_and_digest_follows_content() {
     )
     .unwrap();
     assert_eq!(plain.kind, AdapterKind::Lora);
+}
+
+#[test]
+fn non_finite_factors_are_refused() {
+    let dir = variant("nan", |_| {});
+    let w = dir.join("adapter_model.safetensors");
+    let mut t = candle_core::safetensors::load(&w, &Device::Cpu).unwrap();
+    let key = t.keys().find(|k| k.contains("lora_B")).unwrap().clone();
+    let b = &t[&key];
+    let nan = (b.ones_like().unwrap() * f64::NAN).unwrap();
+    t.insert(key, nan);
+    candle_core::safetensors::save(&t, &w).unwrap();
+    let err = load(&dir, &config()).unwrap_err();
+    assert!(err.contains("not finite"), "{err}");
 }

@@ -172,6 +172,21 @@ impl LoraAdapter {
         let cfg_bytes = std::fs::read(&cfg_path).map_err(io_err(&cfg_path))?;
         let cfg = PeftConfig::from_json(&cfg_bytes).map_err(|e| adapter_err(dir, e.to_string()))?;
         let kind = Self::kind(dir, &cfg, encode)?;
+        if let AdapterKind::ALora { invocation_tokens } = &kind {
+            // An id past the vocabulary would fail every step the request joins.
+            if let Some(t) = invocation_tokens
+                .iter()
+                .find(|&&t| t as usize >= model.vocab_size)
+            {
+                return Err(adapter_err(
+                    dir,
+                    format!(
+                        "invocation token {t} is not below the model's vocabulary size {}",
+                        model.vocab_size
+                    ),
+                ));
+            }
+        }
         let w_path = dir.join("adapter_model.safetensors");
         let w_bytes = std::fs::read(&w_path).map_err(io_err(&w_path))?;
         let digest = {
@@ -280,6 +295,17 @@ impl LoraAdapter {
             };
             let a = take("A")?.to_dtype(DType::F32)?;
             let b = take("B")?.to_dtype(DType::F32)?;
+            for (ab, t) in [("lora_A", &a), ("lora_B", &b)] {
+                // NaN and inf both survive a sum; finite sums of finite values stay finite here
+                // (|values| of trained factors are far from f32's range).
+                let sum = t.abs()?.sum_all()?.to_scalar::<f32>()?;
+                if !sum.is_finite() {
+                    return Err(adapter_err(
+                        dir,
+                        format!("{full_name}: {ab} holds values that are not finite"),
+                    ));
+                }
+            }
             let (inp, out) = module.dims(model);
             let r = cfg.rank_of(&full_name);
             if a.dims() != [r, inp] || b.dims() != [out, r] {
