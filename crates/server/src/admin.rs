@@ -90,7 +90,10 @@ pub async fn detokenize(State(state): State<AppState>, body: Bytes) -> Result<Re
 
 pub async fn health(State(state): State<AppState>) -> Response {
     match state.engine.shared().load_state() {
-        LoadState::Ready => (StatusCode::OK, "ok").into_response(),
+        LoadState::Ready if state.started.load(std::sync::atomic::Ordering::SeqCst) => {
+            (StatusCode::OK, "ok").into_response()
+        }
+        LoadState::Ready => (StatusCode::SERVICE_UNAVAILABLE, "loading adapters").into_response(),
         LoadState::Loading => (StatusCode::SERVICE_UNAVAILABLE, "loading").into_response(),
         LoadState::Failed(e) => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -42,10 +42,12 @@ where
         engine,
         registry: Arc::new(registry::AdapterRegistry::default()),
         config: Arc::new(cfg.http),
+        started: Arc::default(),
     }
 }
 
-/// Waits for the model, then loads the start-up adapters. Errors if either fails.
+/// Waits for the model, then loads the start-up adapters; `/health` turns 200 once both are
+/// done. Errors if either fails.
 pub async fn wait_ready(state: &AppState, adapters: &[(String, PathBuf)]) -> Result<(), String> {
     loop {
         match state.engine.shared().load_state() {
@@ -68,6 +70,9 @@ pub async fn wait_ready(state: &AppState, adapters: &[(String, PathBuf)]) -> Res
             .map_err(|e| e.to_string())?
             .map_err(|e| e.message)?;
     }
+    state
+        .started
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     Ok(())
 }
 

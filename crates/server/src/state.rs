@@ -29,6 +29,9 @@ pub struct AppState {
     pub engine: EngineHandle,
     pub registry: Arc<AdapterRegistry>,
     pub config: Arc<HttpConfig>,
+    /// Every start-up adapter is registered (`wait_ready` succeeded): until then `/health`
+    /// answers 503 even with the model loaded, so no request naming one meets a 404.
+    pub started: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AppState {

@@ -759,6 +759,13 @@ async fn health_follows_model_loading() {
         "model_loading"
     );
     gate_tx.send(()).unwrap();
+    // The model is loaded but the start-up adapters are not registered yet: still 503.
+    while state.engine.shared().load_state() != alora_server::engine::LoadState::Ready {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let r = client.get(format!("{url}/health")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.text().await.unwrap(), "loading adapters");
     alora_server::wait_ready(&state, &[]).await.unwrap();
     assert_eq!(
         client
