@@ -51,6 +51,9 @@ pub struct ServeArgs {
     /// Per-request time limit in seconds (0: none).
     #[arg(long, env = "ALORA_REQUEST_TIMEOUT", default_value_t = 0)]
     request_timeout: u64,
+    /// After SIGTERM/SIGINT, seconds in-flight requests may still run before exit (0: no limit).
+    #[arg(long, env = "ALORA_SHUTDOWN_GRACE", default_value_t = 30)]
+    shutdown_grace: u64,
     /// Enable /v1/load_lora_adapter and /v1/unload_lora_adapter, confined to --adapter-dir.
     #[arg(long, env = "ALORA_ENABLE_ADAPTER_LOADING")]
     enable_adapter_loading: bool,
@@ -125,6 +128,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             request_timeout: (a.request_timeout > 0)
                 .then(|| Duration::from_secs(a.request_timeout)),
             log_prompts: a.log_prompts,
+            shutdown_grace: (a.shutdown_grace > 0).then(|| Duration::from_secs(a.shutdown_grace)),
         },
         adapters: adapters.clone(),
     };

@@ -89,6 +89,9 @@ pub async fn detokenize(State(state): State<AppState>, body: Bytes) -> Result<Re
 }
 
 pub async fn health(State(state): State<AppState>) -> Response {
+    if state.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
     match state.engine.shared().load_state() {
         LoadState::Ready if state.started.load(std::sync::atomic::Ordering::SeqCst) => {
             (StatusCode::OK, "ok").into_response()

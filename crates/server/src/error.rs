@@ -111,6 +111,16 @@ impl ApiError {
         .with_code("engine_stopped")
     }
 
+    /// 503 during graceful shutdown: in-flight requests finish, new ones go elsewhere.
+    pub fn shutting_down() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            "The server is shutting down",
+        )
+        .with_code("shutting_down")
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message)
     }

@@ -43,6 +43,7 @@ where
         registry: Arc::new(registry::AdapterRegistry::default()),
         config: Arc::new(cfg.http),
         started: Arc::default(),
+        draining: Arc::default(),
     }
 }
 
@@ -76,14 +77,60 @@ pub async fn wait_ready(state: &AppState, adapters: &[(String, PathBuf)]) -> Res
     Ok(())
 }
 
-/// Serves `state` on `addr` until ctrl-c.
+/// Serves `state` until SIGTERM or SIGINT, then shuts down gracefully: `/health` and new
+/// generation requests answer 503 (`shutting_down`), no new connections are accepted, and
+/// in-flight requests (streams included) run to their end, for at most
+/// `HttpConfig::shutdown_grace`.
 pub async fn serve(state: AppState, listener: tokio::net::TcpListener) -> std::io::Result<()> {
-    let app = routes::router(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
+    let app = routes::router(state.clone());
+    let signalled = Arc::new(tokio::sync::Notify::new());
+    let on_signal = signalled.clone();
+    let draining = state.draining.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        draining.store(true, std::sync::atomic::Ordering::SeqCst);
+        tracing::info!("shutdown signal: finishing in-flight requests");
+        // A stored permit if `serve` is not waiting yet.
+        on_signal.notify_one();
+    });
+    let grace = state.config.shutdown_grace;
+    tokio::select! {
+        r = std::future::IntoFuture::into_future(server) => r,
+        _ = async {
+            signalled.notified().await;
+            match grace {
+                Some(g) => tokio::time::sleep(g).await,
+                None => std::future::pending().await,
+            }
+        } => {
+            tracing::warn!("shutdown grace period over; exiting with requests in flight");
+            Ok(())
+        }
+    }
+}
+
+/// SIGINT (ctrl-c) or, on Unix, SIGTERM (what `docker stop` and Kubernetes send).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM ({e}); ctrl-c only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// Binds `addr`.

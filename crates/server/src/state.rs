@@ -22,6 +22,9 @@ pub struct HttpConfig {
     pub request_timeout: Option<Duration>,
     /// Log prompts and outputs (off by default).
     pub log_prompts: bool,
+    /// After SIGTERM or SIGINT, how long in-flight requests may run before the server exits
+    /// anyway (`None`: until they finish).
+    pub shutdown_grace: Option<Duration>,
 }
 
 #[derive(Clone)]
@@ -32,6 +35,9 @@ pub struct AppState {
     /// Every start-up adapter is registered (`wait_ready` succeeded): until then `/health`
     /// answers 503 even with the model loaded, so no request naming one meets a 404.
     pub started: Arc<std::sync::atomic::AtomicBool>,
+    /// A shutdown signal arrived: `/health` answers 503 and new generation requests are refused
+    /// while in-flight ones finish.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AppState {
@@ -39,6 +45,9 @@ impl AppState {
     pub fn info(&self) -> Result<Arc<ModelInfo>, ApiError> {
         if let LoadState::Stopped(_) = self.engine.shared().load_state() {
             return Err(ApiError::engine_stopped());
+        }
+        if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ApiError::shutting_down());
         }
         self.engine.info().cloned().ok_or_else(ApiError::not_ready)
     }

@@ -341,6 +341,21 @@ async fn bad_inputs_get_openai_errors() {
             None,
         ),
         ("/detokenize", json!({}), 400, Some("tokens"), None),
+        // Bounded per-request work.
+        (
+            chat,
+            json!({"messages": msgs, "stop": ["x".repeat(600), "y".repeat(600)]}),
+            400,
+            Some("stop"),
+            None,
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": vec!["x"; 65], "max_tokens": 1}),
+            400,
+            Some("prompt"),
+            None,
+        ),
         (
             chat,
             json!({"messages": msgs, "top_p": 0}),

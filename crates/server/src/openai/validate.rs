@@ -23,6 +23,12 @@ pub const MAX_N: i64 = 16;
 pub const MAX_TOP_LOGPROBS: i64 = 20;
 /// Most stop strings per request.
 pub const MAX_STOP: usize = 16;
+/// Most bytes of all stop strings together: stop strings are matched on the engine thread for
+/// every token, in time that grows with their length, so one request must not slow the step
+/// of everyone else.
+pub const MAX_STOP_BYTES: usize = 1024;
+/// Most prompts in one completion request.
+pub const MAX_PROMPTS: usize = 64;
 
 /// A request ready for the engine: one [`GenRequest`] per prompt, each submitted `n` times.
 pub struct Validated {
@@ -193,6 +199,15 @@ pub fn completion(
     let (adapter, model_name) =
         resolve_adapter(state, info, req.model.as_deref(), req.adapter.as_deref())?;
     let texts = prompts(req.prompt, info)?;
+    if texts.len() > MAX_PROMPTS {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!(
+                "`prompt` may hold at most {MAX_PROMPTS} prompts, got {}",
+                texts.len()
+            ),
+        ));
+    }
     let logprobs = req
         .logprobs
         .map(|k| top_logprobs("logprobs", k))
@@ -465,6 +480,15 @@ fn sampling(s: &Sampling, logprobs: Option<usize>, vocab: usize) -> Result<Gener
             format!(
                 "`stop` may hold at most {MAX_STOP} strings, got {}",
                 stop.len()
+            ),
+        ));
+    }
+    let stop_bytes: usize = stop.iter().map(|x| x.len()).sum();
+    if stop_bytes > MAX_STOP_BYTES {
+        return Err(ApiError::invalid(
+            "stop",
+            format!(
+                "`stop` strings may hold at most {MAX_STOP_BYTES} bytes in all, got {stop_bytes}"
             ),
         ));
     }

@@ -1,0 +1,104 @@
+//! Graceful shutdown of the real binary: SIGTERM (what `docker stop` and Kubernetes send) lets
+//! an in-flight stream run to its end, and the process then exits 0.
+
+#![cfg(unix)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn model_dir() -> PathBuf {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/llama");
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("shutdown-model-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixtures.join(f), d.join(f)).unwrap();
+    }
+    alora_model::testing::write_char_tokenizer(&d).unwrap();
+    d
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Status code of `GET path`, or None if nothing answers.
+fn get_status(port: u16, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).ok()?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[test]
+fn sigterm_lets_an_in_flight_stream_finish_then_exits_zero() {
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_alora"))
+        .args(["serve", "--model"])
+        .arg(model_dir())
+        .args(["--port", &port.to_string(), "--kv-cache-memory", "16MiB"])
+        .args(["--shutdown-grace", "60"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while get_status(port, "/health") != Some(200) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let body = r#"{"prompt": "ab", "max_tokens": 240, "ignore_eos": true, "stream": true, "temperature": 0}"#;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reader = BufReader::new(s);
+    // Wait for the first token chunk, so the request is in flight when the signal comes.
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "stream ended early: {head}"
+        );
+        head.push_str(&line);
+        if line.starts_with("data: {") {
+            break;
+        }
+    }
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).unwrap();
+    assert!(
+        !head.contains("[DONE]"),
+        "the stream finished before the signal; the test proves nothing"
+    );
+    assert!(rest.contains(r#""finish_reason":"length""#), "{rest}");
+    assert!(rest.contains("data: [DONE]"), "{rest}");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status {status}");
+}
