@@ -51,6 +51,12 @@ pub struct ServeArgs {
     /// Per-request time limit in seconds (0: none).
     #[arg(long, env = "ALORA_REQUEST_TIMEOUT", default_value_t = 0)]
     request_timeout: u64,
+    /// Seconds a client has to send a request's headers (0: no limit).
+    #[arg(long, env = "ALORA_HEADER_READ_TIMEOUT", default_value_t = 30)]
+    header_read_timeout: u64,
+    /// Connections served at once; more wait in the listen backlog (0: no limit).
+    #[arg(long, env = "ALORA_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
     /// After SIGTERM/SIGINT, seconds in-flight requests may still run before exit (0: no limit).
     #[arg(long, env = "ALORA_SHUTDOWN_GRACE", default_value_t = 30)]
     shutdown_grace: u64,
@@ -129,6 +135,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 .then(|| Duration::from_secs(a.request_timeout)),
             log_prompts: a.log_prompts,
             shutdown_grace: (a.shutdown_grace > 0).then(|| Duration::from_secs(a.shutdown_grace)),
+            header_read_timeout: (a.header_read_timeout > 0)
+                .then(|| Duration::from_secs(a.header_read_timeout)),
+            max_connections: (a.max_connections > 0).then_some(a.max_connections),
         },
         adapters: adapters.clone(),
     };

@@ -81,32 +81,87 @@ pub async fn wait_ready(state: &AppState, adapters: &[(String, PathBuf)]) -> Res
 /// generation requests answer 503 (`shutting_down`), no new connections are accepted, and
 /// in-flight requests (streams included) run to their end, for at most
 /// `HttpConfig::shutdown_grace`.
+///
+/// Connections are HTTP/1.1 with a header read timeout (`HttpConfig::header_read_timeout`: a
+/// client that sends half a request and stalls is dropped) and at most
+/// `HttpConfig::max_connections` at once (more wait in the listen backlog).
 pub async fn serve(state: AppState, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
     let app = routes::router(state.clone());
-    let signalled = Arc::new(tokio::sync::Notify::new());
-    let on_signal = signalled.clone();
-    let draining = state.draining.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown_signal().await;
-        draining.store(true, std::sync::atomic::Ordering::SeqCst);
-        tracing::info!("shutdown signal: finishing in-flight requests");
-        // A stored permit if `serve` is not waiting yet.
-        on_signal.notify_one();
-    });
-    let grace = state.config.shutdown_grace;
-    tokio::select! {
-        r = std::future::IntoFuture::into_future(server) => r,
-        _ = async {
-            signalled.notified().await;
-            match grace {
-                Some(g) => tokio::time::sleep(g).await,
-                None => std::future::pending().await,
+    let cfg = state.config.clone();
+    let permits = Arc::new(tokio::sync::Semaphore::new(
+        cfg.max_connections
+            .unwrap_or(tokio::sync::Semaphore::MAX_PERMITS)
+            .max(1),
+    ));
+    // Connections watch `closing` to shut down gracefully; each holds a `done` receiver, so
+    // `done_tx.closed()` resolves once the last one has ended.
+    let (closing_tx, closing_rx) = tokio::sync::watch::channel(());
+    let (done_tx, done_rx) = tokio::sync::watch::channel(());
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        let permit = tokio::select! {
+            _ = &mut signal => break,
+            p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+        };
+        let (stream, _addr) = tokio::select! {
+            _ = &mut signal => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off rather than spin.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let (mut closing, done) = (closing_rx.clone(), done_rx.clone());
+        let header_timeout = cfg.header_read_timeout;
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _done = done;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!("connection ended: {e}");
+                    }
+                    return;
+                }
+                _ = closing.changed() => conn.as_mut().graceful_shutdown(),
             }
-        } => {
-            tracing::warn!("shutdown grace period over; exiting with requests in flight");
-            Ok(())
-        }
+            if let Err(e) = conn.await {
+                tracing::debug!("connection ended: {e}");
+            }
+        });
     }
+    drop(listener);
+    state
+        .draining
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    tracing::info!("shutdown signal: finishing in-flight requests");
+    let _ = closing_tx.send(());
+    drop(done_rx);
+    let all_done = done_tx.closed();
+    match cfg.shutdown_grace {
+        Some(g) => {
+            if tokio::time::timeout(g, all_done).await.is_err() {
+                tracing::warn!("shutdown grace period over; exiting with requests in flight");
+            }
+        }
+        None => all_done.await,
+    }
+    Ok(())
 }
 
 /// SIGINT (ctrl-c) or, on Unix, SIGTERM (what `docker stop` and Kubernetes send).

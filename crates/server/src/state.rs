@@ -25,6 +25,10 @@ pub struct HttpConfig {
     /// After SIGTERM or SIGINT, how long in-flight requests may run before the server exits
     /// anyway (`None`: until they finish).
     pub shutdown_grace: Option<Duration>,
+    /// Time a client has to send a request's headers (`None`: no limit).
+    pub header_read_timeout: Option<Duration>,
+    /// Connections served at once (`None`: no limit); more wait in the listen backlog.
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Clone)]

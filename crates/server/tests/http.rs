@@ -886,3 +886,59 @@ async fn a_dead_engine_is_503_on_health_and_requests() {
         assert_eq!(v["error"]["type"], "service_unavailable", "{path}: {v}");
     }
 }
+
+/// A client that sends half a request and stalls is dropped after the header read timeout, and
+/// connections past `max_connections` wait until one ends instead of being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_clients_time_out_and_connections_are_bounded() {
+    use std::io::{Read, Write};
+    let mut o = Opts::default();
+    o.http.header_read_timeout = Some(std::time::Duration::from_millis(300));
+    o.http.max_connections = Some(1);
+    let s = start(o).await;
+    let addr = s.url.trim_start_matches("http://").to_string();
+    // Half a request, then silence: the server closes the connection.
+    let mut stalled = std::net::TcpStream::connect(&addr).unwrap();
+    stalled
+        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    // While it holds the only connection slot, another client is not served.
+    let quick = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(150))
+        .build()
+        .unwrap();
+    assert!(
+        quick.get(format!("{}/health", s.url)).send().await.is_err(),
+        "a second connection was served past max_connections = 1"
+    );
+    stalled
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let (read, buf) = tokio::task::spawn_blocking(move || {
+        let mut buf = Vec::new();
+        let r = stalled.read_to_end(&mut buf);
+        (r, buf)
+    })
+    .await
+    .unwrap();
+    // Closed (EOF or reset, possibly after a 408) within the timeout, never answered as a
+    // request; a read that timed out means the server kept the connection.
+    if let Err(e) = &read {
+        assert!(
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "the stalled connection was not closed"
+        );
+    }
+    assert!(!String::from_utf8_lossy(&buf).contains("200 OK"));
+    // The slot is free again.
+    let r = s
+        .client
+        .get(format!("{}/health", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
