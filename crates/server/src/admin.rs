@@ -23,12 +23,17 @@ struct TokenizeReq {
 }
 
 pub async fn tokenize(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let st = state.clone();
+    state.prepare(move || tokenize_now(&st, &body)).await
+}
+
+fn tokenize_now(state: &AppState, body: &Bytes) -> Result<Response, ApiError> {
     let req: TokenizeReq = parse_body(
-        &body,
+        body,
         &["model", "prompt", "messages", "add_generation_prompt"],
     )?;
     let info = state.info()?;
-    resolve_adapter(&state, &info, req.model.as_deref(), None)?;
+    resolve_adapter(state, &info, req.model.as_deref(), None)?;
     let text = match (req.prompt, req.messages) {
         (Some(p), None) => p,
         (None, Some(m)) => {

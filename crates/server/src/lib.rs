@@ -44,6 +44,9 @@ where
         config: Arc::new(cfg.http),
         started: Arc::default(),
         draining: Arc::default(),
+        prep_permits: Arc::new(tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+        )),
     }
 }
 

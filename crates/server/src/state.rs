@@ -42,9 +42,29 @@ pub struct AppState {
     /// A shutdown signal arrived: `/health` answers 503 and new generation requests are refused
     /// while in-flight ones finish.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Bounds request preparation (parsing, templating, tokenization) on the blocking pool to
+    /// one per core, so big bodies queue behind each other instead of stalling async workers.
+    pub prep_permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
+    /// Runs CPU-heavy request preparation `f` (body parsing, templating, tokenization) on the
+    /// blocking pool, at most one per core at a time, never on an async worker.
+    pub async fn prepare<T, F>(&self, f: F) -> Result<T, ApiError>
+    where
+        F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let _permit = self
+            .prep_permits
+            .acquire()
+            .await
+            .map_err(|_| ApiError::internal("request preparation is shut down"))?;
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| ApiError::internal(format!("request preparation failed: {e}")))?
+    }
+
     /// The loaded model while the engine serves; 503 while it loads or once it has stopped.
     pub fn info(&self) -> Result<Arc<ModelInfo>, ApiError> {
         if let LoadState::Stopped(_) = self.engine.shared().load_state() {

@@ -23,9 +23,15 @@ pub async fn chat_completions(
     State(state): State<AppState>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let req: ChatCompletionRequest = parse_generation_body(&body, CHAT_FIELDS)?;
-    let info = state.info()?;
-    let v = validate::chat(&state, &info, req)?;
+    // Parsing, templating and tokenizing run on the blocking pool, not on this worker.
+    let st = state.clone();
+    let (v, info) = state
+        .prepare(move || {
+            let req: ChatCompletionRequest = parse_generation_body(&body, CHAT_FIELDS)?;
+            let info = st.info()?;
+            Ok((validate::chat(&st, &info, req)?, info))
+        })
+        .await?;
     let rxs = submit(&state, &v)?;
     let wire = ChatWire {
         id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),

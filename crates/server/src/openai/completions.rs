@@ -17,9 +17,15 @@ use crate::error::ApiError;
 use crate::state::AppState;
 
 pub async fn completions(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    let req: CompletionRequest = parse_generation_body(&body, COMPLETION_FIELDS)?;
-    let info = state.info()?;
-    let v = validate::completion(&state, &info, req)?;
+    // Parsing, templating and tokenizing run on the blocking pool, not on this worker.
+    let st = state.clone();
+    let (v, info) = state
+        .prepare(move || {
+            let req: CompletionRequest = parse_generation_body(&body, COMPLETION_FIELDS)?;
+            let info = st.info()?;
+            Ok((validate::completion(&st, &info, req)?, info))
+        })
+        .await?;
     let rxs = submit(&state, &v)?;
     // Choices are in prompt order, `n` per prompt.
     let echoes = v
