@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use alora_model::LoraAdapter;
+use alora_model::{LoraAdapter, ModelError};
 use dashmap::DashMap;
 
 use crate::engine::ModelInfo;
@@ -38,7 +38,16 @@ impl AdapterRegistry {
         let tok = info.tokenizer.clone();
         let encode = move |s: &str| tok.encode(s);
         let a = LoraAdapter::load(name, dir, &info.config, &info.device, Some(&encode)).map_err(
-            |e| ApiError::invalid("lora_path", e.to_string()).with_code("adapter_load_failed"),
+            |e| {
+                // Name the adapter, not the server's absolute paths.
+                let why = match e {
+                    ModelError::Adapter { msg, .. } => msg,
+                    ModelError::Io { source, .. } => format!("cannot read its files ({source})"),
+                    e => e.to_string(),
+                };
+                ApiError::invalid("lora_path", format!("adapter `{name}`: {why}"))
+                    .with_code("adapter_load_failed")
+            },
         )?;
         let a = Arc::new(a);
         self.adapters.insert(name.to_string(), a.clone());
@@ -50,24 +59,49 @@ impl AdapterRegistry {
     }
 }
 
-/// Resolves `path` inside `root`, refusing anything that escapes it.
+/// The files of a PEFT adapter directory.
+pub const ADAPTER_FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
+
+/// Resolves adapter directory `path` inside `root`, refusing anything that escapes it: the
+/// directory and each of its files by resolved path (a symlink inside pointing outside is
+/// refused), and each file must be a regular file (a FIFO would hang the load). Errors name
+/// `path` as given and never say whether something outside `root` exists.
 pub fn confine(root: &Path, path: &str) -> Result<PathBuf, ApiError> {
     let root = root
         .canonicalize()
-        .map_err(|e| ApiError::internal(format!("adapter directory unavailable: {e}")))?;
+        .map_err(|e| ApiError::internal(format!("adapter directory unavailable: {}", e.kind())))?;
+    let refused = || {
+        ApiError::invalid(
+            "lora_path",
+            format!("`{path}` is not an adapter directory inside the adapter directory"),
+        )
+    };
     let candidate = if Path::new(path).is_absolute() {
         PathBuf::from(path)
     } else {
         root.join(path)
     };
-    let resolved = candidate
-        .canonicalize()
-        .map_err(|_| ApiError::invalid("lora_path", format!("`{path}` does not exist")))?;
-    if !resolved.starts_with(&root) {
-        return Err(ApiError::invalid(
-            "lora_path",
-            format!("`{path}` is outside the adapter directory"),
-        ));
+    let resolved = candidate.canonicalize().map_err(|_| refused())?;
+    if !resolved.starts_with(&root) || !resolved.is_dir() {
+        return Err(refused());
+    }
+    for f in ADAPTER_FILES {
+        let file = resolved
+            .join(f)
+            .canonicalize()
+            .map_err(|_| ApiError::invalid("lora_path", format!("`{path}` has no `{f}`")))?;
+        if !file.starts_with(&root) {
+            return Err(ApiError::invalid(
+                "lora_path",
+                format!("`{path}/{f}` leads outside the adapter directory"),
+            ));
+        }
+        if !std::fs::metadata(&file).is_ok_and(|m| m.is_file()) {
+            return Err(ApiError::invalid(
+                "lora_path",
+                format!("`{path}/{f}` is not a regular file"),
+            ));
+        }
     }
     Ok(resolved)
 }

@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use common::{start, user, Opts};
@@ -163,6 +164,53 @@ async fn no_reuse_where_there_must_be_none() {
         )
         .await;
     assert_eq!(st, 400, "{v}");
+    // So are symlinks that lead outside (the directory, or its files), and files that are not
+    // regular files; no error shows the server's absolute paths.
+    let outside = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("outside-adapter-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&outside);
+    std::fs::create_dir_all(&outside).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(s.adapters.join("lora").join(f), outside.join(f)).unwrap();
+    }
+    let sneaky = s.adapters.join("sneaky");
+    std::fs::create_dir_all(&sneaky).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::os::unix::fs::symlink(outside.join(f), sneaky.join(f)).unwrap();
+    }
+    std::os::unix::fs::symlink(&outside, s.adapters.join("linkdir")).unwrap();
+    let fifo = s.adapters.join("fifo");
+    std::fs::create_dir_all(&fifo).unwrap();
+    std::fs::copy(
+        s.adapters.join("lora/adapter_model.safetensors"),
+        fifo.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(fifo.join("adapter_config.json"))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let root = s.adapters.canonicalize().unwrap();
+    for (path, words) in [
+        ("sneaky", "leads outside"),
+        ("linkdir", "not an adapter directory"),
+        ("fifo", "not a regular file"),
+        ("no-such-dir", "not an adapter directory"),
+        ("/etc", "not an adapter directory"),
+    ] {
+        let (st, v) = s
+            .post(
+                "/v1/load_lora_adapter",
+                json!({"lora_name": "x", "lora_path": path}),
+            )
+            .await;
+        assert_eq!(st, 400, "{path}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(words), "{path}: {msg}");
+        assert!(!msg.contains(root.to_str().unwrap()), "{path}: {msg}");
+        assert_eq!(v["error"]["param"], "lora_path", "{path}: {v}");
+    }
     let (st, _) = s
         .post("/v1/unload_lora_adapter", json!({"lora_name": "lora"}))
         .await;

@@ -169,6 +169,14 @@ impl LoraAdapter {
         encode: Option<EncodeFn<'_>>,
     ) -> Result<Self> {
         let cfg_path = dir.join("adapter_config.json");
+        for p in [&cfg_path, &dir.join("adapter_model.safetensors")] {
+            // A FIFO or device would block or never end the read below.
+            let meta = std::fs::metadata(p).map_err(io_err(p))?;
+            if !meta.is_file() {
+                let f = p.file_name().unwrap_or_default().to_string_lossy();
+                return Err(adapter_err(dir, format!("`{f}` is not a regular file")));
+            }
+        }
         let cfg_bytes = std::fs::read(&cfg_path).map_err(io_err(&cfg_path))?;
         let cfg = PeftConfig::from_json(&cfg_bytes).map_err(|e| adapter_err(dir, e.to_string()))?;
         let kind = Self::kind(dir, &cfg, encode)?;
