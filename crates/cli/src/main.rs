@@ -74,7 +74,12 @@ struct GenerateArgs {
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        // `info` unless RUST_LOG says otherwise (without it, EnvFilter shows errors only, which
+        // hid start-up progress and made --log-prompts a no-op).
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
