@@ -54,7 +54,7 @@ pub fn flash_available(head_dim: usize) -> bool {
 
 /// The attention computation of one step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum AttnPath {
+pub(super) enum AttnPath {
     /// alora's paged kernel, reading K/V in place from the pools.
     Paged,
     /// alora's flash kernel (AVX-512), reading K/V in place.
@@ -67,17 +67,16 @@ enum AttnPath {
 
 impl AttnPath {
     /// The one rule that picks a step's attention path (see [`AttentionImpl`]).
-    fn choose(
+    pub(super) fn choose(
         forced: AttentionImpl,
         device: &Device,
         dtype: DType,
         head_dim: usize,
-        ctx: &StepCtx<'_>,
+        seqlens_q: &[usize],
     ) -> Result<AttnPath> {
         let cpu_f32 = device.is_cpu() && dtype == DType::F32;
         let flash_runs = cpu_f32 && flash_available(head_dim);
-        let decode_like =
-            device.is_cpu() && ctx.prep.seqlens_q.iter().all(|&n| n < FLASH_MAX_QUERY);
+        let decode_like = device.is_cpu() && seqlens_q.iter().all(|&n| n < FLASH_MAX_QUERY);
         Ok(match forced {
             AttentionImpl::Paged => AttnPath::Paged,
             AttentionImpl::Flash if flash_runs => AttnPath::Flash,
@@ -120,11 +119,10 @@ impl CausalLm {
             head_dim: c.head_dim,
             scale: c.attention_scale as f32,
         };
-        let path = AttnPath::choose(self.attention, &self.device, self.dtype, c.head_dim, ctx)?;
-        let out = match path {
+        let out = match ctx.attn_path {
             AttnPath::Paged | AttnPath::Flash => {
                 let (kp, vp) = ctx.kv.pools(l);
-                let kernel = match path {
+                let kernel = match ctx.attn_path {
                     AttnPath::Paged => InPlace::Paged,
                     _ => InPlace::Flash,
                 };

@@ -82,6 +82,8 @@ struct StepCtx<'a> {
     prep: &'a Prepared,
     /// The step's geometry as the attention kernels read it, checked once per step.
     attn: alora_kernels::AttnBatch<'a>,
+    /// The attention path of every layer in this step, chosen once.
+    attn_path: attention::AttnPath,
     cos: Tensor,
     sin: Tensor,
     /// Write slots expanded to [N, kv_heads, head_dim].
@@ -275,9 +277,17 @@ impl CausalLm {
             &prep.start_pos,
             &prep.gather_slots_host,
         )?;
+        let attn_path = attention::AttnPath::choose(
+            self.attention,
+            &self.device,
+            self.dtype,
+            self.cfg.head_dim,
+            &prep.seqlens_q,
+        )?;
         let ctx = StepCtx {
             prep: &prep,
             attn,
+            attn_path,
             cos,
             sin,
             write_idx,

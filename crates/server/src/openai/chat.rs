@@ -14,7 +14,7 @@ use axum::Json;
 
 use super::common::{respond, submit, token_text, Collected, Wire};
 use super::types::*;
-use super::validate::{self, parse_generation_body};
+use super::validate;
 use crate::engine::{Finish, ModelInfo, TokenEvent};
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -23,15 +23,7 @@ pub async fn chat_completions(
     State(state): State<AppState>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    // Parsing, templating and tokenizing run on the blocking pool, not on this worker.
-    let st = state.clone();
-    let (v, info) = state
-        .prepare(move || {
-            let req: ChatCompletionRequest = parse_generation_body(&body, CHAT_FIELDS)?;
-            let info = st.info()?;
-            Ok((validate::chat(&st, &info, req)?, info))
-        })
-        .await?;
+    let (v, info) = validate::prepare(&state, body, CHAT_FIELDS, validate::chat).await?;
     let rxs = submit(&state, &v)?;
     let wire = ChatWire {
         id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),

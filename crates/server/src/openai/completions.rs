@@ -11,21 +11,14 @@ use axum::Json;
 
 use super::common::{respond, submit, token_text, Collected, Wire};
 use super::types::*;
-use super::validate::{self, parse_generation_body};
+use super::validate;
 use crate::engine::{Finish, ModelInfo, TokenEvent};
 use crate::error::ApiError;
 use crate::state::AppState;
 
 pub async fn completions(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    // Parsing, templating and tokenizing run on the blocking pool, not on this worker.
-    let st = state.clone();
-    let (v, info) = state
-        .prepare(move || {
-            let req: CompletionRequest = parse_generation_body(&body, COMPLETION_FIELDS)?;
-            let info = st.info()?;
-            Ok((validate::completion(&st, &info, req)?, info))
-        })
-        .await?;
+    let (v, info) =
+        validate::prepare(&state, body, COMPLETION_FIELDS, validate::completion).await?;
     let rxs = submit(&state, &v)?;
     // Choices are in prompt order, `n` per prompt.
     let echoes = v

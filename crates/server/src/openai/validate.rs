@@ -124,6 +124,28 @@ pub fn resolve_adapter(
     }
 }
 
+/// Parses `body` and validates it with `validate` (`chat` or `completion`) on the blocking
+/// pool ([`AppState::prepare`]), never on an async worker; returns the model info it used.
+pub async fn prepare<R, F>(
+    state: &AppState,
+    body: Bytes,
+    fields: &'static [&'static str],
+    validate: F,
+) -> Result<(Validated, Arc<ModelInfo>), ApiError>
+where
+    R: DeserializeOwned + HasSampling,
+    F: FnOnce(&AppState, &ModelInfo, R) -> Result<Validated, ApiError> + Send + 'static,
+{
+    let st = state.clone();
+    state
+        .prepare(move || {
+            let req: R = parse_generation_body(&body, fields)?;
+            let info = st.info()?;
+            Ok((validate(&st, &info, req)?, info))
+        })
+        .await
+}
+
 /// `POST /v1/chat/completions`.
 pub fn chat(
     state: &AppState,
