@@ -54,6 +54,9 @@ pub struct ServeArgs {
     /// Seconds a client has to send a request's headers (0: no limit).
     #[arg(long, env = "ALORA_HEADER_READ_TIMEOUT", default_value_t = 30)]
     header_read_timeout: u64,
+    /// Seconds a client has, after the headers, to send the whole request body (0: no limit).
+    #[arg(long, env = "ALORA_BODY_READ_TIMEOUT", default_value_t = 60)]
+    body_read_timeout: u64,
     /// Connections served at once; more wait in the listen backlog (0: no limit).
     #[arg(long, env = "ALORA_MAX_CONNECTIONS", default_value_t = 1024)]
     max_connections: usize,
@@ -137,6 +140,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
             shutdown_grace: (a.shutdown_grace > 0).then(|| Duration::from_secs(a.shutdown_grace)),
             header_read_timeout: (a.header_read_timeout > 0)
                 .then(|| Duration::from_secs(a.header_read_timeout)),
+            body_read_timeout: (a.body_read_timeout > 0)
+                .then(|| Duration::from_secs(a.body_read_timeout)),
             max_connections: (a.max_connections > 0).then_some(a.max_connections),
         },
         adapters: adapters.clone(),

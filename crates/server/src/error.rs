@@ -142,6 +142,19 @@ impl ApiError {
         .with_code("timeout")
     }
 
+    /// The client did not send the request body within `--body-read-timeout`.
+    pub fn body_read_timeout(limit: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!(
+                "The request body was not received within {} s",
+                limit.as_secs_f64()
+            ),
+        )
+        .with_code("body_read_timeout")
+    }
+
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message)
     }

@@ -89,6 +89,16 @@ pub async fn wait_ready(state: &AppState, adapters: &[(String, PathBuf)]) -> Res
 /// client that sends half a request and stalls is dropped) and at most
 /// `HttpConfig::max_connections` at once (more wait in the listen backlog).
 pub async fn serve(state: AppState, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    serve_until(state, listener, shutdown_signal()).await
+}
+
+/// [`serve`] with the shutdown signal given: the graceful shutdown starts when `signal`
+/// resolves (embedding applications, tests).
+pub async fn serve_until(
+    state: AppState,
+    listener: tokio::net::TcpListener,
+    signal: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
 
@@ -103,7 +113,6 @@ pub async fn serve(state: AppState, listener: tokio::net::TcpListener) -> std::i
     // `done_tx.closed()` resolves once the last one has ended.
     let (closing_tx, closing_rx) = tokio::sync::watch::channel(());
     let (done_tx, done_rx) = tokio::sync::watch::channel(());
-    let signal = shutdown_signal();
     tokio::pin!(signal);
     loop {
         let permit = tokio::select! {

@@ -67,6 +67,8 @@ pub struct Metrics {
     pub lora_requests_info: Family<LoraInfoLabels, Gauge>,
     pub adapter_requests: Family<AdapterLabel, Counter>,
     pub rejected_requests: Counter,
+    pub step_retries: Counter,
+    pub step_failed_requests: Counter,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -96,6 +98,8 @@ impl Metrics {
             lora_requests_info: Family::default(),
             adapter_requests: Family::default(),
             rejected_requests: Counter::default(),
+            step_retries: Counter::default(),
+            step_failed_requests: Counter::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -177,6 +181,16 @@ impl Metrics {
             "alora:rejected_requests",
             "Requests refused with 429 (queue full)",
             m.rejected_requests.clone(),
+        );
+        r.register(
+            "alora:step_retries",
+            "Batched forwards that failed and were re-run one sequence at a time",
+            m.step_retries.clone(),
+        );
+        r.register(
+            "alora:step_failed_requests",
+            "Requests failed because their own forward failed",
+            m.step_failed_requests.clone(),
         );
         Metrics { registry: r, ..m }
     }

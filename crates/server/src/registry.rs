@@ -54,6 +54,11 @@ impl AdapterRegistry {
         Ok(a)
     }
 
+    /// Registers (or replaces) an adapter built in process under its own name.
+    pub fn insert(&self, adapter: Arc<LoraAdapter>) {
+        self.adapters.insert(adapter.name.clone(), adapter);
+    }
+
     pub fn unload(&self, name: &str) -> bool {
         self.adapters.remove(name).is_some()
     }

@@ -52,6 +52,39 @@ async fn json_errors(State(state): State<AppState>, req: Request, next: Next) ->
     }
 }
 
+/// Reads the whole request body within `body_read_timeout` (and the body limit) before any
+/// handler runs, so a client trickling a body cannot hold a connection and a handler forever.
+/// Past the time: 408 and `Connection: close` (the rest of the body is never read).
+async fn read_body(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let Some(limit) = state.config.body_read_timeout else {
+        return next.run(req).await;
+    };
+    let (parts, body) = req.into_parts();
+    let max = state.config.max_body_bytes;
+    match tokio::time::timeout(limit, axum::body::to_bytes(body, max)).await {
+        Ok(Ok(bytes)) => next.run(Request::from_parts(parts, bytes.into())).await,
+        Ok(Err(e)) => {
+            // `to_bytes` fails on the limit or on a broken connection.
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                ApiError::payload_too_large(max).into_response()
+            } else {
+                ApiError::bad_request(format!("Could not read the request body: {e}"))
+                    .into_response()
+            }
+        }
+        Err(_) => {
+            let mut r = ApiError::body_read_timeout(limit).into_response();
+            r.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            r
+        }
+    }
+}
+
 async fn not_found() -> ApiError {
     ApiError::not_found("No such endpoint")
 }
@@ -69,6 +102,7 @@ pub fn router(state: AppState) -> Router {
         .route("/tokenize", post(admin::tokenize))
         .route("/detokenize", post(admin::detokenize))
         .route("/reset_prefix_cache", post(admin::reset_prefix_cache))
+        .route_layer(middleware::from_fn_with_state(state.clone(), read_body))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .merge(api)

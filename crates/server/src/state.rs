@@ -27,6 +27,9 @@ pub struct HttpConfig {
     pub shutdown_grace: Option<Duration>,
     /// Time a client has to send a request's headers (`None`: no limit).
     pub header_read_timeout: Option<Duration>,
+    /// Time a client has, after the headers, to send the whole request body (`None`: no
+    /// limit). Past it: 408 and the connection is closed.
+    pub body_read_timeout: Option<Duration>,
     /// Connections served at once (`None`: no limit); more wait in the listen backlog.
     pub max_connections: Option<usize>,
 }

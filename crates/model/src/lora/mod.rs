@@ -344,6 +344,31 @@ impl LoraAdapter {
     }
 
     /// The factors for one projection, if the adapter targets it.
+    /// Fault injection for tests: a copy named `name` (with another digest) whose first pair's
+    /// A^T has one row too many, so every forward through it fails with a shape error, as a
+    /// corrupt adapter that slipped past validation would.
+    #[cfg(feature = "testing")]
+    pub fn broken_copy(&self, name: &str) -> Result<LoraAdapter> {
+        let mut pairs = self.pairs.clone();
+        let p = pairs
+            .iter_mut()
+            .flatten()
+            .next()
+            .ok_or_else(|| ModelError::Config("an adapter without factors".into()))?;
+        let (rows, r) = p.a_t.dims2()?;
+        p.a_t = Tensor::zeros((rows + 1, r), p.a_t.dtype(), p.a_t.device())?;
+        let mut digest = self.digest;
+        digest.0[0] ^= 0xff;
+        Ok(LoraAdapter {
+            name: name.to_string(),
+            kind: self.kind.clone(),
+            digest,
+            rank: self.rank,
+            targets: self.targets.clone(),
+            pairs,
+        })
+    }
+
     pub fn pair(&self, layer: usize, module: Module) -> Option<&LoraPair> {
         self.pairs.get(module.slot(layer))?.as_ref()
     }

@@ -239,11 +239,58 @@ impl Sampler {
 }
 
 /// Finds stop strings in streamed text and holds back what could still become one.
+///
+/// Each stop string runs a Knuth-Morris-Pratt matcher over the text's bytes, so the work per
+/// token is linear in the new text (amortized, times the number of stop strings), however long
+/// the stop strings or the output. The output ends at the first position where a stop string
+/// is complete (earliest end; of two ending there, the longer one is cut).
 #[derive(Debug, Clone, Default)]
 pub struct StopStrings {
-    stops: Vec<String>,
+    stops: Vec<Matcher>,
     text: String,
     emitted: usize,
+}
+
+/// One stop string's KMP state: `matched` bytes of `pat` are a suffix of the text so far.
+#[derive(Debug, Clone)]
+struct Matcher {
+    pat: Vec<u8>,
+    /// `fail[i]`: the longest proper border of `pat[..=i]`.
+    fail: Vec<usize>,
+    matched: usize,
+}
+
+impl Matcher {
+    fn new(pat: &str) -> Self {
+        let pat = pat.as_bytes().to_vec();
+        let mut fail = vec![0; pat.len()];
+        let mut k = 0;
+        for i in 1..pat.len() {
+            while k > 0 && pat[i] != pat[k] {
+                k = fail[k - 1];
+            }
+            if pat[i] == pat[k] {
+                k += 1;
+            }
+            fail[i] = k;
+        }
+        Matcher {
+            pat,
+            fail,
+            matched: 0,
+        }
+    }
+
+    /// Feeds one byte; true when the whole pattern now ends here.
+    fn feed(&mut self, b: u8) -> bool {
+        while self.matched > 0 && (self.matched == self.pat.len() || self.pat[self.matched] != b) {
+            self.matched = self.fail[self.matched - 1];
+        }
+        if self.pat[self.matched] == b {
+            self.matched += 1;
+        }
+        self.matched == self.pat.len()
+    }
 }
 
 /// What the caller may send after a piece of text arrives.
@@ -258,49 +305,38 @@ pub enum StopCheck {
 impl StopStrings {
     pub fn new(stops: Vec<String>) -> Self {
         StopStrings {
-            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            stops: stops
+                .iter()
+                .filter(|s| !s.is_empty())
+                .map(|s| Matcher::new(s))
+                .collect(),
             ..Default::default()
         }
     }
 
     pub fn push(&mut self, piece: &str) -> StopCheck {
+        let base = self.text.len();
         self.text.push_str(piece);
-        let search_from = self
-            .emitted
-            .saturating_sub(self.stops.iter().map(|s| s.len()).max().unwrap_or(0));
-        let search_from = (0..=search_from)
-            .rev()
-            .find(|&i| self.text.is_char_boundary(i))
-            .unwrap_or(0);
-        let hit = self
-            .stops
-            .iter()
-            .filter_map(|s| {
-                self.text[search_from..]
-                    .find(s.as_str())
-                    .map(|i| search_from + i)
-            })
-            .min();
-        if let Some(at) = hit {
-            let out = self.text[self.emitted.min(at)..at].to_string();
-            self.emitted = at;
-            return StopCheck::Stopped(out);
-        }
-        // Hold back the longest suffix that is a proper prefix of some stop string.
-        let mut safe = self.text.len();
-        for s in &self.stops {
-            for k in (1..s.len()).rev() {
-                if self.text.len() >= k
-                    && s.is_char_boundary(k)
-                    && self.text.is_char_boundary(self.text.len() - k)
-                    && self.text.ends_with(&s[..k])
-                {
-                    safe = safe.min(self.text.len() - k);
-                    break;
+        for (i, &b) in piece.as_bytes().iter().enumerate() {
+            let mut longest = 0;
+            for m in &mut self.stops {
+                if m.feed(b) {
+                    longest = longest.max(m.pat.len());
                 }
             }
+            if longest > 0 {
+                // A stop string starts with a char's first byte, so `at` is a char boundary.
+                let at = base + i + 1 - longest;
+                let out = self.text[self.emitted.min(at)..at].to_string();
+                self.emitted = at;
+                self.text.truncate(at);
+                return StopCheck::Stopped(out);
+            }
         }
-        let safe = safe.max(self.emitted);
+        // Hold back the longest suffix that is a proper prefix of some stop string: exactly the
+        // matchers' partial matches (a char boundary too, for the same reason).
+        let held = self.stops.iter().map(|m| m.matched).max().unwrap_or(0);
+        let safe = (self.text.len() - held).max(self.emitted);
         let out = self.text[self.emitted..safe].to_string();
         self.emitted = safe;
         StopCheck::Continue(out)
@@ -428,5 +464,71 @@ mod tests {
         assert_eq!(s.push("xa"), StopCheck::Continue("x".into()));
         assert_eq!(s.push("c"), StopCheck::Continue("ac".into()));
         assert_eq!(s.flush(), "");
+    }
+
+    /// The output a whole text gets: cut before the stop string that ends first (the longer
+    /// of two ending at the same byte), by brute force.
+    fn cut_reference(text: &str, stops: &[String]) -> (String, bool) {
+        for end in (1..=text.len()).filter(|&e| text.is_char_boundary(e)) {
+            let hit = stops
+                .iter()
+                .filter(|s| !s.is_empty() && text[..end].ends_with(s.as_str()))
+                .map(|s| s.len())
+                .max();
+            if let Some(len) = hit {
+                return (text[..end - len].to_string(), true);
+            }
+        }
+        (text.to_string(), false)
+    }
+
+    #[test]
+    fn stop_strings_match_a_brute_force_reference_in_any_chunking() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let alphabet = ['a', 'b', 'é', '\u{1F600}'];
+        let word = |rng: &mut rand::rngs::StdRng, max: usize| -> String {
+            let n = rng.random_range(0..=max);
+            (0..n)
+                .map(|_| alphabet[rng.random_range(0..alphabet.len())])
+                .collect()
+        };
+        for _ in 0..3000 {
+            let stops: Vec<String> = (0..rng.random_range(1..4))
+                .map(|_| word(&mut rng, 4))
+                .collect();
+            let text = word(&mut rng, 24);
+            let (want, want_stop) = cut_reference(&text, &stops);
+            let mut s = StopStrings::new(stops.clone());
+            let (mut got, mut stopped) = (String::new(), false);
+            let chars: Vec<char> = text.chars().collect();
+            let mut i = 0;
+            while i < chars.len() && !stopped {
+                let n = rng.random_range(1..=3).min(chars.len() - i);
+                let piece: String = chars[i..i + n].iter().collect();
+                i += n;
+                match s.push(&piece) {
+                    StopCheck::Continue(x) => got.push_str(&x),
+                    StopCheck::Stopped(x) => {
+                        got.push_str(&x);
+                        stopped = true;
+                    }
+                }
+                // Nothing released may be taken back: it is a prefix of the final output.
+                assert!(
+                    want.starts_with(&got),
+                    "{stops:?} {text:?}: released {got:?}"
+                );
+            }
+            if !stopped {
+                got.push_str(&s.flush());
+            }
+            assert_eq!(
+                (got.as_str(), stopped),
+                (want.as_str(), want_stop),
+                "{stops:?} {text:?}"
+            );
+            assert_eq!(s.text_so_far(), want);
+        }
     }
 }

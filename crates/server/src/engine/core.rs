@@ -223,20 +223,8 @@ impl Engine {
     /// The runner: one forward over the scheduled tokens, then sampling where a prompt is done.
     fn step(&mut self, out: &SchedulerOutput) {
         let result = {
-            let steps: Vec<SeqStep<'_>> = out
-                .scheduled
-                .iter()
-                .map(|sch| {
-                    let s = self.sched.seq(sch.id).expect("scheduled sequences run");
-                    SeqStep {
-                        tokens: &s.tokens()[sch.start_pos..sch.start_pos + sch.num_tokens],
-                        start_pos: sch.start_pos,
-                        adapter: self.seqs[&sch.id].active.clone(),
-                        block_table: s.block_table(),
-                        all_logits: false,
-                    }
-                })
-                .collect();
+            let steps: Vec<SeqStep<'_>> =
+                out.scheduled.iter().map(|sch| self.seq_step(sch)).collect();
             let _span = tracing::debug_span!(
                 "step",
                 seqs = steps.len(),
@@ -248,22 +236,75 @@ impl Engine {
                 Ok((rows, l.rows))
             })
         };
-        let (rows, ranges) = match result {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!("forward failed: {e}");
-                for sch in &out.scheduled {
-                    self.fail(sch.id, EngineError::Step);
-                }
-                return;
+        match result {
+            Ok((rows, ranges)) => {
+                let last: Vec<&[f32]> = ranges.iter().map(|r| rows[r.end - 1].as_slice()).collect();
+                self.complete(out, &out.scheduled.iter().collect::<Vec<_>>(), &last);
             }
-        };
+            Err(e) if out.scheduled.len() == 1 => {
+                tracing::error!(seq = out.scheduled[0].id, "forward failed: {e}");
+                self.shared.metrics.step_failed_requests.inc();
+                self.fail(out.scheduled[0].id, EngineError::Step);
+            }
+            Err(e) => {
+                // One request's failure must not fail its neighbours: run each alone, fail
+                // the ones that fail again, keep the rest. (Re-running writes the same K/V into
+                // the same slots; nothing was committed to the prefix cache yet.)
+                tracing::error!(
+                    seqs = out.scheduled.len(),
+                    "forward failed: {e}; retrying each sequence alone"
+                );
+                self.shared.metrics.step_retries.inc();
+                let mut ok = Vec::new();
+                let mut logits = Vec::new();
+                for sch in &out.scheduled {
+                    match self.forward_one(sch) {
+                        Ok(l) => {
+                            ok.push(sch);
+                            logits.push(l);
+                        }
+                        Err(e) => {
+                            tracing::error!(seq = sch.id, "forward failed alone: {e}");
+                            self.shared.metrics.step_failed_requests.inc();
+                            self.fail(sch.id, EngineError::Step);
+                        }
+                    }
+                }
+                let last: Vec<&[f32]> = logits.iter().map(Vec::as_slice).collect();
+                self.complete(out, &ok, &last);
+            }
+        }
+    }
+
+    /// Batch row for one scheduled piece of work.
+    fn seq_step(&self, sch: &Scheduled) -> SeqStep<'_> {
+        let s = self.sched.seq(sch.id).expect("scheduled sequences run");
+        SeqStep {
+            tokens: &s.tokens()[sch.start_pos..sch.start_pos + sch.num_tokens],
+            start_pos: sch.start_pos,
+            adapter: self.seqs[&sch.id].active.clone(),
+            block_table: s.block_table(),
+            all_logits: false,
+        }
+    }
+
+    /// One sequence's forward alone (the retry after a failed batch): its last logits row.
+    fn forward_one(&self, sch: &Scheduled) -> alora_model::Result<Vec<f32>> {
+        let l = self.model.forward(&[self.seq_step(sch)], &self.kv)?;
+        let mut rows = l.logits.to_vec2::<f32>()?;
+        let end = l.rows[0].end;
+        Ok(std::mem::take(&mut rows[end - 1]))
+    }
+
+    /// After a forward: books the computed tokens (of the sequences still here) and samples
+    /// where a prompt is done; `ran[i]`'s last logits row is `last[i]`.
+    fn complete(&mut self, out: &SchedulerOutput, ran: &[&Scheduled], last: &[&[f32]]) {
         self.sched.computed(out);
-        for (sch, range) in out.scheduled.iter().zip(&ranges) {
+        for (sch, logits) in ran.iter().zip(last) {
             if !sch.samples {
                 continue; // mid-prefill chunk
             }
-            if let Some(f) = self.on_token(sch, &rows[range.end - 1]) {
+            if let Some(f) = self.on_token(sch, logits) {
                 self.finish(sch.id, f);
             }
         }

@@ -39,11 +39,18 @@ pub fn submit(state: &AppState, v: &Validated) -> Result<Vec<UnboundedReceiver<E
 /// queued request carrying its prompt's tokens.
 fn check_queue_bounds(state: &AppState, v: &Validated) -> Result<(), ApiError> {
     let cfg = state.engine.shared().config();
-    let param = if v.prompts.len() > 1 { "prompt" } else { "n" };
+    // Blame `n` when it multiplies what would fit alone, the prompts otherwise.
+    let param = |alone: usize, bound: usize| {
+        if v.n > 1 && alone <= bound {
+            "n"
+        } else {
+            v.prompt_field
+        }
+    };
     let choices = v.prompts.len() * v.n;
     if choices > cfg.max_queue_requests {
         return Err(ApiError::invalid(
-            param,
+            param(v.prompts.len(), cfg.max_queue_requests),
             format!(
                 "The request has {choices} choices (prompts x n); the server queues at most {} \
                  requests (--max-queue)",
@@ -52,15 +59,11 @@ fn check_queue_bounds(state: &AppState, v: &Validated) -> Result<(), ApiError> {
         )
         .with_code("queue_limit_exceeded"));
     }
-    let tokens: usize = v
-        .prompts
-        .iter()
-        .map(|p| p.request.prompt.len())
-        .sum::<usize>()
-        * v.n;
+    let alone: usize = v.prompts.iter().map(|p| p.request.prompt.len()).sum();
+    let tokens = alone * v.n;
     if tokens > cfg.max_queue_tokens {
         return Err(ApiError::invalid(
-            param,
+            param(alone, cfg.max_queue_tokens),
             format!(
                 "The request queues {tokens} prompt tokens (prompts x n); the server queues at \
                  most {} (--max-queue-tokens)",

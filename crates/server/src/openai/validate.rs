@@ -23,10 +23,14 @@ pub const MAX_N: i64 = 16;
 pub const MAX_TOP_LOGPROBS: i64 = 20;
 /// Most stop strings per request.
 pub const MAX_STOP: usize = 16;
-/// Most bytes of all stop strings together: stop strings are matched on the engine thread for
-/// every token, in time that grows with their length, so one request must not slow the step
-/// of everyone else.
+/// Most bytes of all stop strings together. Matching is linear in the generated text (KMP per
+/// stop string), but each stop string's state lives on the engine thread for every token, so
+/// one request's stop list stays small beside everyone else's step.
 pub const MAX_STOP_BYTES: usize = 1024;
+/// Most `logit_bias` entries (each is applied to every token's logits).
+pub const MAX_LOGIT_BIAS: usize = 300;
+/// Most `stop_token_ids` (each sampled token is checked against them).
+pub const MAX_STOP_TOKEN_IDS: usize = 256;
 /// Most prompts in one completion request.
 pub const MAX_PROMPTS: usize = 64;
 
@@ -35,6 +39,8 @@ pub struct Validated {
     /// The name responses carry: the adapter's, or the served model's.
     pub model_name: String,
     pub prompts: Vec<ValidPrompt>,
+    /// The request field the prompts came from (`messages` or `prompt`), for errors.
+    pub prompt_field: &'static str,
     /// Choices per prompt.
     pub n: usize,
     /// Top log-probabilities per token, when log-probabilities were asked for.
@@ -196,6 +202,7 @@ pub fn chat(
             request,
             echo: String::new(),
         }],
+        prompt_field: "messages",
         n: gen.n,
         logprobs,
         stream: req.stream,
@@ -265,6 +272,7 @@ pub fn completion(
     Ok(Validated {
         model_name,
         prompts,
+        prompt_field: "prompt",
         n: gen.n,
         logprobs,
         stream: req.stream,
@@ -464,7 +472,17 @@ fn sampling(s: &Sampling, logprobs: Option<usize>, vocab: usize) -> Result<Gener
         ));
     }
     let mut logit_bias = HashMap::new();
-    for (k, v) in s.logit_bias.clone().unwrap_or_default() {
+    let bias = s.logit_bias.clone().unwrap_or_default();
+    if bias.len() > MAX_LOGIT_BIAS {
+        return Err(ApiError::invalid(
+            "logit_bias",
+            format!(
+                "`logit_bias` may hold at most {MAX_LOGIT_BIAS} entries, got {}",
+                bias.len()
+            ),
+        ));
+    }
+    for (k, v) in bias {
         let id: u32 = k.parse().map_err(|_| {
             ApiError::invalid(
                 "logit_bias",
@@ -515,6 +533,15 @@ fn sampling(s: &Sampling, logprobs: Option<usize>, vocab: usize) -> Result<Gener
         ));
     }
     let stop_token_ids = s.stop_token_ids.clone().unwrap_or_default();
+    if stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+        return Err(ApiError::invalid(
+            "stop_token_ids",
+            format!(
+                "`stop_token_ids` may hold at most {MAX_STOP_TOKEN_IDS} ids, got {}",
+                stop_token_ids.len()
+            ),
+        ));
+    }
     if let Some(t) = stop_token_ids.iter().find(|t| **t as usize >= vocab) {
         return Err(ApiError::invalid(
             "stop_token_ids",
