@@ -1,21 +1,22 @@
 //! Reliability against hostile and careless clients: one case per finding of the black-box
 //! battery (issue #18), each asserting the status, the error body's `param`/`code`, and that
-//! unrelated requests in flight meanwhile (a base chat stream, a LoRA and an aLoRA completion
-//! stream) completed with exactly the output they have alone; then a property test (proptest)
-//! of request parsing over chat and completion bodies.
+//! unrelated requests in flight meanwhile (base chat and completion streams, LoRA and aLoRA
+//! completion streams) ended with exactly the text and log-probabilities they have alone; then
+//! a property test (proptest) of request parsing over chat and completion bodies.
 //!
 //! 1. a bad adapter is refused at load, and a forward that fails anyway fails only its request
 //! 2. header and body read timeouts, a connection limit
 //! 3. per-token work bounded by the request (stop strings, logit_bias, stop ids, n, prompts)
 //! 4. graceful shutdown lets in-flight streams finish (the real binary on SIGTERM:
-//!    `crates/cli/tests/shutdown.rs`)
+//!    `crates/cli/tests/serve_process.rs`)
 //! 5. `/health` is 200 only once every start-up adapter is registered
 //! 6. request preparation runs on a bounded blocking pool, not on the async workers
 //! 7. a request that can never fit the queue bounds is a 400 naming the bound, not a 429
 //! 8. adapter names cannot forge `/metrics` lines
 //! 9. every 400 names its field, the flattened sampling fields included
 //! 10. adapter files are confined by resolved path; FIFOs refused; no server paths in errors
-//! 11. a denormal temperature is greedy; unload's 400 is in the OpenAPI document
+//! 11. a denormal temperature is greedy; unload's 400 is in the OpenAPI document; logs at
+//!     `info` by default, prompt text only with `--log-prompts` (`crates/cli/tests/serve_process.rs`)
 
 mod common;
 

@@ -1,5 +1,6 @@
-//! Graceful shutdown of the real binary: SIGTERM (what `docker stop` and Kubernetes send) lets
-//! an in-flight stream run to its end, and the process then exits 0.
+//! The real `alora serve` process: SIGTERM (what `docker stop` and Kubernetes send) lets an
+//! in-flight stream run to its end and the process then exits 0; logs are at `info` by default
+//! and hold no prompt text unless `--log-prompts` is given.
 
 #![cfg(unix)]
 
@@ -42,16 +43,18 @@ fn get_status(port: u16, path: &str) -> Option<u16> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-#[test]
-fn sigterm_lets_an_in_flight_stream_finish_then_exits_zero() {
+/// Starts `alora serve` on the tiny model with `extra` flags, stderr to `log`; returns once
+/// `/health` is 200.
+fn spawn_server(extra: &[&str], log: Stdio) -> (std::process::Child, u16) {
     let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_alora"))
+    let child = Command::new(env!("CARGO_BIN_EXE_alora"))
         .args(["serve", "--model"])
         .arg(model_dir())
         .args(["--port", &port.to_string(), "--kv-cache-memory", "16MiB"])
-        .args(["--shutdown-grace", "60"])
+        .args(extra)
+        .env_remove("RUST_LOG")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .unwrap();
     let t0 = Instant::now();
@@ -62,6 +65,35 @@ fn sigterm_lets_an_in_flight_stream_finish_then_exits_zero() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    (child, port)
+}
+
+/// Sends `body` to `path` and reads the whole response (the connection closes after it).
+fn post(port: u16, path: &str, body: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn terminate(child: &mut std::process::Child) {
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+}
+
+#[test]
+fn sigterm_lets_an_in_flight_stream_finish_then_exits_zero() {
+    let (mut child, port) = spawn_server(&["--shutdown-grace", "60"], Stdio::null());
     let body = r#"{"prompt": "ab", "max_tokens": 240, "ignore_eos": true, "stream": true, "temperature": 0}"#;
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     write!(
@@ -86,11 +118,7 @@ fn sigterm_lets_an_in_flight_stream_finish_then_exits_zero() {
         }
     }
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    terminate(&mut child);
     let mut rest = String::new();
     reader.read_to_string(&mut rest).unwrap();
     assert!(
@@ -101,4 +129,44 @@ fn sigterm_lets_an_in_flight_stream_finish_then_exits_zero() {
     assert!(rest.contains("data: [DONE]"), "{rest}");
     let status = child.wait().unwrap();
     assert!(status.success(), "exit status {status}");
+}
+
+/// At the default filter the log shows start-up at `info` but no prompt or output text;
+/// `--log-prompts` adds the prompt.
+#[test]
+fn logs_hold_prompts_only_with_log_prompts() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    for (flag, shows) in [(None, false), (Some("--log-prompts"), true)] {
+        let path = dir.join(format!("serve-log-{}-{shows}.txt", std::process::id()));
+        let log = std::fs::File::create(&path).unwrap();
+        let (mut child, port) = spawn_server(flag.as_slice(), Stdio::from(log));
+        for (endpoint, body) in [
+            (
+                "/v1/completions",
+                r#"{"prompt": "quokka prompt", "max_tokens": 3}"#,
+            ),
+            (
+                "/v1/chat/completions",
+                r#"{"messages": [{"role": "user", "content": "quokka chat"}], "max_tokens": 3}"#,
+            ),
+        ] {
+            let r = post(port, endpoint, body);
+            assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        }
+        terminate(&mut child);
+        assert!(child.wait().unwrap().success());
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("INFO"), "nothing at info: {text}");
+        assert_eq!(
+            text.contains("quokka prompt") && text.contains("quokka chat"),
+            shows,
+            "{flag:?}: {text}"
+        );
+        if !shows {
+            assert!(
+                !text.contains("quokka"),
+                "prompt text in the default log: {text}"
+            );
+        }
+    }
 }
