@@ -57,6 +57,9 @@ pub struct ServeArgs {
     /// Seconds a client has, after the headers, to send the whole request body (0: no limit).
     #[arg(long, env = "ALORA_BODY_READ_TIMEOUT", default_value_t = 60)]
     body_read_timeout: u64,
+    /// Refuse request fields alora does not know with a 400 instead of ignoring them.
+    #[arg(long, env = "ALORA_REJECT_UNKNOWN_FIELDS")]
+    reject_unknown_fields: bool,
     /// Connections served at once; more wait in the listen backlog (0: no limit).
     #[arg(long, env = "ALORA_MAX_CONNECTIONS", default_value_t = 1024)]
     max_connections: usize,
@@ -143,6 +146,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             body_read_timeout: (a.body_read_timeout > 0)
                 .then(|| Duration::from_secs(a.body_read_timeout)),
             max_connections: (a.max_connections > 0).then_some(a.max_connections),
+            reject_unknown_fields: a.reject_unknown_fields,
         },
         adapters: adapters.clone(),
     };

@@ -75,6 +75,7 @@ pub fn generate(
         stop: opts.stop.clone(),
         stop_token_ids: opts.stop_token_ids.clone(),
         ignore_eos: opts.ignore_eos,
+        ..Default::default()
     };
     let mut output = OutputStream::new(limits, &tok.eos_token_ids);
     let mut ids: Vec<u32> = prompt.to_vec();

@@ -32,7 +32,7 @@ pub mod text;
 pub mod weights;
 
 pub use batch::{ActiveAdapter, SeqStep, StepLogits};
-pub use chat::{ChatMessage, ChatTemplate};
+pub use chat::{ChatMessage, ChatTemplate, RenderArgs};
 pub use config::{Architecture, ModelConfig};
 pub use error::{ModelError, Result};
 pub use generate::{generate, GenerateOptions, Generation};

@@ -29,6 +29,7 @@ pub async fn tokenize(State(state): State<AppState>, body: Bytes) -> Result<Resp
 
 fn tokenize_now(state: &AppState, body: &Bytes) -> Result<Response, ApiError> {
     let req: TokenizeReq = parse_body(
+        state,
         body,
         &["model", "prompt", "messages", "add_generation_prompt"],
     )?;
@@ -76,7 +77,7 @@ struct DetokenizeReq {
 }
 
 pub async fn detokenize(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    let req: DetokenizeReq = parse_body(&body, &["model", "tokens"])?;
+    let req: DetokenizeReq = parse_body(&state, &body, &["model", "tokens"])?;
     let info = state.info()?;
     let vocab = info.config.vocab_size;
     if let Some(bad) = req.tokens.iter().find(|t| **t < 0 || **t as usize >= vocab) {

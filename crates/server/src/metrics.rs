@@ -42,6 +42,12 @@ pub struct AdapterLabel {
     pub adapter: LabelValue,
 }
 
+/// A request field name (`alora:ignored_request_fields`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FieldLabel {
+    pub field: LabelValue,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LoraInfoLabels {
     pub running_lora_adapters: LabelValue,
@@ -69,6 +75,7 @@ pub struct Metrics {
     pub rejected_requests: Counter,
     pub step_retries: Counter,
     pub step_failed_requests: Counter,
+    pub ignored_fields: crate::openai::fields::IgnoredFields,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -100,6 +107,7 @@ impl Metrics {
             rejected_requests: Counter::default(),
             step_retries: Counter::default(),
             step_failed_requests: Counter::default(),
+            ignored_fields: Default::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -191,6 +199,11 @@ impl Metrics {
             "alora:step_failed_requests",
             "Requests failed because their own forward failed",
             m.step_failed_requests.clone(),
+        );
+        r.register(
+            "alora:ignored_request_fields",
+            "Request fields accepted and ignored (unknown to alora, or a no-op value), by name",
+            m.ignored_fields.counter.clone(),
         );
         Metrics { registry: r, ..m }
     }

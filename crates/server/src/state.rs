@@ -30,6 +30,9 @@ pub struct HttpConfig {
     /// Time a client has, after the headers, to send the whole request body (`None`: no
     /// limit). Past it: 408 and the connection is closed.
     pub body_read_timeout: Option<Duration>,
+    /// Refuse every request field outside an endpoint's implemented set (400), instead of
+    /// ignoring unknown ones (`openai::fields`).
+    pub reject_unknown_fields: bool,
     /// Connections served at once (`None`: no limit); more wait in the listen backlog.
     pub max_connections: Option<usize>,
 }

@@ -317,17 +317,17 @@ async fn bad_inputs_get_openai_errors() {
         ),
         (
             chat,
-            json!({"messages": msgs, "tools": []}),
+            json!({"messages": msgs, "tools": [{"type": "function", "function": {"name": "f"}}]}),
             400,
             Some("tools"),
-            None,
+            Some("unsupported_parameter"),
         ),
         (
             chat,
-            json!({"messages": msgs, "frobnicate": 1}),
+            json!({"messages": msgs, "guided_json": {"type": "object"}}),
             400,
-            Some("frobnicate"),
-            None,
+            Some("guided_json"),
+            Some("unsupported_parameter"),
         ),
         (chat, json!({"messages": "hi"}), 400, Some("messages"), None),
         (
@@ -808,4 +808,231 @@ async fn a_dead_engine_is_503_on_health_and_requests() {
         assert_eq!(v["error"]["code"], "engine_stopped", "{path}: {v}");
         assert_eq!(v["error"]["type"], "service_unavailable", "{path}: {v}");
     }
+}
+
+/// The leniency policy: what everyday OpenAI clients send beside the fields alora uses is
+/// accepted (nulls as absent, unknown fields ignored and counted by name, no-op values of
+/// unimplemented fields), what would change the output is a 400 naming it, and
+/// `reject_unknown_fields` restores the strict behaviour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_extras_are_ignored_and_output_changers_refused() {
+    let s = start(Opts::default()).await;
+    let plain = json!({"messages": user("hello there"), "max_tokens": 6, "temperature": 0});
+    let (st, want) = s.post("/v1/chat/completions", plain.clone()).await;
+    assert_eq!(st, 200, "{want}");
+    let mut extra = plain.clone();
+    for (k, v) in [
+        ("store", json!(false)),
+        ("metadata", json!({"trace": "1"})),
+        ("service_tier", json!("auto")),
+        ("prompt_cache_key", json!("k")),
+        ("parallel_tool_calls", json!(true)),
+        ("reasoning_effort", json!("low")),
+        ("tools", Value::Null),
+        ("tool_choice", json!("none")),
+        ("response_format", json!({"type": "text"})),
+        ("stream", Value::Null),
+        ("stop", Value::Null),
+        ("min_tokens", json!(0)),
+        (
+            "stream_options",
+            json!({"include_usage": null, "include_obfuscation": false}),
+        ),
+    ] {
+        extra[k] = v;
+    }
+    extra["messages"][0]["cache_control"] = json!({"type": "ephemeral"});
+    let (st, got) = s.post("/v1/chat/completions", extra.clone()).await;
+    assert_eq!(st, 200, "{got}");
+    assert_eq!(
+        content(&got),
+        content(&want),
+        "ignored fields changed the output"
+    );
+    let (st, got) = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": "ab", "max_tokens": 2, "store": true, "logprobs": null}),
+        )
+        .await;
+    assert_eq!(st, 200, "{got}");
+    let metrics = s
+        .client
+        .get(format!("{}/metrics", s.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for f in [
+        "store",
+        "metadata",
+        "messages[].cache_control",
+        "stream_options.include_obfuscation",
+    ] {
+        assert!(
+            metrics.contains(&format!(
+                "alora:ignored_request_fields_total{{field=\"{f}\"}}"
+            )),
+            "{f} not counted"
+        );
+    }
+    let store = metrics
+        .lines()
+        .find(|l| l.starts_with(r#"alora:ignored_request_fields_total{field="store"}"#))
+        .unwrap();
+    assert!(store.ends_with(" 2"), "{store}");
+
+    for (k, v) in [
+        (
+            "response_format",
+            json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+        ),
+        ("structured_outputs", json!({"choice": ["a", "b"]})),
+        ("tool_choice", json!("required")),
+        ("min_tokens", json!(4)),
+        ("chat_template", json!("{{ messages }}")),
+    ] {
+        let mut b = plain.clone();
+        b[k] = v;
+        let (st, v) = s.post("/v1/chat/completions", b).await;
+        assert_eq!(st, 400, "{k}: {v}");
+        assert_eq!(v["error"]["param"], k, "{v}");
+        assert_eq!(v["error"]["code"], "unsupported_parameter", "{v}");
+    }
+
+    let mut o = Opts::default();
+    o.http.reject_unknown_fields = true;
+    let strict = start(o).await;
+    let (st, v) = strict.post("/v1/chat/completions", extra).await;
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(v["error"]["code"], "unsupported_parameter", "{v}");
+    let (st, v) = strict
+        .post(
+            "/v1/chat/completions",
+            json!({"messages": user("hi"), "max_tokens": 2, "tools": null, "stream": null}),
+        )
+        .await;
+    assert_eq!(st, 200, "nulls are absent in strict mode too: {v}");
+}
+
+/// Chat fields that shape the prompt reach the model's template as transformers passes them:
+/// `documents`, `chat_template_kwargs` (with `adapter_name` selecting an adapter, as IBM's
+/// libraries send it), `add_generation_prompt`, `continue_final_message`; and the output
+/// options `include_stop_str_in_output` and `skip_special_tokens`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn template_and_output_options() {
+    let o = Opts {
+        chat_template: Some(
+            "{% for d in documents or [] %}[{{ d.text }}]{% endfor %}{% if mood %}({{ mood }}){% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+        ),
+        ..Opts::default()
+    };
+    let s = start(o).await;
+    let tokens = |v: &Value| v["usage"]["prompt_tokens"].as_u64().unwrap();
+    let base = json!({"messages": user("hi"), "max_tokens": 1, "temperature": 0});
+    let (_, plain) = s.post("/v1/chat/completions", base.clone()).await;
+    let with = |k: &str, v: Value| {
+        let mut b = base.clone();
+        b[k] = v;
+        b
+    };
+    let (st, docs) = s
+        .post(
+            "/v1/chat/completions",
+            with("documents", json!([{"text": "abcd"}])),
+        )
+        .await;
+    assert_eq!(st, 200, "{docs}");
+    assert_eq!(tokens(&docs), tokens(&plain) + 6, "[abcd] rendered");
+    let (_, kw) = s
+        .post(
+            "/v1/chat/completions",
+            with("chat_template_kwargs", json!({"mood": "xy"})),
+        )
+        .await;
+    assert_eq!(tokens(&kw), tokens(&plain) + 4, "(xy) rendered");
+    let (_, no_gen) = s
+        .post(
+            "/v1/chat/completions",
+            with("add_generation_prompt", json!(false)),
+        )
+        .await;
+    // "<|im_start|>" is one token, then "assistant\n".
+    assert_eq!(tokens(&no_gen), tokens(&plain) - 11);
+    let mut cont = base.clone();
+    cont["messages"] =
+        json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The"}]);
+    cont["continue_final_message"] = json!(true);
+    let (st, c) = s.post("/v1/chat/completions", cont.clone()).await;
+    assert_eq!(st, 200, "{c}");
+    // The final turn stays open: no <|im_end|>\n and no generation prompt after "The".
+    let mut closed = cont.clone();
+    closed["continue_final_message"] = json!(false);
+    closed["add_generation_prompt"] = json!(false);
+    let (_, cl) = s.post("/v1/chat/completions", closed).await;
+    assert_eq!(tokens(&c), tokens(&cl) - 2);
+    cont["add_generation_prompt"] = json!(true);
+    let (st, v) = s.post("/v1/chat/completions", cont).await;
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(v["error"]["param"], "continue_final_message", "{v}");
+
+    // adapter_name selects the adapter like `adapter` does.
+    let by_field = with("adapter", json!("alora"));
+    let by_kwargs = with("chat_template_kwargs", json!({"adapter_name": "alora"}));
+    let (st, a) = s.post("/v1/chat/completions", by_field).await;
+    assert_eq!(st, 200, "{a}");
+    let (st, b) = s.post("/v1/chat/completions", by_kwargs).await;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["model"], "alora");
+    assert_eq!(tokens(&a), tokens(&b));
+    assert_eq!(content(&a), content(&b));
+    let (st, v) = s
+        .post(
+            "/v1/chat/completions",
+            with("chat_template_kwargs", json!({"adapter_name": "nope"})),
+        )
+        .await;
+    assert_eq!(st, 404, "{v}");
+    assert_eq!(v["error"]["param"], "chat_template_kwargs.adapter_name");
+    let mut both = with("chat_template_kwargs", json!({"adapter_name": "lora"}));
+    both["adapter"] = json!("alora");
+    let (st, v) = s.post("/v1/chat/completions", both).await;
+    assert_eq!(st, 400, "{v}");
+
+    // Output options.
+    let (_, free) = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": "abcab", "max_tokens": 12, "ignore_eos": true, "temperature": 0}),
+        )
+        .await;
+    let text = free["choices"][0]["text"].as_str().unwrap().to_string();
+    let stop: String = text.chars().skip(3).take(2).collect();
+    let cut = |include: bool| {
+        json!({"prompt": "abcab", "max_tokens": 12, "ignore_eos": true, "temperature": 0,
+               "stop": [stop.clone()], "include_stop_str_in_output": include})
+    };
+    let (_, without) = s.post("/v1/completions", cut(false)).await;
+    let (_, with_stop) = s.post("/v1/completions", cut(true)).await;
+    let without = without["choices"][0]["text"].as_str().unwrap().to_string();
+    let with_stop = with_stop["choices"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(text.starts_with(&with_stop), "{text:?} {with_stop:?}");
+    assert_eq!(with_stop, format!("{without}{stop}"));
+    let (_, t) = s.post("/tokenize", json!({"prompt": "<|im_end|>"})).await;
+    let im_end = t["tokens"][0].as_u64().unwrap();
+    assert_eq!(t["count"], 1, "{t}");
+    let special = |skip: bool| {
+        json!({"prompt": "ab", "max_tokens": 2, "ignore_eos": true, "temperature": 0,
+               "logit_bias": {im_end.to_string(): 100}, "skip_special_tokens": skip})
+    };
+    let (st, kept) = s.post("/v1/completions", special(false)).await;
+    assert_eq!(st, 200, "{kept}");
+    assert_eq!(kept["choices"][0]["text"], "<|im_end|><|im_end|>");
+    let (_, skipped) = s.post("/v1/completions", special(true)).await;
+    assert_eq!(skipped["choices"][0]["text"], "");
 }

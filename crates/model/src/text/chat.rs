@@ -28,6 +28,22 @@ impl ChatMessage {
     }
 }
 
+/// What a template is rendered with besides the messages, as transformers'
+/// `apply_chat_template` takes it.
+#[derive(Debug, Clone, Default)]
+pub struct RenderArgs {
+    /// Open an assistant turn at the end.
+    pub add_generation_prompt: bool,
+    /// Cut the rendering right after the final message's content, so the model continues that
+    /// message (transformers' `continue_final_message`; needs `add_generation_prompt` false).
+    pub continue_final_message: bool,
+    /// `documents` (RAG), as transformers passes them to the template.
+    pub documents: Option<serde_json::Value>,
+    /// Extra template variables (`chat_template_kwargs`); they may override `bos_token` and
+    /// `eos_token` but not the messages, documents or `add_generation_prompt`.
+    pub kwargs: serde_json::Map<String, serde_json::Value>,
+}
+
 /// A compiled template with the special tokens it may reference.
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -78,17 +94,78 @@ impl ChatTemplate {
 
     /// Renders `messages`; `add_generation_prompt` opens an assistant turn.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with(
+            messages,
+            &RenderArgs {
+                add_generation_prompt,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Renders `messages` with `args` (documents, template kwargs, continuing the final
+    /// message).
+    pub fn render_with(&self, messages: &[ChatMessage], args: &RenderArgs) -> Result<String> {
+        if args.continue_final_message && args.add_generation_prompt {
+            return Err(ModelError::Template(
+                "`continue_final_message` and `add_generation_prompt` cannot both be true".into(),
+            ));
+        }
         let t = self
             .env
             .get_template("chat")
             .map_err(|e| ModelError::Template(e.to_string()))?;
-        t.render(minijinja::context! {
-            messages => minijinja::Value::from(minijinja::value::Serde(messages)),
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_token.as_str(),
-            eos_token => self.eos_token.as_str(),
-        })
-        .map_err(|e| ModelError::Template(e.to_string()))
+        let mut ctx: std::collections::BTreeMap<String, minijinja::Value> = args
+            .kwargs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    minijinja::Value::from(minijinja::value::Serde(v)),
+                )
+            })
+            .collect();
+        ctx.entry("bos_token".into())
+            .or_insert_with(|| self.bos_token.as_str().into());
+        ctx.entry("eos_token".into())
+            .or_insert_with(|| self.eos_token.as_str().into());
+        ctx.insert(
+            "messages".into(),
+            minijinja::Value::from(minijinja::value::Serde(messages)),
+        );
+        ctx.insert(
+            "add_generation_prompt".into(),
+            args.add_generation_prompt.into(),
+        );
+        match &args.documents {
+            Some(d) => ctx.insert(
+                "documents".into(),
+                minijinja::Value::from(minijinja::value::Serde(d)),
+            ),
+            None => ctx.remove("documents"),
+        };
+        let text = t
+            .render(ctx)
+            .map_err(|e| ModelError::Template(e.to_string()))?;
+        if !args.continue_final_message {
+            return Ok(text);
+        }
+        // As transformers: cut after the last occurrence of the final message's content (or of
+        // its stripped form, which templates that trim show instead).
+        let last = messages.last().map(|m| m.content.as_str()).unwrap_or("");
+        for needle in [last, last.trim()] {
+            if needle.is_empty() {
+                continue;
+            }
+            if let Some(i) = text.rfind(needle) {
+                return Ok(text[..i + needle.len()].to_string());
+            }
+        }
+        Err(ModelError::Template(
+            "`continue_final_message`: the final message's content does not appear in the \
+             rendered conversation"
+                .into(),
+        ))
     }
 }
 
@@ -109,6 +186,44 @@ mod tests {
         );
         let no_gen = t.render(&[ChatMessage::new("user", "Hi")], false).unwrap();
         assert!(no_gen.ends_with("Hi<|im_end|>\n"));
+    }
+
+    #[test]
+    fn documents_kwargs_and_continuing_the_final_message() {
+        let tpl = "{% if documents %}{% for d in documents %}[doc {{ d.title }}: {{ d.text }}]{% endfor %}{% endif %}{% if thinking %}<think>{% endif %}{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
+        let t = ChatTemplate::new(Some(tpl), Some("<s>"), None).unwrap();
+        let msgs = [
+            ChatMessage::new("user", "Hi"),
+            ChatMessage::new("assistant", "The answer is"),
+        ];
+        let mut kwargs = serde_json::Map::new();
+        kwargs.insert("thinking".into(), serde_json::json!(true));
+        kwargs.insert("bos_token".into(), serde_json::json!("<B>"));
+        kwargs.insert("messages".into(), serde_json::json!("ignored"));
+        let args = RenderArgs {
+            add_generation_prompt: true,
+            documents: Some(serde_json::json!([{"title": "t", "text": "x"}])),
+            kwargs,
+            ..Default::default()
+        };
+        assert_eq!(
+            t.render_with(&msgs, &args).unwrap(),
+            "[doc t: x]<think><B><user>Hi</user><assistant>The answer is</assistant><assistant>"
+        );
+        let cont = RenderArgs {
+            continue_final_message: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            t.render_with(&msgs, &cont).unwrap(),
+            "<s><user>Hi</user><assistant>The answer is"
+        );
+        let both = RenderArgs {
+            continue_final_message: true,
+            add_generation_prompt: true,
+            ..Default::default()
+        };
+        assert!(t.render_with(&msgs, &both).is_err());
     }
 
     #[test]

@@ -38,6 +38,10 @@ pub struct OutputLimits {
     pub stop: Vec<String>,
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
+    /// Keep special tokens' text in the output (vLLM's `skip_special_tokens: false`).
+    pub keep_special_tokens: bool,
+    /// Keep a matched stop string in the output (vLLM's `include_stop_str_in_output`).
+    pub include_stop_str: bool,
 }
 
 /// What one sampled token did.
@@ -64,15 +68,16 @@ pub struct OutputStream {
 impl OutputStream {
     /// `eos_token_ids`: the tokenizer's (ignored when `limits.ignore_eos`).
     pub fn new(limits: OutputLimits, eos_token_ids: &[u32]) -> Self {
+        let decoder = IncrementalDecoder::new(!limits.keep_special_tokens);
         OutputStream {
-            stops: StopStrings::new(limits.stop.clone()),
+            stops: StopStrings::new(limits.stop.clone()).including_stop(limits.include_stop_str),
             eos_token_ids: if limits.ignore_eos {
                 Vec::new()
             } else {
                 eos_token_ids.to_vec()
             },
             limits,
-            decoder: IncrementalDecoder::new(true),
+            decoder,
             generated: 0,
             cut_by_stop_string: false,
         }

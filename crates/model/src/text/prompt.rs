@@ -9,7 +9,7 @@
 //!   (PEFT would silently run the base model; alora refuses instead).
 
 use crate::error::Result;
-use crate::text::chat::{ChatMessage, ChatTemplate};
+use crate::text::chat::{ChatMessage, ChatTemplate, RenderArgs};
 use crate::text::tokenizer::Tokenizer;
 
 /// What kind of adapter the request runs, as far as building its prompt goes.
@@ -61,8 +61,44 @@ pub fn chat_prompt(
     messages: &[ChatMessage],
     adapter: PromptAdapter<'_>,
 ) -> Result<(String, Prompt)> {
+    chat_prompt_with(
+        template,
+        tokenizer,
+        messages,
+        adapter,
+        &ChatOptions::default(),
+    )
+}
+
+/// A client's say in rendering a conversation (the server's chat fields).
+#[derive(Debug, Clone, Default)]
+pub struct ChatOptions {
+    /// `None`: the rule above (true, or false for an aLoRA, whose invocation follows the
+    /// conversation); `Some`: as the client asked.
+    pub add_generation_prompt: Option<bool>,
+    pub continue_final_message: bool,
+    pub documents: Option<serde_json::Value>,
+    pub kwargs: serde_json::Map<String, serde_json::Value>,
+}
+
+/// [`chat_prompt`] with the client's rendering options.
+pub fn chat_prompt_with(
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    messages: &[ChatMessage],
+    adapter: PromptAdapter<'_>,
+    opts: &ChatOptions,
+) -> Result<(String, Prompt)> {
     let alora = matches!(adapter, PromptAdapter::ALora { .. });
-    let text = template.render(messages, !alora)?;
+    let args = RenderArgs {
+        add_generation_prompt: opts
+            .add_generation_prompt
+            .unwrap_or(!alora && !opts.continue_final_message),
+        continue_final_message: opts.continue_final_message,
+        documents: opts.documents.clone(),
+        kwargs: opts.kwargs.clone(),
+    };
+    let text = template.render_with(messages, &args)?;
     let ids = tokenizer.encode(&text)?;
     Ok((text, ids_prompt_appending(ids, adapter)))
 }

@@ -249,6 +249,8 @@ pub struct StopStrings {
     stops: Vec<Matcher>,
     text: String,
     emitted: usize,
+    /// Keep the matched stop string in the output (vLLM's `include_stop_str_in_output`).
+    include_stop: bool,
 }
 
 /// One stop string's KMP state: `matched` bytes of `pat` are a suffix of the text so far.
@@ -314,6 +316,12 @@ impl StopStrings {
         }
     }
 
+    /// The same, keeping a matched stop string in the output.
+    pub fn including_stop(mut self, include: bool) -> Self {
+        self.include_stop = include;
+        self
+    }
+
     pub fn push(&mut self, piece: &str) -> StopCheck {
         let base = self.text.len();
         self.text.push_str(piece);
@@ -326,7 +334,12 @@ impl StopStrings {
             }
             if longest > 0 {
                 // A stop string starts with a char's first byte, so `at` is a char boundary.
-                let at = base + i + 1 - longest;
+                let end = base + i + 1;
+                let at = if self.include_stop {
+                    end
+                } else {
+                    end - longest
+                };
                 let out = self.text[self.emitted.min(at)..at].to_string();
                 self.emitted = at;
                 self.text.truncate(at);
@@ -464,6 +477,10 @@ mod tests {
         assert_eq!(s.push("xa"), StopCheck::Continue("x".into()));
         assert_eq!(s.push("c"), StopCheck::Continue("ac".into()));
         assert_eq!(s.flush(), "");
+        let mut s = StopStrings::new(vec!["</end>".into()]).including_stop(true);
+        assert_eq!(s.push("Hello </"), StopCheck::Continue("Hello ".into()));
+        assert_eq!(s.push("end> more"), StopCheck::Stopped("</end>".into()));
+        assert_eq!(s.text_so_far(), "Hello </end>");
     }
 
     /// The output a whole text gets: cut before the stop string that ends first (the longer

@@ -19,6 +19,10 @@ pub struct GenRequest {
     pub stop: Vec<String>,
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
+    /// Keep special tokens' text in the output (`skip_special_tokens: false`).
+    pub keep_special_tokens: bool,
+    /// Keep a matched stop string in the output (`include_stop_str_in_output`).
+    pub include_stop_str: bool,
     /// What decides this prompt's KV besides its ids (adapter digest, activation start, salt),
     /// computed once with the prompt (`openai::validate`).
     pub cache_key: RequestKey,

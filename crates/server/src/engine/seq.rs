@@ -60,6 +60,8 @@ impl Seq {
                 stop: req.stop,
                 stop_token_ids: req.stop_token_ids,
                 ignore_eos: req.ignore_eos,
+                keep_special_tokens: req.keep_special_tokens,
+                include_stop_str: req.include_stop_str,
             },
             eos_token_ids,
         );

@@ -3,6 +3,7 @@
 pub mod chat;
 pub mod common;
 pub mod completions;
+pub mod fields;
 pub mod models;
 pub mod types;
 pub mod validate;

@@ -62,7 +62,7 @@ pub async fn load_adapter(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     loading_enabled(&state)?;
-    let req: LoadReq = parse_body(&body, &["lora_name", "lora_path"])?;
+    let req: LoadReq = parse_body(&state, &body, &["lora_name", "lora_path"])?;
     if req.lora_name.is_empty() {
         return Err(ApiError::invalid(
             "lora_name",
@@ -96,7 +96,7 @@ pub async fn unload_adapter(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     loading_enabled(&state)?;
-    let req: UnloadReq = parse_body(&body, &["lora_name"])?;
+    let req: UnloadReq = parse_body(&state, &body, &["lora_name"])?;
     if !state.registry.unload(&req.lora_name) {
         return Err(ApiError::model_not_found("lora_name", &req.lora_name));
     }

@@ -1,5 +1,5 @@
-//! OpenAI wire types: requests as clients send them (unknown fields are refused by name) and
-//! responses as clients parse them.
+//! OpenAI wire types: requests as clients send them (fields outside these are screened first
+//! by `openai::fields`) and responses as clients parse them.
 
 use std::collections::HashMap;
 
@@ -24,7 +24,6 @@ impl StringOrList {
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
@@ -65,6 +64,8 @@ pub struct Sampling {
     pub logit_bias: Option<HashMap<String, f32>>,
     pub n: Option<i64>,
     pub ignore_eos: Option<bool>,
+    pub skip_special_tokens: Option<bool>,
+    pub include_stop_str_in_output: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -75,7 +76,6 @@ pub enum MessageContent {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,
@@ -111,10 +111,16 @@ pub const CHAT_FIELDS: &[&str] = &[
     "logit_bias",
     "n",
     "ignore_eos",
+    "skip_special_tokens",
+    "include_stop_str_in_output",
     "logprobs",
     "top_logprobs",
     "user",
     "cache_salt",
+    "chat_template_kwargs",
+    "documents",
+    "add_generation_prompt",
+    "continue_final_message",
 ];
 
 /// Fields of a completion request.
@@ -138,6 +144,8 @@ pub const COMPLETION_FIELDS: &[&str] = &[
     "logit_bias",
     "n",
     "ignore_eos",
+    "skip_special_tokens",
+    "include_stop_str_in_output",
     "logprobs",
     "echo",
     "user",
@@ -163,6 +171,12 @@ pub struct ChatCompletionRequest {
     pub top_logprobs: Option<i64>,
     pub user: Option<String>,
     pub cache_salt: Option<String>,
+    /// Extra template variables; `adapter_name` in them selects an adapter (IBM's libraries).
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    /// vLLM's top-level `documents` (RAG), passed to the template.
+    pub documents: Option<Vec<Value>>,
+    pub add_generation_prompt: Option<bool>,
+    pub continue_final_message: Option<bool>,
 }
 
 /// `prompt`: a string, strings, token ids, or lists of token ids.

@@ -55,35 +55,46 @@ pub struct ValidPrompt {
     pub echo: String,
 }
 
-/// Parses a JSON body, refusing fields outside `allowed` by name.
-pub fn parse_body<T: DeserializeOwned>(body: &Bytes, allowed: &[&str]) -> Result<T, ApiError> {
-    from_value(&parse_object(body, allowed)?)
+/// Parses a JSON body with the fields `allowed`; others are screened by the leniency policy
+/// (`openai::fields`: ignored, or refused by name).
+pub fn parse_body<T: DeserializeOwned>(
+    state: &AppState,
+    body: &Bytes,
+    allowed: &[&str],
+) -> Result<T, ApiError> {
+    from_value(&parse_object(state, body, allowed)?)
 }
 
 /// [`parse_body`] for a generation request: its sampling fields are read from the same object
 /// on their own, so an error names the field (serde loses the path inside `flatten`).
 pub fn parse_generation_body<T: DeserializeOwned + HasSampling>(
+    state: &AppState,
     body: &Bytes,
     allowed: &[&str],
 ) -> Result<T, ApiError> {
-    let v = parse_object(body, allowed)?;
+    let v = parse_object(state, body, allowed)?;
     let mut req: T = from_value(&v)?;
     *req.sampling_mut() = from_value(&v)?;
     Ok(req)
 }
 
-fn parse_object(body: &Bytes, allowed: &[&str]) -> Result<serde_json::Value, ApiError> {
-    let v: serde_json::Value = serde_json::from_slice(body)
+fn parse_object(
+    state: &AppState,
+    body: &Bytes,
+    allowed: &[&str],
+) -> Result<serde_json::Value, ApiError> {
+    let mut v: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("Malformed JSON body: {e}")))?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| ApiError::bad_request("The request body must be a JSON object"))?;
-    if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return Err(ApiError::invalid(
-            k,
-            format!("Unsupported parameter `{k}`: alora does not implement it"),
+    if !v.is_object() {
+        return Err(ApiError::bad_request(
+            "The request body must be a JSON object",
         ));
     }
+    super::fields::Policy {
+        strict: state.config.reject_unknown_fields,
+        ignored: &state.engine.shared().metrics.ignored_fields,
+    }
+    .apply(&mut v, allowed)?;
     Ok(v)
 }
 
@@ -145,7 +156,7 @@ where
     let st = state.clone();
     state
         .prepare(move || {
-            let req: R = parse_generation_body(&body, fields)?;
+            let req: R = parse_generation_body(&st, &body, fields)?;
             let info = st.info()?;
             Ok((validate(&st, &info, req)?, info))
         })
@@ -158,18 +169,60 @@ pub fn chat(
     info: &ModelInfo,
     req: ChatCompletionRequest,
 ) -> Result<Validated, ApiError> {
-    let (adapter, model_name) =
-        resolve_adapter(state, info, req.model.as_deref(), req.adapter.as_deref())?;
+    let kwargs = req.chat_template_kwargs.unwrap_or_default();
+    // IBM's libraries name the adapter in the template kwargs; like `adapter` otherwise.
+    let adapter_name = match kwargs.get("adapter_name") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) => Some(s.as_str()),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "chat_template_kwargs.adapter_name",
+                "`chat_template_kwargs.adapter_name` must be a string",
+            ))
+        }
+    };
+    if let (Some(a), Some(b)) = (req.adapter.as_deref(), adapter_name) {
+        if a != b {
+            return Err(ApiError::invalid(
+                "chat_template_kwargs.adapter_name",
+                format!("`adapter` is `{a}` but `chat_template_kwargs.adapter_name` is `{b}`"),
+            ));
+        }
+    }
+    let (adapter, model_name) = match adapter_name {
+        Some(name) if req.adapter.is_none() => {
+            resolve_adapter(state, info, req.model.as_deref(), Some(name)).map_err(|e| {
+                ApiError {
+                    param: Some("chat_template_kwargs.adapter_name".into()),
+                    ..e
+                }
+            })?
+        }
+        _ => resolve_adapter(state, info, req.model.as_deref(), req.adapter.as_deref())?,
+    };
     let messages = messages(req.messages)?;
+    let opts = prompt::ChatOptions {
+        add_generation_prompt: req.add_generation_prompt,
+        continue_final_message: req.continue_final_message.unwrap_or(false),
+        documents: req.documents.map(serde_json::Value::Array),
+        kwargs,
+    };
     // The one prompt rule (alora_model::text::prompt): template, invocation, activation start.
     let kind = PromptAdapter::of(adapter.as_deref().map(|a| a.invocation_tokens()));
-    let (text, prompt) = prompt::chat_prompt(&info.template, &info.tokenizer, &messages, kind)
-        .map_err(|e| match e {
-            e @ alora_model::ModelError::Template(_) => {
-                ApiError::invalid("messages", e.to_string())
-            }
-            e => ApiError::internal(e.to_string()),
-        })?;
+    let (text, prompt) =
+        prompt::chat_prompt_with(&info.template, &info.tokenizer, &messages, kind, &opts).map_err(
+            |e| match e {
+                e @ alora_model::ModelError::Template(_) => {
+                    let param = if opts.continue_final_message {
+                        "continue_final_message"
+                    } else {
+                        "messages"
+                    };
+                    ApiError::invalid(param, e.to_string())
+                }
+                e => ApiError::internal(e.to_string()),
+            },
+        )?;
     if state.config.log_prompts {
         tracing::info!(prompt = %text, "chat prompt");
     }
@@ -319,7 +372,9 @@ fn messages(msgs: Option<Vec<ChatMessageIn>>) -> Result<Vec<ChatMessage>, ApiErr
                             (k, _) => {
                                 return Err(ApiError::invalid(
                                     &format!("messages[{i}].content"),
-                                    format!("content part type `{k}` is not supported (text only)"),
+                                    format!(
+                                        "only text content is supported (content part type `{k}`)"
+                                    ),
                                 ))
                             }
                         }
@@ -396,6 +451,8 @@ struct Generation {
     stop_token_ids: Vec<u32>,
     n: usize,
     ignore_eos: bool,
+    keep_special_tokens: bool,
+    include_stop_str: bool,
 }
 
 impl Generation {
@@ -417,6 +474,8 @@ impl Generation {
             stop: self.stop.clone(),
             stop_token_ids: self.stop_token_ids.clone(),
             ignore_eos: self.ignore_eos,
+            keep_special_tokens: self.keep_special_tokens,
+            include_stop_str: self.include_stop_str,
         }
     }
 }
@@ -565,6 +624,8 @@ fn sampling(s: &Sampling, logprobs: Option<usize>, vocab: usize) -> Result<Gener
         stop_token_ids,
         n: n as usize,
         ignore_eos: s.ignore_eos.unwrap_or(false),
+        keep_special_tokens: !s.skip_special_tokens.unwrap_or(true),
+        include_stop_str: s.include_stop_str_in_output.unwrap_or(false),
     })
 }
 

@@ -97,6 +97,8 @@ pub struct Server {
 pub struct Opts {
     pub engine: EngineConfig,
     pub http: HttpConfig,
+    /// A chat template for the model (default: none, so the ChatML fallback).
+    pub chat_template: Option<&'static str>,
 }
 
 impl Default for Opts {
@@ -112,6 +114,7 @@ impl Default for Opts {
                 max_body_bytes: 64 << 10,
                 ..Default::default()
             },
+            chat_template: None,
         }
     }
 }
@@ -119,6 +122,10 @@ impl Default for Opts {
 /// Starts a server with adapters `lora`, `alora`, `alora2` loaded.
 pub async fn start(mut opts: Opts) -> Server {
     let model = tiny_model_dir();
+    if let Some(t) = opts.chat_template {
+        let cfg = serde_json::json!({"eos_token": "<|im_end|>", "bos_token": "<|im_start|>", "chat_template": t});
+        std::fs::write(model.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    }
     let adapters = adapter_dir();
     opts.http.adapter_dir.get_or_insert(adapters.clone());
     let start_adapters: Vec<(String, PathBuf)> = ["lora", "alora", "alora2"]
