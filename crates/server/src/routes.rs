@@ -107,6 +107,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(api)
         .route("/health", get(admin::health))
+        .route("/version", get(openai::models::version))
         .route("/metrics", get(admin::metrics))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), json_errors))

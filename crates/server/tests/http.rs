@@ -147,6 +147,18 @@ async fn no_reuse_where_there_must_be_none() {
             json!({"lora_name": "lora", "lora_path": "lora_v2"}),
         )
         .await;
+    // vLLM's answer to a name already loaded, which IBM's clients treat as success.
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(
+        v["error"]["message"],
+        "The lora adapter 'lora' has already been loaded."
+    );
+    let (st, v) = s
+        .post(
+            "/v1/load_lora_adapter",
+            json!({"lora_name": "lora", "lora_path": "lora_v2", "load_inplace": true}),
+        )
+        .await;
     assert_eq!(st, 200, "{v}");
     let (_, l3) = s.post("/v1/chat/completions", req(Some("lora"))).await;
     assert_eq!(

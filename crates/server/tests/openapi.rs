@@ -89,6 +89,11 @@ async fn responses_match_the_openapi_document() {
             200,
         ),
         (
+            "/v1/load_lora_adapter",
+            json!({"lora_name": "again", "lora_path": "lora"}),
+            400,
+        ),
+        (
             "/v1/unload_lora_adapter",
             json!({"lora_name": "again"}),
             200,
@@ -114,6 +119,20 @@ async fn responses_match_the_openapi_document() {
         .await
         .unwrap();
     check(&spec, "/v1/models", "get", 200, "application/json", &models);
+    let version: Value = s
+        .client
+        .get(format!("{}/version", s.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    check(&spec, "/version", "get", 200, "application/json", &version);
+    assert_eq!(
+        version["version"],
+        alora_server::openai::models::VLLM_API_VERSION
+    );
 
     // Every chunk of a stream validates too.
     for (path, body) in [

@@ -39,6 +39,9 @@ pub async fn list_models(State(state): State<AppState>) -> Result<Response, ApiE
 struct LoadReq {
     lora_name: String,
     lora_path: String,
+    /// Replace an adapter already loaded under this name (vLLM's `load_inplace`).
+    #[serde(default)]
+    load_inplace: bool,
 }
 
 #[derive(Deserialize)]
@@ -62,12 +65,23 @@ pub async fn load_adapter(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     loading_enabled(&state)?;
-    let req: LoadReq = parse_body(&state, &body, &["lora_name", "lora_path"])?;
+    let req: LoadReq = parse_body(&state, &body, &["lora_name", "lora_path", "load_inplace"])?;
     if req.lora_name.is_empty() {
         return Err(ApiError::invalid(
             "lora_name",
             "`lora_name` must not be empty",
         ));
+    }
+    if !req.load_inplace && state.registry.get(&req.lora_name).is_some() {
+        // vLLM's words: IBM's clients treat this 400 as success.
+        return Err(ApiError::invalid(
+            "lora_name",
+            format!(
+                "The lora adapter '{}' has already been loaded.",
+                req.lora_name
+            ),
+        )
+        .with_code("adapter_already_loaded"));
     }
     let info = state.info()?;
     if req.lora_name == state.served_name(&info) {
@@ -89,6 +103,20 @@ pub async fn load_adapter(
         .map_err(|e| ApiError::internal(e.to_string()))??;
     tracing::info!(adapter = %a.name, "adapter loaded");
     Ok(Json(json!({"status": "ok", "lora_name": a.name})).into_response())
+}
+
+/// The vLLM release whose API alora follows: clients pick request forms by it (mellea sends
+/// `structured_outputs` rather than the removed `guided_*` fields to servers at or past 0.10.2).
+pub const VLLM_API_VERSION: &str = "0.11.0";
+
+/// `GET /version`, as vLLM answers it, plus alora's own version.
+pub async fn version() -> Response {
+    Json(json!({
+        "version": VLLM_API_VERSION,
+        "server": "alora",
+        "alora_version": env!("CARGO_PKG_VERSION"),
+    }))
+    .into_response()
 }
 
 pub async fn unload_adapter(
