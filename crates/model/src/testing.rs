@@ -25,6 +25,8 @@ pub fn char_vocab() -> Vec<String> {
     v.extend(('0'..='9').map(|c| c.to_string()));
     v.extend(".,?!:;'\"-()".chars().map(|c| c.to_string()));
     v.extend(('A'..='Z').map(|c| c.to_string()));
+    // JSON's and regexes' punctuation, for structured-output tests.
+    v.extend("{}[]_".chars().map(|c| c.to_string()));
     while v.len() < 96 {
         v.push(format!("<x{}>", v.len()));
     }

@@ -204,7 +204,7 @@ impl From<crate::engine::EngineError> for ApiError {
                 ApiError::invalid("max_tokens", e.to_string()).with_code("kv_cache_too_small")
             }
             EngineError::NotLoaded => ApiError::not_ready(),
-            EngineError::Step => ApiError::internal(e.to_string()),
+            EngineError::Step | EngineError::Grammar(_) => ApiError::internal(e.to_string()),
         }
     }
 }

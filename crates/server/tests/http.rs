@@ -897,11 +897,7 @@ async fn client_extras_are_ignored_and_output_changers_refused() {
     assert!(store.ends_with(" 2"), "{store}");
 
     for (k, v) in [
-        (
-            "response_format",
-            json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
-        ),
-        ("structured_outputs", json!({"choice": ["a", "b"]})),
+        ("guided_choice", json!(["a", "b"])),
         ("tool_choice", json!("required")),
         ("min_tokens", json!(4)),
         ("chat_template", json!("{{ messages }}")),
@@ -1047,4 +1043,214 @@ async fn template_and_output_options() {
     assert_eq!(kept["choices"][0]["text"], "<|im_end|><|im_end|>");
     let (_, skipped) = s.post("/v1/completions", special(true)).await;
     assert_eq!(skipped["choices"][0]["text"], "");
+}
+
+/// Structured outputs: `response_format` (json_object, json_schema) and vLLM's
+/// `structured_outputs` (json, regex, choice, grammar) constrain every choice of base, LoRA and
+/// aLoRA requests, streamed or not, with logprobs; a finished output parses under its schema;
+/// a bad schema is a 400 naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn structured_outputs_constrain_every_choice() {
+    let s = start(Opts::default()).await;
+    let schema = json!({"type": "object", "properties": {"score": {"type": "integer", "enum": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]}}, "required": ["score"], "additionalProperties": false});
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let texts = |v: &Value| -> Vec<(String, String)> {
+        v["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c["message"]["content"]
+                        .as_str()
+                        .or(c["text"].as_str())
+                        .unwrap()
+                        .to_string(),
+                    c["finish_reason"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    for adapter in [None, Some("lora"), Some("alora")] {
+        for form in [
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema, "strict": true}}}),
+            json!({"structured_outputs": {"json": schema}}),
+        ] {
+            let mut body = json!({"messages": user("rate it"), "max_tokens": 40, "n": 3, "temperature": 1.0, "seed": 3, "logprobs": true, "top_logprobs": 3});
+            for (k, v) in form.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            if let Some(a) = adapter {
+                body["adapter"] = json!(a);
+            }
+            let (st, v) = s.post("/v1/chat/completions", body.clone()).await;
+            assert_eq!(st, 200, "{v}");
+            for (text, finish) in texts(&v) {
+                assert_eq!(finish, "stop", "{adapter:?}: {text:?}");
+                let parsed: Value = serde_json::from_str(&text).unwrap();
+                assert!(validator.is_valid(&parsed), "{adapter:?}: {text}");
+            }
+            // The stream carries the same kind of output.
+            body["stream"] = json!(true);
+            body["n"] = json!(1);
+            let r = s
+                .client
+                .post(format!("{}/v1/chat/completions", s.url))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let mut events = r.bytes_stream().eventsource();
+            let mut text = String::new();
+            while let Some(e) = events.next().await {
+                let e = e.unwrap();
+                if e.data == "[DONE]" {
+                    break;
+                }
+                let c: Value = serde_json::from_str(&e.data).unwrap();
+                text.push_str(c["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
+            }
+            assert!(
+                validator.is_valid(&serde_json::from_str(&text).unwrap()),
+                "{text}"
+            );
+        }
+    }
+    // Completions: regex, choice, a Lark grammar, any JSON object.
+    for (so, check) in [
+        (json!({"regex": "[0-9]{3}-[a-c]{2}"}), "regex"),
+        (json!({"choice": ["yes", "no", "maybe"]}), "choice"),
+        (
+            json!({"grammar": "start: \"(\" NUM \")\"\nNUM: /[0-9]{1,3}/"}),
+            "grammar",
+        ),
+        (json!({"json_object": true}), "object"),
+    ] {
+        let body =
+            json!({"prompt": "abc", "max_tokens": 30, "temperature": 0, "structured_outputs": so});
+        let (st, v) = s.post("/v1/completions", body).await;
+        assert_eq!(st, 200, "{v}");
+        let (text, finish) = texts(&v).remove(0);
+        match check {
+            "regex" => {
+                let (d, rest) = text.split_at(3);
+                assert!(
+                    d.chars().all(|c| c.is_ascii_digit()) && rest.starts_with('-'),
+                    "{text}"
+                );
+                assert!(rest[1..].chars().all(|c| "abc".contains(c)), "{text}");
+            }
+            "choice" => assert!(["yes", "no", "maybe"].contains(&text.as_str()), "{text}"),
+            "grammar" => {
+                assert!(text.starts_with('(') && text.ends_with(')'), "{text}");
+                assert!(
+                    text[1..text.len() - 1].chars().all(|c| c.is_ascii_digit()),
+                    "{text}"
+                );
+            }
+            _ => {
+                if finish == "stop" {
+                    assert!(
+                        serde_json::from_str::<Value>(&text).unwrap().is_object(),
+                        "{text}"
+                    );
+                }
+            }
+        }
+        if check != "object" {
+            assert_eq!(finish, "stop", "{check}: {text}");
+        }
+    }
+    let (st, v) = s
+        .post(
+            "/v1/chat/completions",
+            json!({"messages": user("x"), "response_format": {"type": "json_object"}, "max_tokens": 30}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    // Bad forms name their field.
+    for (body, param) in [
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "nonsense"}}}}),
+            "response_format.json_schema.schema",
+        ),
+        (
+            json!({"response_format": {"type": "yaml"}}),
+            "response_format.type",
+        ),
+        (
+            json!({"structured_outputs": {"regex": "(unclosed"}}),
+            "structured_outputs",
+        ),
+        (
+            json!({"structured_outputs": {"choice": []}}),
+            "structured_outputs.choice",
+        ),
+        (
+            json!({"structured_outputs": {"json": {}, "regex": "a"}}),
+            "structured_outputs",
+        ),
+        (
+            json!({"structured_outputs": {"choice": ["a"]}, "stop": ["x"]}),
+            "stop",
+        ),
+        (
+            json!({"structured_outputs": {"choice": ["a"]}, "response_format": {"type": "json_object"}}),
+            "structured_outputs",
+        ),
+    ] {
+        let mut b = body.clone();
+        b["messages"] = user("x");
+        let (st, v) = s.post("/v1/chat/completions", b).await;
+        assert_eq!(st, 400, "{body}: {v}");
+        assert_eq!(v["error"]["param"], param, "{body}: {v}");
+    }
+    assert_eq!(s.metric("alora:kv_blocks_in_use").await, 0.0);
+}
+
+/// The `token` strings of `logprobs.content` join exactly to the message content, also when a
+/// stop string cut the output (IBM's parsers rebuild character offsets that way), and each has
+/// its token's bytes; completions' `tokens` and `text_offset` agree with `text`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprob_tokens_join_to_the_content() {
+    let s = start(Opts::default()).await;
+    let body = json!({"messages": user("the sea is"), "max_tokens": 24, "ignore_eos": true, "temperature": 0, "logprobs": true, "top_logprobs": 10});
+    let (_, free) = s.post("/v1/chat/completions", body.clone()).await;
+    let text = content(&free);
+    let chars: Vec<char> = text.chars().collect();
+    let stop: String = chars[10..12].iter().collect();
+    let mut cut = body.clone();
+    cut["stop"] = json!([stop]);
+    for v in [free, s.post("/v1/chat/completions", cut).await.1] {
+        let entries = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+        let joined: String = entries
+            .iter()
+            .map(|e| e["token"].as_str().unwrap())
+            .collect();
+        assert_eq!(joined, content(&v), "{v}");
+        for e in entries {
+            assert_eq!(e["top_logprobs"].as_array().unwrap().len(), 10);
+            assert!(!e["bytes"].as_array().unwrap().is_empty(), "{e}");
+        }
+    }
+    let (_, c) = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": "abc", "max_tokens": 12, "ignore_eos": true, "temperature": 0, "logprobs": 2, "stop": [stop]}),
+        )
+        .await;
+    let lp = &c["choices"][0]["logprobs"];
+    let text = c["choices"][0]["text"].as_str().unwrap();
+    let tokens: Vec<&str> = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens.concat(), text);
+    let mut at = 0;
+    for (t, off) in tokens.iter().zip(lp["text_offset"].as_array().unwrap()) {
+        assert_eq!(off.as_u64().unwrap() as usize, at);
+        at += t.len();
+    }
 }

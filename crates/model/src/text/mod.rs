@@ -5,6 +5,7 @@
 //! both run ([`output`]).
 
 pub mod chat;
+pub mod grammar;
 pub mod output;
 pub mod prompt;
 pub mod sampling;

@@ -117,6 +117,17 @@ impl Sampler {
 
     /// Picks the next token from `logits` ([vocab], f32) and records it for penalties.
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
+        self.sample_allowed(logits, None)
+    }
+
+    /// [`Sampler::sample`] among the tokens `allowed` accepts (a structured output's mask).
+    /// Log-probabilities are the model's, before the mask (and before `logit_bias` and the
+    /// penalties), as vLLM reports them.
+    pub fn sample_allowed(
+        &mut self,
+        logits: &[f32],
+        allowed: Option<&dyn Fn(u32) -> bool>,
+    ) -> Sampled {
         let p = &self.params;
         let (logprob_src, top) = match p.logprobs {
             Some(k) => {
@@ -157,6 +168,22 @@ impl Sampler {
             for (&t, &c) in &self.output_counts {
                 if let Some(v) = x.get_mut(t as usize) {
                     *v -= p.presence_penalty + p.frequency_penalty * c as f32;
+                }
+            }
+        }
+        if let Some(ok) = allowed {
+            let mut any = None;
+            for (i, v) in x.iter_mut().enumerate() {
+                if ok(i as u32) {
+                    any.get_or_insert(i as u32);
+                } else {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+            // Only tokens the grammar allows, however the logits look.
+            if let Some(first) = any {
+                if !x.iter().any(|v| v.is_finite()) {
+                    x[first as usize] = 0.0;
                 }
             }
         }

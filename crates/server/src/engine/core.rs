@@ -110,6 +110,8 @@ impl Engine {
             device: model.device().clone(),
             max_model_len,
             num_blocks: cache_cfg.num_blocks,
+            grammars: Default::default(),
+            token_bytes: Default::default(),
         };
         let _ = shared.info.set(Arc::new(info));
         let sched = Scheduler::new(
@@ -312,11 +314,34 @@ impl Engine {
 
     /// Samples, appends and streams one token; returns the finish reason when done.
     fn on_token(&mut self, sch: &Scheduled, logits: &[f32]) -> Option<Finish> {
+        match self.sample_and_stream(sch, logits) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(seq = sch.id, "{e}");
+                self.fail(sch.id, e);
+                None
+            }
+        }
+    }
+
+    /// [`Engine::on_token`]'s work; an error fails only this request.
+    fn sample_and_stream(
+        &mut self,
+        sch: &Scheduled,
+        logits: &[f32],
+    ) -> Result<Option<Finish>, EngineError> {
         let s = self
             .seqs
             .get_mut(&sch.id)
             .expect("scheduled sequences exist");
-        let sampled = s.sampler.sample(logits);
+        let sampled = match &mut s.constraint {
+            None => s.sampler.sample(logits),
+            Some(c) => {
+                let mask = c.allowed().map_err(EngineError::Grammar)?;
+                s.sampler
+                    .sample_allowed(logits, Some(&|t| mask.is_allowed(t)))
+            }
+        };
         let now = Instant::now();
         let m = &self.shared.metrics;
         match s.last_token_at {
@@ -327,7 +352,15 @@ impl Engine {
         let t = sampled.token;
         let pushed = s.output.push(&self.tokenizer, t);
         if !pushed.appended {
-            return pushed.finish;
+            return Ok(pushed.finish);
+        }
+        let mut finish = pushed.finish;
+        if let Some(c) = &mut s.constraint {
+            c.consume(t).map_err(EngineError::Grammar)?;
+            // The grammar is complete and allows nothing more: done, without waiting for EOS.
+            if c.is_stopped() && finish.is_none() {
+                finish = Some(Finish::Stop);
+            }
         }
         s.num_generated += 1;
         self.sched.append_token(sch.id, t);
@@ -338,7 +371,7 @@ impl Engine {
             logprob: sampled.logprob,
             top: sampled.top,
         }));
-        pushed.finish
+        Ok(finish)
     }
 
     fn finish(&mut self, id: u64, finish: Finish) {

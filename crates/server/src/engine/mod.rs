@@ -60,6 +60,34 @@ pub struct ModelInfo {
     /// what the KV cache can hold for one sequence.
     pub max_model_len: usize,
     pub num_blocks: usize,
+    /// The structured-output compiler, built on first use (`ModelInfo::grammars`).
+    pub grammars: std::sync::OnceLock<Result<alora_model::grammar::Grammars, String>>,
+    /// Every token's bytes (`ModelInfo::token_bytes`), built on first use.
+    pub token_bytes: std::sync::OnceLock<Vec<Vec<u8>>>,
+}
+
+impl ModelInfo {
+    /// Token `id`'s own bytes (a special token's text; a byte-level piece of a character may
+    /// be no valid UTF-8 alone), as logprobs' `bytes` report them.
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        let all = self.token_bytes.get_or_init(|| {
+            let mut t = alora_model::grammar::token_bytes(&self.tokenizer, self.config.vocab_size);
+            alora_model::grammar::unmark_special(&mut t);
+            t
+        });
+        all.get(id as usize).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// The model's grammar compiler (its token trie is built once, on the first structured
+    /// request).
+    pub fn grammars(&self) -> Result<&alora_model::grammar::Grammars, String> {
+        self.grammars
+            .get_or_init(|| {
+                alora_model::grammar::Grammars::new(&self.tokenizer, self.config.vocab_size)
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -23,6 +23,8 @@ pub struct GenRequest {
     pub keep_special_tokens: bool,
     /// Keep a matched stop string in the output (`include_stop_str_in_output`).
     pub include_stop_str: bool,
+    /// A structured output's grammar state (each clone, one per choice, is independent).
+    pub constraint: Option<alora_model::grammar::Constraint>,
     /// What decides this prompt's KV besides its ids (adapter digest, activation start, salt),
     /// computed once with the prompt (`openai::validate`).
     pub cache_key: RequestKey,
@@ -77,8 +79,10 @@ pub enum EngineError {
     },
     /// The model did not load.
     NotLoaded,
-    /// The model step this request was in failed (its neighbours in the step too).
+    /// This request's own forward failed (its step neighbours were re-run without it).
     Step,
+    /// This request's structured-output grammar failed mid-generation.
+    Grammar(String),
 }
 
 impl std::fmt::Display for EngineError {
@@ -93,6 +97,7 @@ impl std::fmt::Display for EngineError {
                  {capacity_tokens} tokens in all"
             ),
             EngineError::NotLoaded => write!(f, "model failed to load"),
+            EngineError::Grammar(e) => write!(f, "structured output failed: {e}"),
             EngineError::Step => write!(f, "internal error in the model step"),
         }
     }

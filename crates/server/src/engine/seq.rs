@@ -23,6 +23,8 @@ pub(crate) struct Seq {
     pub sampler: Sampler,
     /// EOS, stop ids and strings, the token limit, incremental detokenization.
     pub output: OutputStream,
+    /// A structured output's grammar: masks each step's logits, advanced per token.
+    pub constraint: Option<alora_model::grammar::Constraint>,
     pub tx: EventTx,
     pub arrival: Instant,
     pub last_token_at: Option<Instant>,
@@ -67,6 +69,7 @@ impl Seq {
         );
         Seq {
             id,
+            constraint: req.constraint,
             num_prompt: req.prompt.len(),
             prompt: req.prompt,
             num_generated: 0,

@@ -12,7 +12,7 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use super::common::{respond, submit, token_text, Collected, Wire};
+use super::common::{respond, submit, token_strings, token_text, Collected, Wire};
 use super::types::*;
 use super::validate;
 use crate::engine::{Finish, ModelInfo, TokenEvent};
@@ -92,7 +92,7 @@ impl Wire for ChatWire {
             return None;
         }
         let logprobs = self.logprobs.then(|| ChatLogprobs {
-            content: vec![logprobs_of(&self.info, &t)],
+            content: vec![logprobs_of(&self.info, &t, t.text.clone())],
         });
         let choice = ChunkChoice {
             index,
@@ -124,7 +124,8 @@ impl Wire for ChatWire {
                     content: c
                         .tokens
                         .iter()
-                        .map(|t| logprobs_of(&self.info, t))
+                        .zip(token_strings(&c.tokens, &c.text))
+                        .map(|(t, s)| logprobs_of(&self.info, t, s))
                         .collect(),
                 }),
                 message: AssistantMessage {
@@ -146,12 +147,13 @@ impl Wire for ChatWire {
     }
 }
 
-fn logprobs_of(info: &ModelInfo, t: &TokenEvent) -> TokenLogprob {
-    let (token, bytes) = token_text(info, t.id);
+/// A sampled token's entry: `token` is its share of the content (see `token_strings`),
+/// `bytes` its own bytes.
+fn logprobs_of(info: &ModelInfo, t: &TokenEvent, token: String) -> TokenLogprob {
     TokenLogprob {
         token,
         logprob: t.logprob.unwrap_or(0.0),
-        bytes,
+        bytes: info.token_bytes(t.id).to_vec(),
         top_logprobs: t
             .top
             .iter()

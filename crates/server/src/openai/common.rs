@@ -220,8 +220,21 @@ where
 /// Token text for logprobs: the tokenizer's piece, bytes for clients that rebuild UTF-8.
 pub fn token_text(info: &ModelInfo, id: u32) -> (String, Vec<u8>) {
     let s = info.tokenizer.decode(&[id], false).unwrap_or_default();
-    let b = s.as_bytes().to_vec();
-    (s, b)
+    (s, info.token_bytes(id).to_vec())
+}
+
+/// The `token` strings of a choice's sampled tokens: each token's share of the output text
+/// (what was released when it was sampled; the text held back to the end goes to the last),
+/// so they join exactly to `content`, also where a character spans tokens (the first gets "",
+/// the one completing it the character) or a stop string was cut. `bytes` carry each token's
+/// own bytes.
+pub fn token_strings(tokens: &[TokenEvent], content: &str) -> Vec<String> {
+    let mut out: Vec<String> = tokens.iter().map(|t| t.text.clone()).collect();
+    let released: usize = out.iter().map(String::len).sum();
+    if let (Some(last), Some(rest)) = (out.last_mut(), content.get(released..)) {
+        last.push_str(rest);
+    }
+    out
 }
 
 /// Runs a request's event streams on a task that turns them into SSE payloads. The task ends

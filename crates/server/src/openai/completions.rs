@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use super::common::{respond, submit, token_text, Collected, Wire};
+use super::common::{respond, submit, token_strings, token_text, Collected, Wire};
 use super::types::*;
 use super::validate;
 use crate::engine::{Finish, ModelInfo, TokenEvent};
@@ -91,7 +91,7 @@ impl Wire for CompletionWire {
         }
         let lp = self
             .logprobs
-            .then(|| logprobs_of(&self.info, std::slice::from_ref(&t), 0));
+            .then(|| logprobs_of(&self.info, std::slice::from_ref(&t), &t.text, 0));
         Some(self.text(index, t.text, lp))
     }
 
@@ -119,7 +119,7 @@ impl Wire for CompletionWire {
                     index,
                     logprobs: self
                         .logprobs
-                        .then(|| logprobs_of(&self.info, &c.tokens, echo.len())),
+                        .then(|| logprobs_of(&self.info, &c.tokens, &c.text, echo.len())),
                     text: format!("{echo}{}", c.text),
                     finish_reason: Some(c.finish.as_str()),
                 }
@@ -129,13 +129,18 @@ impl Wire for CompletionWire {
     }
 }
 
-fn logprobs_of(info: &ModelInfo, tokens: &[TokenEvent], offset0: usize) -> CompletionLogprobs {
+/// `text`: the choice's output (echo excluded); the `tokens` join to it (`token_strings`).
+fn logprobs_of(
+    info: &ModelInfo,
+    tokens: &[TokenEvent],
+    text: &str,
+    offset0: usize,
+) -> CompletionLogprobs {
     let mut lp = CompletionLogprobs::default();
     let mut offset = offset0;
-    for t in tokens {
-        let (tok, _) = token_text(info, t.id);
+    for (t, tok) in tokens.iter().zip(token_strings(tokens, text)) {
         lp.text_offset.push(offset);
-        offset += t.text.len();
+        offset += tok.len();
         lp.tokens.push(tok);
         lp.token_logprobs.push(t.logprob.unwrap_or(0.0));
         lp.top_logprobs.push(

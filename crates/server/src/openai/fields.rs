@@ -66,11 +66,7 @@ pub struct Policy<'a> {
 fn refusal(key: &str, v: &Value) -> Option<String> {
     let is = |x: &str| v.as_str() == Some(x);
     let empty = || v.as_array().is_some_and(|a| a.is_empty());
-    let not_yet = "is not implemented yet (issue #15)";
     match key {
-        "response_format" if v["type"] == "text" => None,
-        "response_format" => Some(format!("`response_format` of type {} {not_yet}", v["type"])),
-        "structured_outputs" => Some(format!("`structured_outputs` {not_yet}")),
         "guided_json"
         | "guided_regex"
         | "guided_choice"
@@ -78,8 +74,8 @@ fn refusal(key: &str, v: &Value) -> Option<String> {
         | "guided_json_object"
         | "guided_decoding_backend"
         | "guided_whitespace_pattern" => Some(format!(
-            "`{key}` was removed from vLLM in favour of `structured_outputs`, which alora \
-                 {not_yet}"
+            "`{key}` was removed from vLLM; use `structured_outputs` (`json`, `regex`, \
+             `choice`, `grammar`) or `response_format`"
         )),
         "tools" | "functions" if empty() => None,
         "tools" | "functions" => Some(format!("`{key}`: tool calling is not implemented yet")),
@@ -251,10 +247,7 @@ mod tests {
     #[test]
     fn output_changing_fields_are_refused_by_name() {
         for (body, param) in [
-            (
-                json!({"response_format": {"type": "json_object"}}),
-                "response_format",
-            ),
+            (json!({"guided_regex": "a+"}), "guided_regex"),
             (json!({"guided_json": {}}), "guided_json"),
             (json!({"tools": [{"type": "function"}]}), "tools"),
             (json!({"tool_choice": "required"}), "tool_choice"),

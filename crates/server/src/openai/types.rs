@@ -117,6 +117,8 @@ pub const CHAT_FIELDS: &[&str] = &[
     "top_logprobs",
     "user",
     "cache_salt",
+    "response_format",
+    "structured_outputs",
     "chat_template_kwargs",
     "documents",
     "add_generation_prompt",
@@ -150,6 +152,8 @@ pub const COMPLETION_FIELDS: &[&str] = &[
     "echo",
     "user",
     "cache_salt",
+    "response_format",
+    "structured_outputs",
     "best_of",
     "suffix",
 ];
@@ -171,6 +175,10 @@ pub struct ChatCompletionRequest {
     pub top_logprobs: Option<i64>,
     pub user: Option<String>,
     pub cache_salt: Option<String>,
+    /// OpenAI's `text`, `json_object`, `json_schema` (`validate::structured`).
+    pub response_format: Option<Value>,
+    /// vLLM's `json`, `regex`, `choice`, `grammar`, `json_object`.
+    pub structured_outputs: Option<Value>,
     /// Extra template variables; `adapter_name` in them selects an adapter (IBM's libraries).
     pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     /// vLLM's top-level `documents` (RAG), passed to the template.
@@ -206,6 +214,8 @@ pub struct CompletionRequest {
     pub echo: bool,
     pub user: Option<String>,
     pub cache_salt: Option<String>,
+    pub response_format: Option<Value>,
+    pub structured_outputs: Option<Value>,
     pub suffix: Option<Value>,
     pub best_of: Option<i64>,
 }

@@ -18,6 +18,7 @@ use super::types::*;
 use crate::engine::{GenRequest, ModelInfo};
 use crate::error::ApiError;
 use crate::state::AppState;
+use alora_model::grammar::{Constraint, GrammarSpec};
 
 pub const MAX_N: i64 = 16;
 pub const MAX_TOP_LOGPROBS: i64 = 20;
@@ -236,7 +237,8 @@ pub fn chat(
         (false, None) => None,
         (true, k) => Some(top_logprobs("top_logprobs", k.unwrap_or(0))?),
     };
-    let gen = sampling(&req.sampling, logprobs, info.config.vocab_size)?;
+    let mut gen = sampling(&req.sampling, logprobs, info.config.vocab_size)?;
+    gen.constraint = structured(info, req.response_format, req.structured_outputs, &gen)?;
     let param = if req.max_completion_tokens.is_some() {
         "max_completion_tokens"
     } else {
@@ -294,7 +296,8 @@ pub fn completion(
         .logprobs
         .map(|k| top_logprobs("logprobs", k))
         .transpose()?;
-    let gen = sampling(&req.sampling, logprobs, info.config.vocab_size)?;
+    let mut gen = sampling(&req.sampling, logprobs, info.config.vocab_size)?;
+    gen.constraint = structured(info, req.response_format, req.structured_outputs, &gen)?;
     let kind = PromptAdapter::of(adapter.as_deref().map(|a| a.invocation_tokens()));
     let mut prompts = Vec::with_capacity(texts.len());
     for (i, (ids, text)) in texts.into_iter().enumerate() {
@@ -444,6 +447,139 @@ fn include_usage(o: &Option<StreamOptions>) -> bool {
     o.as_ref().is_some_and(|o| o.include_usage)
 }
 
+/// A structured output from `response_format` (OpenAI) or `structured_outputs` (vLLM),
+/// compiled for the model: `None` for free text. Errors name the field at fault.
+fn structured(
+    info: &ModelInfo,
+    response_format: Option<serde_json::Value>,
+    structured_outputs: Option<serde_json::Value>,
+    gen: &Generation,
+) -> Result<Option<Constraint>, ApiError> {
+    let (spec, param) = match (response_format, structured_outputs) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "structured_outputs",
+                "give `response_format` or `structured_outputs`, not both",
+            ))
+        }
+        (Some(rf), None) => match response_format_spec(&rf)? {
+            Some(spec) => spec,
+            None => return Ok(None),
+        },
+        (None, Some(so)) => (structured_outputs_spec(&so)?, "structured_outputs"),
+        (None, None) => return Ok(None),
+    };
+    // A stop string or id could end the output short of the grammar: refuse the pair rather
+    // than return a `stop` output that does not parse.
+    if !gen.stop.is_empty() || !gen.stop_token_ids.is_empty() {
+        let which = if gen.stop.is_empty() {
+            "stop_token_ids"
+        } else {
+            "stop"
+        };
+        return Err(ApiError::invalid(
+            which,
+            format!(
+                "`{which}` cannot be combined with structured outputs (it could cut the output \
+                 short of its grammar)"
+            ),
+        ));
+    }
+    let grammars = info.grammars().map_err(ApiError::internal)?;
+    let c = grammars
+        .compile(&spec)
+        .map_err(|e| ApiError::invalid(param, format!("invalid structured output: {e}")))?;
+    Ok(Some(c))
+}
+
+/// OpenAI's `response_format`: `None` for `text`.
+fn response_format_spec(
+    rf: &serde_json::Value,
+) -> Result<Option<(GrammarSpec, &'static str)>, ApiError> {
+    Ok(match rf["type"].as_str() {
+        Some("text") => None,
+        Some("json_object") => Some((GrammarSpec::JsonObject, "response_format")),
+        Some("json_schema") => {
+            let schema = &rf["json_schema"]["schema"];
+            if !schema.is_object() && !schema.is_boolean() {
+                return Err(ApiError::invalid(
+                    "response_format.json_schema.schema",
+                    "`response_format.json_schema.schema` must be a JSON schema",
+                ));
+            }
+            Some((
+                GrammarSpec::JsonSchema(schema.clone()),
+                "response_format.json_schema.schema",
+            ))
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "response_format.type",
+                "`response_format.type` must be `text`, `json_object` or `json_schema`",
+            ))
+        }
+    })
+}
+
+/// vLLM's `structured_outputs`: exactly one of `json`, `regex`, `choice`, `grammar`,
+/// `json_object` (its backend options are accepted and left to llguidance's defaults).
+fn structured_outputs_spec(so: &serde_json::Value) -> Result<GrammarSpec, ApiError> {
+    use serde_json::Value;
+    const OPTIONS: &[&str] = &[
+        "disable_fallback",
+        "disable_any_whitespace",
+        "disable_additional_properties",
+        "whitespace_pattern",
+    ];
+    let Value::Object(so) = so else {
+        return Err(ApiError::invalid(
+            "structured_outputs",
+            "`structured_outputs` must be an object",
+        ));
+    };
+    let set: Vec<(&String, &Value)> = so
+        .iter()
+        .filter(|(k, v)| {
+            !v.is_null() && **v != Value::Bool(false) && !OPTIONS.contains(&k.as_str())
+        })
+        .collect();
+    let [(k, v)] = set.as_slice() else {
+        return Err(ApiError::invalid(
+            "structured_outputs",
+            "`structured_outputs` needs exactly one of `json`, `regex`, `choice`, `grammar`, \
+             `json_object`",
+        ));
+    };
+    let param = format!("structured_outputs.{k}");
+    let bad = |what: &str| ApiError::invalid(&param, format!("`{param}` must be {what}"));
+    Ok(match (k.as_str(), v) {
+        ("json", Value::String(s)) => {
+            GrammarSpec::JsonSchema(serde_json::from_str(s).map_err(|_| bad("a JSON schema"))?)
+        }
+        ("json", v) if v.is_object() || v.is_boolean() => GrammarSpec::JsonSchema((*v).clone()),
+        ("json", _) => return Err(bad("a JSON schema")),
+        ("json_object", Value::Bool(true)) => GrammarSpec::JsonObject,
+        ("regex", Value::String(r)) => GrammarSpec::Regex(r.clone()),
+        ("regex", _) => return Err(bad("a string")),
+        ("choice", Value::Array(c)) => GrammarSpec::Choice(
+            c.iter()
+                .map(|x| x.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .filter(|c| !c.is_empty())
+                .ok_or_else(|| bad("a non-empty list of strings"))?,
+        ),
+        ("choice", _) => return Err(bad("a non-empty list of strings")),
+        ("grammar", Value::String(g)) => GrammarSpec::Lark(g.clone()),
+        ("grammar", _) => return Err(bad("a Lark grammar string")),
+        _ => {
+            return Err(
+                ApiError::invalid(&param, format!("`{param}` is not supported"))
+                    .with_code("unsupported_parameter"),
+            )
+        }
+    })
+}
+
 /// Everything but the prompt of an engine request, validated.
 struct Generation {
     sampling: SamplingParams,
@@ -453,6 +589,8 @@ struct Generation {
     ignore_eos: bool,
     keep_special_tokens: bool,
     include_stop_str: bool,
+    /// The compiled structured output, copied into each choice.
+    constraint: Option<Constraint>,
 }
 
 impl Generation {
@@ -476,6 +614,7 @@ impl Generation {
             ignore_eos: self.ignore_eos,
             keep_special_tokens: self.keep_special_tokens,
             include_stop_str: self.include_stop_str,
+            constraint: self.constraint.clone(),
         }
     }
 }
@@ -626,6 +765,7 @@ fn sampling(s: &Sampling, logprobs: Option<usize>, vocab: usize) -> Result<Gener
         ignore_eos: s.ignore_eos.unwrap_or(false),
         keep_special_tokens: !s.skip_special_tokens.unwrap_or(true),
         include_stop_str: s.include_stop_str_in_output.unwrap_or(false),
+        constraint: None,
     })
 }
 
