@@ -128,3 +128,41 @@ fn incremental_decoding_keeps_utf8_whole() {
     assert_eq!(pieces.concat(), text);
     assert!(pieces.len() > 5, "decoded incrementally, not in one piece");
 }
+
+/// Structured outputs see each token as its bytes: for SmolLM2's byte-level BPE vocabulary,
+/// every token's bytes decode to what the tokenizer decodes it to (where that is whole UTF-8),
+/// the specials are marked, and a JSON-schema grammar compiles and first allows only `{`.
+#[test]
+fn grammar_token_bytes_match_the_tokenizer() {
+    let Some(path) = model_path() else { return };
+    let m = LoadedModel::load(&path, &LoadOptions::default()).unwrap();
+    let tok = &m.tokenizer;
+    let vocab = m.model.config().vocab_size;
+    let words = alora_model::grammar::token_bytes(tok, vocab);
+    let (mut checked, mut special) = (0, 0);
+    for (id, w) in words.iter().enumerate() {
+        if w.first() == Some(&0xff) {
+            special += 1;
+            continue;
+        }
+        let text = tok.decode(&[id as u32], false).unwrap();
+        if text.contains('\u{FFFD}') {
+            continue; // part of a character: only its bytes say what it is
+        }
+        assert_eq!(String::from_utf8(w.clone()).unwrap(), text, "token {id}");
+        checked += 1;
+    }
+    assert!(checked > 45_000 && special > 0, "{checked} checked, {special} special");
+    let g = alora_model::grammar::Grammars::new(tok, vocab).unwrap();
+    let mut c = g
+        .compile(&alora_model::grammar::GrammarSpec::JsonSchema(
+            serde_json::json!({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}),
+        ))
+        .unwrap();
+    let mask = c.allowed().unwrap();
+    let allowed: Vec<u32> = (0..vocab as u32).filter(|&t| mask.is_allowed(t)).collect();
+    assert!(!allowed.is_empty());
+    for t in allowed {
+        assert!(words[t as usize].starts_with(b"{"), "token {t} allowed first");
+    }
+}
