@@ -152,7 +152,10 @@ fn grammar_token_bytes_match_the_tokenizer() {
         assert_eq!(String::from_utf8(w.clone()).unwrap(), text, "token {id}");
         checked += 1;
     }
-    assert!(checked > 45_000 && special > 0, "{checked} checked, {special} special");
+    assert!(
+        checked > 45_000 && special > 0,
+        "{checked} checked, {special} special"
+    );
     let g = alora_model::grammar::Grammars::new(tok, vocab).unwrap();
     let mut c = g
         .compile(&alora_model::grammar::GrammarSpec::JsonSchema(
@@ -163,6 +166,9 @@ fn grammar_token_bytes_match_the_tokenizer() {
     let allowed: Vec<u32> = (0..vocab as u32).filter(|&t| mask.is_allowed(t)).collect();
     assert!(!allowed.is_empty());
     for t in allowed {
-        assert!(words[t as usize].starts_with(b"{"), "token {t} allowed first");
+        assert!(
+            words[t as usize].starts_with(b"{"),
+            "token {t} allowed first"
+        );
     }
 }

@@ -1254,3 +1254,73 @@ async fn logprob_tokens_join_to_the_content() {
         at += t.len();
     }
 }
+
+/// An intrinsic as IBM's granite-common sends it, end to end: a base RAG turn with
+/// `documents`, then the intrinsic on that conversation with `documents`, the adapter named in
+/// `chat_template_kwargs.adapter_name`, `structured_outputs` holding an integer enum 0-9 and
+/// `logprobs` with `top_logprobs: 10`. The content is in the enum, each token has 10
+/// alternatives, the tokens join to the content, and the base turn's blocks cover the
+/// conversation up to the invocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intrinsic_call_the_granite_common_way() {
+    let s = start(Opts {
+        chat_template: Some(
+            "{% for d in documents or [] %}<|im_start|>document\n{{ d.text }}<|im_end|>\n{% endfor %}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+        ),
+        ..Opts::default()
+    })
+    .await;
+    let documents =
+        json!([{"doc_id": "1", "text": "the red planet has dust storms that can last for months"}]);
+    let q = "what is the weather like on mars?";
+    // Specials are kept out of the answer so it re-renders to the same tokens.
+    let (st, base) = s
+        .post(
+            "/v1/chat/completions",
+            json!({"messages": user(q), "documents": documents, "max_tokens": 12, "temperature": 0,
+                   "ignore_eos": true, "logit_bias": {"1": -100, "2": -100}}),
+        )
+        .await;
+    assert_eq!(st, 200, "{base}");
+    let answer = content(&base);
+    let base_computed = base["usage"]["prompt_tokens"].as_u64().unwrap()
+        + base["usage"]["completion_tokens"].as_u64().unwrap()
+        - 1;
+    let intrinsic = json!({
+        "model": s.state.served_name(&s.state.engine.info().unwrap()),
+        "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}],
+        "documents": documents,
+        "chat_template_kwargs": {"adapter_name": "alora"},
+        "structured_outputs": {"json": {"type": "integer", "enum": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]}},
+        "logprobs": true,
+        "top_logprobs": 10,
+        "max_completion_tokens": 6,
+        "temperature": 0.0,
+    });
+    let (st, v) = s.post("/v1/chat/completions", intrinsic).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["model"], "alora");
+    let text = content(&v);
+    let score: i64 = text
+        .parse()
+        .unwrap_or_else(|_| panic!("not an integer: {text:?}"));
+    assert!((0..=9).contains(&score), "{text}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    let entries = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    let joined: String = entries
+        .iter()
+        .map(|e| e["token"].as_str().unwrap())
+        .collect();
+    assert_eq!(joined, text);
+    for e in entries {
+        assert_eq!(e["top_logprobs"].as_array().unwrap().len(), 10, "{e}");
+    }
+    // The invocation "abc" ends the prompt; every full block before it came from the base turn.
+    let s_pos = v["usage"]["prompt_tokens"].as_u64().unwrap() - 3;
+    let expect = (s_pos.min(base_computed) / 4) * 4;
+    assert!(
+        expect >= 80,
+        "the documents and the question are shared: {expect}"
+    );
+    assert_eq!(cached(&v), expect, "{v}");
+}
