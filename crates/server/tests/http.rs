@@ -1287,7 +1287,7 @@ async fn an_intrinsic_call_the_granite_common_way() {
         + base["usage"]["completion_tokens"].as_u64().unwrap()
         - 1;
     let intrinsic = json!({
-        "model": s.state.served_name(&s.state.engine.info().unwrap()),
+        "model": s.state.served_name(s.state.engine.info().unwrap()),
         "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}],
         "documents": documents,
         "chat_template_kwargs": {"adapter_name": "alora"},

@@ -37,9 +37,9 @@ pub enum GrammarSpec {
 impl GrammarSpec {
     fn to_grammar(&self) -> Result<TopLevelGrammar, String> {
         Ok(match self {
-            GrammarSpec::JsonSchema(s) => TopLevelGrammar::from_json_schema(s.clone()),
+            GrammarSpec::JsonSchema(s) => TopLevelGrammar::from_json_schema(compact(s.clone())),
             GrammarSpec::JsonObject => {
-                TopLevelGrammar::from_json_schema(serde_json::json!({"type": "object"}))
+                TopLevelGrammar::from_json_schema(compact(serde_json::json!({"type": "object"})))
             }
             GrammarSpec::Regex(r) => TopLevelGrammar::from_regex(r),
             GrammarSpec::Choice(c) => {
@@ -56,6 +56,21 @@ impl GrammarSpec {
             GrammarSpec::Lark(g) => TopLevelGrammar::from_lark(g.clone()),
         })
     }
+}
+
+/// JSON is generated compact (no whitespace between its tokens: small models otherwise emit
+/// whitespace until the token limit), unless the schema carries llguidance's own `x-guidance`
+/// options.
+fn compact(schema: Value) -> Value {
+    let mut schema = match schema {
+        Value::Bool(true) => serde_json::json!({}),
+        s => s,
+    };
+    if let Value::Object(o) = &mut schema {
+        o.entry("x-guidance")
+            .or_insert_with(|| serde_json::json!({"whitespace_flexible": false}));
+    }
+    schema
 }
 
 /// Every token's bytes as llguidance sees them (special tokens behind
