@@ -119,9 +119,22 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 .with_context(|| format!("--adapter `{s}` must be NAME=PATH"))
         })
         .collect::<Result<_>>()?;
+    let mut names = std::collections::HashSet::new();
+    for (n, _) in &adapters {
+        if n.is_empty() {
+            bail!("--adapter needs a name: NAME=PATH");
+        }
+        if !names.insert(n.as_str()) {
+            bail!("two --adapter flags name `{n}`: each adapter needs its own name");
+        }
+        if a.served_model_name.as_deref() == Some(n.as_str()) {
+            bail!("--adapter `{n}` has the name the base model is served under");
+        }
+    }
     if a.enable_adapter_loading && a.adapter_dir.is_none() {
         bail!("--enable-adapter-loading needs --adapter-dir to confine adapter paths");
     }
+    let block_size = a.block_size;
     let cfg = ServeConfig {
         engine: EngineConfig {
             block_size: a.block_size,
@@ -150,9 +163,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
         },
         adapters: adapters.clone(),
     };
-    let addr: SocketAddr = format!("{}:{}", a.host, a.port)
-        .parse()
-        .with_context(|| "bad --host/--port")?;
+    // A host name (`localhost`) resolves; the first address is used.
+    let addr: SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(&(a.host.as_str(), a.port))
+        .with_context(|| format!("bad --host `{}`", a.host))?
+        .next()
+        .with_context(|| format!("--host `{}` resolves to no address", a.host))?;
     let model_path = a.model.clone();
     let opts = LoadOptions {
         quant: a.weights,
@@ -173,7 +188,15 @@ pub fn run(a: ServeArgs) -> Result<()> {
         if let Err(e) = alora_server::wait_ready(&state, &adapters).await {
             bail!(e);
         }
-        tracing::info!("ready");
+        let info = state.info().map_err(|e| anyhow::anyhow!(e.message))?;
+        let names: Vec<&str> = adapters.iter().map(|(n, _)| n.as_str()).collect();
+        tracing::info!(
+            "ready on http://{addr}: model `{}`, adapters [{}], {} KV blocks of {} tokens",
+            state.served_name(&info),
+            names.join(", "),
+            info.num_blocks,
+            block_size,
+        );
         server.await??;
         Ok(())
     })

@@ -64,6 +64,96 @@ fn raise_exception(msg: String) -> std::result::Result<String, minijinja::Error>
     Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
 }
 
+/// Days since 1970-01-01 -> (year, month 1-12, day 1-31), proleptic Gregorian (Howard
+/// Hinnant's `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// (year, month, day) -> days since 1970-01-01 (Hinnant's `days_from_civil`).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = (i64::from(m) + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Python's `strftime` for the specifiers chat templates use (`%Y %y %m %d %e %B %b %A %a %H
+/// %M %S %j %%`), in UTC; others are kept as written.
+pub fn strftime(unix_secs: i64, fmt: &str) -> String {
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const DAYS: [&str; 7] = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ];
+    let days = unix_secs.div_euclid(86_400);
+    let secs = unix_secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    // 1970-01-01 was a Thursday.
+    let weekday = DAYS[(days + 3).rem_euclid(7) as usize];
+    let yday = days - days_from_civil(y, 1, 1) + 1;
+    let month = MONTHS[(m - 1) as usize];
+    let mut out = String::new();
+    let mut chars = fmt.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('Y') => out.push_str(&y.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", y.rem_euclid(100))),
+            Some('m') => out.push_str(&format!("{m:02}")),
+            Some('d') => out.push_str(&format!("{d:02}")),
+            Some('e') => out.push_str(&format!("{d:>2}")),
+            Some('B') => out.push_str(month),
+            Some('b') => out.push_str(&month[..3]),
+            Some('A') => out.push_str(weekday),
+            Some('a') => out.push_str(&weekday[..3]),
+            Some('H') => out.push_str(&format!("{:02}", secs / 3600)),
+            Some('M') => out.push_str(&format!("{:02}", secs / 60 % 60)),
+            Some('S') => out.push_str(&format!("{:02}", secs % 60)),
+            Some('j') => out.push_str(&format!("{yday:03}")),
+            Some('%') => out.push('%'),
+            Some(o) => {
+                out.push('%');
+                out.push(o);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
 impl ChatTemplate {
     pub fn new(
         template: Option<&str>,
@@ -81,6 +171,14 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         minijinja_contrib::add_to_environment(&mut env);
         env.add_function("raise_exception", raise_exception);
+        // transformers gives templates `strftime_now` (Granite and Llama 3 print today's date).
+        env.add_function("strftime_now", |fmt: String| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            strftime(now, &fmt)
+        });
         let src = template.unwrap_or(CHATML_FALLBACK).to_string();
         env.add_template_owned("chat", src)
             .map_err(|e| ModelError::Template(e.to_string()))?;
@@ -90,6 +188,13 @@ impl ChatTemplate {
             eos_token: eos_token.unwrap_or("").into(),
             is_fallback: template.is_none(),
         })
+    }
+
+    /// Pins `strftime_now` to `unix_secs` (reproducible renderings: tests, fixtures).
+    pub fn with_clock(mut self, unix_secs: i64) -> Self {
+        self.env
+            .add_function("strftime_now", move |fmt: String| strftime(unix_secs, &fmt));
+        self
     }
 
     /// Renders `messages`; `add_generation_prompt` opens an assistant turn.
@@ -224,6 +329,24 @@ mod tests {
             ..Default::default()
         };
         assert!(t.render_with(&msgs, &both).is_err());
+    }
+
+    #[test]
+    fn strftime_matches_python() {
+        // 2026-12-01 09:30:05 UTC, a Tuesday; 2024-02-29 (leap); the epoch.
+        assert_eq!(
+            strftime(1_796_117_405, "%B %d, %Y|%d %b %Y|%A %a %H:%M:%S %j %y %%"),
+            "December 01, 2026|01 Dec 2026|Tuesday Tue 09:30:05 335 26 %"
+        );
+        assert_eq!(
+            strftime(1_709_164_800, "%Y-%m-%d %j %A"),
+            "2024-02-29 060 Thursday"
+        );
+        assert_eq!(strftime(0, "%Y-%m-%d %A"), "1970-01-01 Thursday");
+        for days in [-1000i64, 0, 365, 11_016, 20_788, 60_000] {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days);
+        }
     }
 
     #[test]

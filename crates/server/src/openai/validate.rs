@@ -134,7 +134,8 @@ pub fn resolve_adapter(
     }
     match model {
         None | Some("") => Ok((None, state.served_name(info))),
-        Some(m) if m == state.served_name(info) || m == info.name => Ok((None, m.to_string())),
+        // The served name only: after `--served-model-name` the file name is no model id.
+        Some(m) if m == state.served_name(info) => Ok((None, m.to_string())),
         Some(m) => match state.registry.get(m) {
             Some(a) => Ok((Some(a), m.to_string())),
             None => Err(ApiError::model_not_found("model", m)),
