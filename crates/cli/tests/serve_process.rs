@@ -157,6 +157,9 @@ fn logs_hold_prompts_only_with_log_prompts() {
         assert!(child.wait().unwrap().success());
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains("INFO"), "nothing at info: {text}");
+        // One access line per generation, with its tokens, and the start-up line.
+        assert_eq!(text.matches("completion_tokens=3").count(), 2, "{text}");
+        assert!(text.contains("ready on http://"), "{text}");
         assert_eq!(
             text.contains("quokka prompt") && text.contains("quokka chat"),
             shows,

@@ -9,6 +9,7 @@ use axum::Router;
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
+use crate::openai::common::{LoggedByResponder, RequestMeta};
 use crate::state::AppState;
 use crate::{admin, openai};
 
@@ -85,6 +86,41 @@ async fn read_body(State(state): State<AppState>, req: Request, next: Next) -> R
     }
 }
 
+/// Gives every request an id (a client's `x-request-id` of at most 128 visible ASCII
+/// characters, else a new UUID), echoes it in the response, and writes one access-log line per
+/// request at info: method, path, status, latency, never a body. Generations are logged by
+/// their responder instead, at their end and with their token counts; `/health` and
+/// `/metrics` at debug.
+async fn access_log(mut req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string);
+    let id = given.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    let start = std::time::Instant::now();
+    req.extensions_mut().insert(RequestMeta {
+        id: id.clone(),
+        start,
+    });
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let mut r = next.run(req).await;
+    if let Ok(v) = header::HeaderValue::from_str(&id) {
+        r.headers_mut().insert("x-request-id", v);
+    }
+    if r.extensions().get::<LoggedByResponder>().is_none() {
+        let latency_ms = start.elapsed().as_millis() as u64;
+        let status = r.status().as_u16();
+        if path == "/health" || path == "/metrics" {
+            tracing::debug!(target: "alora::access", request_id = %id, %method, %path, status, latency_ms);
+        } else {
+            tracing::info!(target: "alora::access", request_id = %id, %method, %path, status, latency_ms, "request");
+        }
+    }
+    r
+}
+
 async fn not_found() -> ApiError {
     ApiError::not_found("No such endpoint")
 }
@@ -112,5 +148,6 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), json_errors))
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(middleware::from_fn(access_log))
         .with_state(state)
 }

@@ -1324,3 +1324,38 @@ async fn an_intrinsic_call_the_granite_common_way() {
     );
     assert_eq!(cached(&v), expect, "{v}");
 }
+
+/// `x-request-id` is echoed when the client sends one (visible ASCII, at most 128 bytes) and
+/// made up otherwise, on every response, errors included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_are_echoed_or_made() {
+    let s = start(Opts::default()).await;
+    let url = format!("{}/v1/completions", s.url);
+    let body = json!({"prompt": "ab", "max_tokens": 2});
+    let r = s
+        .client
+        .post(&url)
+        .header("x-request-id", "trace-42")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "trace-42");
+    let r = s.client.post(&url).json(&body).send().await.unwrap();
+    let made = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(made.len(), 32, "{made}");
+    let r = s
+        .client
+        .post(&url)
+        .header("x-request-id", "x".repeat(200))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        r.headers()["x-request-id"].len(),
+        32,
+        "an over-long id is replaced"
+    );
+}

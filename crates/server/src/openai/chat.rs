@@ -12,7 +12,7 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use super::common::{respond, submit, token_strings, token_text, Collected, Wire};
+use super::common::{respond, submit, token_strings, token_text, Collected, RequestMeta, Wire};
 use super::types::*;
 use super::validate;
 use crate::engine::{Finish, ModelInfo, TokenEvent};
@@ -21,6 +21,7 @@ use crate::state::AppState;
 
 pub async fn chat_completions(
     State(state): State<AppState>,
+    axum::Extension(meta): axum::Extension<RequestMeta>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let (v, info) = validate::prepare(&state, body, CHAT_FIELDS, validate::chat).await?;
@@ -32,7 +33,7 @@ pub async fn chat_completions(
         logprobs: v.logprobs.is_some(),
         info,
     };
-    respond(&state, &v, rxs, wire).await
+    respond(&state, &v, rxs, wire, meta).await
 }
 
 /// The chat completion wire format.

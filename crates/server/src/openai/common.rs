@@ -95,16 +95,22 @@ pub async fn respond<W: Wire>(
     v: &Validated,
     rxs: Vec<UnboundedReceiver<Event>>,
     wire: W,
+    meta: RequestMeta,
 ) -> Result<Response, ApiError> {
     let n = v.n;
     if !v.stream {
         let results = collect_all(state, rxs).await?;
         let usages: Vec<Usage> = results.iter().map(|c| c.usage).collect();
-        return Ok(wire.response(results, usage_out(&usages, n)));
+        let usage = usage_out(&usages, n);
+        meta.log_generation(&v.model_name, &usage, false);
+        let mut r = wire.response(results, usage);
+        r.extensions_mut().insert(LoggedByResponder);
+        return Ok(r);
     }
     let wire = Arc::new(wire);
     let first = wire.opening(rxs.len());
     let (w1, w2, with_usage) = (wire.clone(), wire, v.include_usage);
+    let model = v.model_name.clone();
     let st = state.clone();
     let body = spawn_stream(
         rxs,
@@ -115,12 +121,48 @@ pub async fn respond<W: Wire>(
             Event::Done { text, finish, .. } => vec![w1.done(i, text, finish)],
             Event::Error(e) => vec![ApiError::from(e).body_json()],
         },
-        move |usages| match with_usage {
-            true => vec![w2.usage(usage_out(usages, n))],
-            false => vec![],
+        move |usages| {
+            let usage = usage_out(usages, n);
+            meta.log_generation(&model, &usage, true);
+            match with_usage {
+                true => vec![w2.usage(usage)],
+                false => vec![],
+            }
         },
     );
-    Ok(sse(stream::iter(first).chain(body)).into_response())
+    let mut r = sse(stream::iter(first).chain(body)).into_response();
+    r.extensions_mut().insert(LoggedByResponder);
+    Ok(r)
+}
+
+/// A request's id (`x-request-id`, given or made) and arrival, for the access log.
+#[derive(Clone, Debug)]
+pub struct RequestMeta {
+    pub id: String,
+    pub start: std::time::Instant,
+}
+
+/// Marks a response whose access-log line the responder writes (with tokens, at the end of
+/// the generation), so the access-log middleware does not write another.
+#[derive(Clone, Copy, Debug)]
+pub struct LoggedByResponder;
+
+impl RequestMeta {
+    /// The access-log line of a generation: never prompt or output text.
+    fn log_generation(&self, model: &str, usage: &UsageOut, stream: bool) {
+        tracing::info!(
+            target: "alora::access",
+            request_id = %self.id,
+            status = 200,
+            model = %model,
+            stream,
+            prompt_tokens = usage.prompt_tokens,
+            cached_tokens = usage.prompt_tokens_details.cached_tokens,
+            completion_tokens = usage.completion_tokens,
+            latency_ms = self.start.elapsed().as_millis() as u64,
+            "generation"
+        );
+    }
 }
 
 /// One finished choice.

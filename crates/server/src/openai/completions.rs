@@ -9,14 +9,18 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use super::common::{respond, submit, token_strings, token_text, Collected, Wire};
+use super::common::{respond, submit, token_strings, token_text, Collected, RequestMeta, Wire};
 use super::types::*;
 use super::validate;
 use crate::engine::{Finish, ModelInfo, TokenEvent};
 use crate::error::ApiError;
 use crate::state::AppState;
 
-pub async fn completions(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+pub async fn completions(
+    State(state): State<AppState>,
+    axum::Extension(meta): axum::Extension<RequestMeta>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let (v, info) =
         validate::prepare(&state, body, COMPLETION_FIELDS, validate::completion).await?;
     let rxs = submit(&state, &v)?;
@@ -34,7 +38,7 @@ pub async fn completions(State(state): State<AppState>, body: Bytes) -> Result<R
         echoes,
         info,
     };
-    respond(&state, &v, rxs, wire).await
+    respond(&state, &v, rxs, wire, meta).await
 }
 
 /// The text completion wire format.
