@@ -1359,3 +1359,21 @@ async fn request_ids_are_echoed_or_made() {
         "an over-long id is replaced"
     );
 }
+
+/// An emitted EOS counts as a completion token, as OpenAI and vLLM count it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emitted_eos_is_a_completion_token() {
+    let s = start(Opts::default()).await;
+    let (_, t) = s.post("/tokenize", json!({"prompt": "<|im_end|>"})).await;
+    let eos = t["tokens"][0].as_u64().unwrap();
+    let (st, v) = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": "ab", "max_tokens": 5, "logit_bias": {eos.to_string(): 100}}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["choices"][0]["text"], "");
+    assert_eq!(v["usage"]["completion_tokens"], 1, "{v}");
+}

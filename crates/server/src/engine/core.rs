@@ -352,6 +352,9 @@ impl Engine {
         let t = sampled.token;
         let pushed = s.output.push(&self.tokenizer, t);
         if !pushed.appended {
+            // An EOS or stop id ends the output; like OpenAI and vLLM, it counts as generated.
+            s.num_generated += 1;
+            m.generation_tokens.inc();
             return Ok(pushed.finish);
         }
         let mut finish = pushed.finish;
