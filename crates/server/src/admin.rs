@@ -11,12 +11,14 @@ use serde_json::json;
 use crate::engine::LoadState;
 use crate::error::ApiError;
 use crate::openai::types::ChatMessageIn;
-use crate::openai::validate::{parse_body, resolve_adapter};
+use crate::openai::validate::{messages, parse_body, resolve_adapter};
 use crate::state::AppState;
+use alora_model::text::prompt::{self, PromptAdapter};
 
 #[derive(Deserialize)]
 struct TokenizeReq {
     model: Option<String>,
+    adapter: Option<String>,
     prompt: Option<String>,
     messages: Option<Vec<ChatMessageIn>>,
     add_generation_prompt: Option<bool>,
@@ -27,30 +29,43 @@ pub async fn tokenize(State(state): State<AppState>, body: Bytes) -> Result<Resp
     state.prepare(move || tokenize_now(&st, &body)).await
 }
 
+/// The ids a request would run: with an aLoRA named (`adapter` or `model`), messages are
+/// rendered by the aLoRA rule (no generation prompt, then the invocation), and
+/// `activation_start` says where the adapter switches on (null when a prompt lacks the
+/// invocation, which `/v1/completions` would refuse).
 fn tokenize_now(state: &AppState, body: &Bytes) -> Result<Response, ApiError> {
     let req: TokenizeReq = parse_body(
         state,
         body,
-        &["model", "prompt", "messages", "add_generation_prompt"],
+        &[
+            "model",
+            "adapter",
+            "prompt",
+            "messages",
+            "add_generation_prompt",
+        ],
     )?;
     let info = state.info()?;
-    resolve_adapter(state, &info, req.model.as_deref(), None)?;
-    let text = match (req.prompt, req.messages) {
-        (Some(p), None) => p,
+    let (adapter, _) = resolve_adapter(state, &info, req.model.as_deref(), req.adapter.as_deref())?;
+    let kind = PromptAdapter::of(adapter.as_deref().map(|a| a.invocation_tokens()));
+    let internal = |e: alora_model::ModelError| ApiError::internal(e.to_string());
+    let p = match (req.prompt, req.messages) {
+        (Some(text), None) => {
+            let ids = info.tokenizer.encode(&text).map_err(internal)?;
+            prompt::ids_prompt(ids.clone(), kind).unwrap_or(prompt::Prompt {
+                ids,
+                activation_start: None,
+            })
+        }
         (None, Some(m)) => {
-            let msgs: Vec<alora_model::ChatMessage> = m
-                .into_iter()
-                .map(|m| alora_model::ChatMessage {
-                    role: m.role,
-                    content: match m.content {
-                        Some(crate::openai::types::MessageContent::Text(t)) => t,
-                        _ => String::new(),
-                    },
-                })
-                .collect();
-            info.template
-                .render(&msgs, req.add_generation_prompt.unwrap_or(true))
+            let msgs = messages(Some(m))?;
+            let opts = prompt::ChatOptions {
+                add_generation_prompt: req.add_generation_prompt,
+                ..Default::default()
+            };
+            prompt::chat_prompt_with(&info.template, &info.tokenizer, &msgs, kind, &opts)
                 .map_err(|e| ApiError::invalid("messages", e.to_string()))?
+                .1
         }
         _ => {
             return Err(ApiError::invalid(
@@ -59,14 +74,13 @@ fn tokenize_now(state: &AppState, body: &Bytes) -> Result<Response, ApiError> {
             ))
         }
     };
-    let tokens = info
-        .tokenizer
-        .encode(&text)
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    Ok(
-        Json(json!({"count": tokens.len(), "max_model_len": info.max_model_len, "tokens": tokens}))
-            .into_response(),
-    )
+    Ok(Json(json!({
+        "count": p.ids.len(),
+        "max_model_len": info.max_model_len,
+        "tokens": p.ids,
+        "activation_start": p.activation_start,
+    }))
+    .into_response())
 }
 
 #[derive(Deserialize)]

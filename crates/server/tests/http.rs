@@ -1377,3 +1377,38 @@ async fn an_emitted_eos_is_a_completion_token() {
     assert_eq!(v["choices"][0]["text"], "");
     assert_eq!(v["usage"]["completion_tokens"], 1, "{v}");
 }
+
+/// `/tokenize` with an aLoRA shows the ids its chat request runs: the conversation without a
+/// generation prompt, then the invocation, and where the adapter switches on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenize_shows_what_an_alora_request_runs() {
+    let s = start(Opts::default()).await;
+    let msgs = user("is it so?");
+    let (st, t) = s
+        .post("/tokenize", json!({"messages": msgs, "adapter": "alora"}))
+        .await;
+    assert_eq!(st, 200, "{t}");
+    let ids: Vec<u64> = serde_json::from_value(t["tokens"].clone()).unwrap();
+    assert_eq!(
+        &ids[ids.len() - 3..],
+        &[5, 6, 7],
+        "ends with the invocation"
+    );
+    assert_eq!(t["activation_start"], ids.len() - 3);
+    let (_, v) = s
+        .post(
+            "/v1/chat/completions",
+            json!({"messages": msgs, "adapter": "alora", "max_tokens": 1}),
+        )
+        .await;
+    assert_eq!(v["usage"]["prompt_tokens"], ids.len());
+    let (_, base) = s.post("/tokenize", json!({"messages": msgs})).await;
+    assert!(base["activation_start"].is_null());
+    let (_, p) = s
+        .post(
+            "/tokenize",
+            json!({"prompt": "xx abc yy", "model": "alora"}),
+        )
+        .await;
+    assert_eq!(p["activation_start"], 3);
+}

@@ -358,7 +358,8 @@ fn cache_key(
     }
 }
 
-fn messages(msgs: Option<Vec<ChatMessageIn>>) -> Result<Vec<ChatMessage>, ApiError> {
+/// Chat messages as text, checked (roles, text-only content).
+pub fn messages(msgs: Option<Vec<ChatMessageIn>>) -> Result<Vec<ChatMessage>, ApiError> {
     let msgs = msgs
         .filter(|m| !m.is_empty())
         .ok_or_else(|| ApiError::invalid("messages", "`messages` must be a non-empty list"))?;
