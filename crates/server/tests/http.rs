@@ -481,13 +481,7 @@ async fn api_key_is_required_when_set() {
         .unwrap();
     assert_eq!(r.status(), 200);
     // Health stays open for load balancers.
-    let r = s
-        .client
-        .get(format!("{}/health", s.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(s.get("/health").await.0, 200);
 }
 
 /// Streams parse with a standard SSE client, carry the same text as the non-streamed answer,
@@ -868,15 +862,7 @@ async fn client_extras_are_ignored_and_output_changers_refused() {
         )
         .await;
     assert_eq!(st, 200, "{got}");
-    let metrics = s
-        .client
-        .get(format!("{}/metrics", s.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.get("/metrics").await.1;
     for f in [
         "store",
         "metadata",

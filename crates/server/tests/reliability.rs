@@ -372,13 +372,7 @@ async fn case_02_stalled_clients_time_out_and_connections_are_bounded() {
         assert!(!got.contains("200 OK"), "{got}");
     }
     // The slots are free again.
-    let r = s
-        .client
-        .get(format!("{}/health", s.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(s.get("/health").await.0, 200);
 }
 
 /// 3. Per-token work is bounded by the request: 16 stop strings of 1,024 bytes in all still
@@ -606,15 +600,7 @@ async fn case_08_adapter_names_cannot_forge_metrics() {
         )
         .await;
     assert_eq!(st, 200, "{v}");
-    let text = s
-        .client
-        .get(format!("{}/metrics", s.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.get("/metrics").await.1;
     assert!(
         !text.lines().any(|l| l.starts_with("fake_metric")),
         "a forged line in /metrics"

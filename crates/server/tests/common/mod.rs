@@ -169,16 +169,20 @@ impl Server {
         )
     }
 
-    pub async fn metric(&self, name: &str) -> f64 {
-        let text = self
+    /// `GET path`: the status and the body text.
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let r = self
             .client
-            .get(format!("{}/metrics", self.url))
+            .get(format!("{}{path}", self.url))
             .send()
             .await
-            .unwrap()
-            .text()
-            .await
             .unwrap();
+        let status = r.status().as_u16();
+        (status, r.text().await.unwrap())
+    }
+
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self.get("/metrics").await.1;
         text.lines()
             .find_map(|l| {
                 l.strip_prefix(name)
