@@ -196,3 +196,18 @@ impl Server {
 pub fn user(text: &str) -> serde_json::Value {
     serde_json::json!([{"role": "user", "content": text}])
 }
+
+/// A chat response's first choice's content.
+pub fn content(v: &serde_json::Value) -> String {
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// A response's cached prompt tokens.
+pub fn cached(v: &serde_json::Value) -> u64 {
+    v["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap()
+}
