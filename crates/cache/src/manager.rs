@@ -48,6 +48,21 @@ pub struct PrefixHit {
     num_query_tokens: usize,
 }
 
+impl PrefixHit {
+    /// Keeps the whole blocks of the hit within the first `max_tokens` tokens (0: a miss).
+    pub fn truncate(&mut self, max_tokens: usize) {
+        let bs = match self.blocks.len() {
+            0 => return,
+            n => self.num_computed_tokens / n,
+        };
+        let keep = (max_tokens / bs).min(self.blocks.len());
+        self.blocks.truncate(keep);
+        self.hashes.truncate(keep);
+        self.num_computed_tokens = keep * bs;
+        self.num_base_tokens = self.num_base_tokens.min(self.num_computed_tokens);
+    }
+}
+
 /// The blocks one sequence holds, in position order. Dropping it returns them to the pool.
 #[derive(Debug)]
 pub struct SeqBlocks {

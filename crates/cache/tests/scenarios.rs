@@ -334,3 +334,33 @@ fn reset_prefix_cache_forgets_free_blocks_only() {
     m.free(held);
     m.check_invariants(&[0; 8]).unwrap();
 }
+
+#[test]
+fn a_truncated_hit_recomputes_into_new_blocks_and_keeps_the_cached_copies() {
+    let mut m = manager(8);
+    let toks: Vec<u32> = (0..9).collect();
+    let (a, _) = serve(&mut m, &toks, &RequestKey::base());
+    let mut hit = m.lookup(&toks, &RequestKey::base());
+    assert_eq!(hit.blocks, ids(&[0, 1]));
+    hit.truncate(5); // whole blocks within 5 tokens: one
+    assert_eq!(
+        (hit.blocks.clone(), hit.num_computed_tokens),
+        (ids(&[0]), 4)
+    );
+    hit.truncate(0);
+    assert_eq!(
+        (
+            hit.blocks.len(),
+            hit.num_computed_tokens,
+            hit.num_base_tokens
+        ),
+        (0, 0, 0)
+    );
+    // A miss by choice: fresh blocks, and committing them leaves the first copies canonical.
+    let mut b = m.allocate(hit, RequestKey::base(), toks.len()).unwrap();
+    assert!(b.blocks().iter().all(|id| !a.blocks().contains(id)));
+    m.commit(&mut b, &toks);
+    m.free(b);
+    assert_eq!(m.lookup(&toks, &RequestKey::base()).blocks, ids(&[0, 1]));
+    m.free(a);
+}

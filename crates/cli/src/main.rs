@@ -50,7 +50,8 @@ struct GenerateArgs {
     /// PEFT LoRA or aLoRA adapter directory.
     #[arg(long)]
     adapter: Option<PathBuf>,
-    /// Raw prompt text (no chat template).
+    /// Raw prompt text (no chat template), used as given: with an aLoRA it must contain the
+    /// invocation, as on /v1/completions.
     #[arg(long, conflicts_with = "chat")]
     prompt: Option<String>,
     /// A user message, rendered with the model's chat template.
@@ -121,12 +122,21 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         }
         None => None,
     };
-    // The server's prompt rule (alora_model::text::prompt): a chat renders with a generation
-    // prompt for base and LoRA, without one plus the invocation for an aLoRA; a raw prompt
-    // gets the invocation appended unless it already ends with it.
+    // The server's prompt rules (alora_model::text::prompt): a chat renders with a generation
+    // prompt for base and LoRA, without one plus the invocation for an aLoRA (as
+    // /v1/chat/completions does); a raw prompt is used as given and must hold an aLoRA's
+    // invocation (as /v1/completions requires).
     let kind = PromptAdapter::of(adapter.as_deref().map(|ad| ad.invocation_tokens()));
     let prompt = match (&a.prompt, &a.chat) {
-        (Some(p), None) => prompt::ids_prompt_appending(m.tokenizer.encode(p)?, kind),
+        (Some(p), None) => prompt::ids_prompt(m.tokenizer.encode(p)?, kind).map_err(|_| {
+            let inv = adapter.as_deref().and_then(|ad| ad.invocation_tokens());
+            let text = inv.map(|i| m.tokenizer.decode(i, false).unwrap_or_default());
+            anyhow::anyhow!(
+                "the prompt does not contain the aLoRA's invocation {:?} (tokens {:?});                  end the prompt with it, or use --chat, which appends it",
+                text.unwrap_or_default(),
+                inv.unwrap_or_default()
+            )
+        })?,
         (None, Some(c)) => {
             let msgs = [ChatMessage::new("user", c)];
             prompt::chat_prompt(&m.template, &m.tokenizer, &msgs, kind)?.1

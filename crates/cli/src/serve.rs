@@ -1,7 +1,7 @@
 //! `alora serve`: flags (each with an env var) -> server configuration -> run.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use alora_model::{LoadOptions, LoadedModel, QuantPolicy};
@@ -10,14 +10,22 @@ use anyhow::{bail, Context, Result};
 
 use crate::DEFAULT_MODEL;
 
+/// The demo aLoRA served with the default model (name, path from the repository root):
+/// trained by `scripts/train-demo.sh`, see demo/topic-alora/README.md.
+const DEMO_ADAPTER: (&str, &str) = ("topic", "demo/topic-alora");
+
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
     /// HF model directory or GGUF file.
     #[arg(long, env = "ALORA_MODEL", default_value = DEFAULT_MODEL)]
     model: PathBuf,
-    /// An adapter to serve, NAME=PATH (repeatable; env: comma-separated).
+    /// An adapter to serve, NAME=PATH (repeatable; env: comma-separated). Without any, the
+    /// default model is served with the repository's demo aLoRA, `topic=demo/topic-alora`.
     #[arg(long = "adapter", env = "ALORA_ADAPTERS", value_delimiter = ',')]
     adapters: Vec<String>,
+    /// Do not load the demo aLoRA by default.
+    #[arg(long)]
+    no_demo_adapter: bool,
     #[arg(long, env = "ALORA_HOST", default_value = "127.0.0.1")]
     host: String,
     #[arg(long, env = "ALORA_PORT", default_value_t = 8000)]
@@ -109,7 +117,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             a.model.display()
         );
     }
-    let adapters: Vec<(String, PathBuf)> = a
+    let mut adapters: Vec<(String, PathBuf)> = a
         .adapters
         .iter()
         .filter(|s| !s.is_empty())
@@ -119,6 +127,19 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 .with_context(|| format!("--adapter `{s}` must be NAME=PATH"))
         })
         .collect::<Result<_>>()?;
+    if adapters.is_empty() && !a.no_demo_adapter && a.model == Path::new(DEFAULT_MODEL) {
+        // The first adapter request of the README works without training anything.
+        let demo = Path::new(DEMO_ADAPTER.1);
+        if demo.join("adapter_config.json").exists() {
+            adapters.push((DEMO_ADAPTER.0.to_string(), demo.to_path_buf()));
+        }
+    }
+    // The base model's id when --served-model-name does not set one: its file name.
+    let model_id = a.served_model_name.clone().or_else(|| {
+        a.model
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+    });
     let mut names = std::collections::HashSet::new();
     for (n, _) in &adapters {
         if n.is_empty() {
@@ -127,7 +148,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         if !names.insert(n.as_str()) {
             bail!("two --adapter flags name `{n}`: each adapter needs its own name");
         }
-        if a.served_model_name.as_deref() == Some(n.as_str()) {
+        if model_id.as_deref() == Some(n.as_str()) {
             bail!("--adapter `{n}` has the name the base model is served under");
         }
     }

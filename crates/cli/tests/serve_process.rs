@@ -1,6 +1,6 @@
-//! The real `alora serve` process: SIGTERM (what `docker stop` and Kubernetes send) lets an
+//! The real `alora` binary. `serve`: SIGTERM (what `docker stop` and Kubernetes send) lets an
 //! in-flight stream run to its end and the process then exits 0; logs are at `info` by default
-//! and hold no prompt text unless `--log-prompts` is given.
+//! and hold no prompt text unless `--log-prompts` is given. `generate`: the prompt rules.
 
 #![cfg(unix)]
 
@@ -171,5 +171,41 @@ fn logs_hold_prompts_only_with_log_prompts() {
                 "prompt text in the default log: {text}"
             );
         }
+    }
+}
+
+/// `alora generate --prompt` with an aLoRA follows /v1/completions: a prompt without the
+/// invocation is refused (naming it), one holding it runs; `--chat` appends it.
+#[test]
+fn generate_with_an_alora_follows_the_completions_rule() {
+    let adapter =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/llama/alora");
+    let model = model_dir();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_alora"))
+            .args(["generate", "--max-tokens", "2", "--model"])
+            .arg(&model)
+            .arg("--adapter")
+            .arg(&adapter)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap()
+    };
+    let o = run(&["--prompt", "hello there"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("does not contain the aLoRA's invocation"),
+        "{err}"
+    );
+    for args in [
+        &["--prompt", "hello abc there"][..],
+        &["--chat", "hello there"],
+    ] {
+        let o = run(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{args:?}: {err}");
+        assert!(err.contains("generated"), "{err}");
     }
 }

@@ -1,8 +1,9 @@
 //! Replays request bodies recorded from real client libraries (openai-python, LangChain,
-//! LiteLLM, granite-common: `fixtures/clients/record.py`, versions in `versions.json`) over HTTP:
-//! each gets a 200 with the response shape its client parses (streamed or not), and where the
-//! request asks for a structured output the content parses under its schema. `MODEL` in a
-//! recording is the served base model, `ADAPTER` the fixture aLoRA.
+//! LiteLLM, granite-common, mellea, the OpenAI Agents SDK: `fixtures/clients/record.py`,
+//! versions in `versions.json`) over HTTP: each gets a 200 with the response shape its client
+//! parses (streamed or not), and where the request asks for a structured output the content
+//! parses under its schema. `MODEL` in a recording is the served base model, `ADAPTER` the
+//! fixture aLoRA, and so is mellea's `chat_template_kwargs.adapter_name` (`answerability`).
 
 mod common;
 
@@ -38,6 +39,14 @@ const NOT_YET: &[(&str, &[&str])] = &[
     ),
 ];
 
+/// Requests the engine has run with the fixture aLoRA (0 before the first).
+async fn alora_requests(s: &common::Server) -> f64 {
+    let text = s.get("/metrics").await.1;
+    text.lines()
+        .find_map(|l| l.strip_prefix("alora:adapter_requests_total{adapter=\"alora\"} "))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recorded_client_requests_are_served() {
     let s = start(Opts::default()).await;
@@ -48,7 +57,7 @@ async fn recorded_client_requests_are_served() {
         .filter(|p| p.extension().is_some_and(|e| e == "json") && !p.ends_with("versions.json"))
         .collect();
     files.sort();
-    assert!(files.len() >= 15, "{} recordings", files.len());
+    assert!(files.len() >= 17, "{} recordings", files.len());
     let mut structured = 0;
     for f in files {
         let name = f.file_stem().unwrap().to_str().unwrap().to_string();
@@ -60,13 +69,18 @@ async fn recorded_client_requests_are_served() {
                 .to_string()
                 .replace("\"MODEL\"", &format!("\"{base}\""))
                 .replace("\"ADAPTER\"", "\"alora\"")
-                .replace("\"openai/MODEL\"", &format!("\"{base}\""));
+                .replace("\"openai/MODEL\"", &format!("\"{base}\""))
+                .replace(
+                    "\"adapter_name\":\"answerability\"",
+                    "\"adapter_name\":\"alora\"",
+                );
             let mut body: Value = serde_json::from_str(&text).unwrap();
             // Clients that leave sampling random are pinned to a seed, so each run replays
             // the same outputs (the recording itself is unchanged otherwise).
             if body.get("seed").is_none() {
                 body["seed"] = serde_json::json!(7);
             }
+            let adapter_calls = alora_requests(&s).await;
             let resp = s
                 .client
                 .post(format!("{}{path}", s.url))
@@ -150,6 +164,14 @@ async fn recorded_client_requests_are_served() {
                     ch["finish_reason"].as_str().unwrap().to_string(),
                 )
             };
+            // Every way of naming the aLoRA (model, adapter_name) reached it.
+            let names_alora = text.contains("\"alora\"");
+            let after = alora_requests(&s).await;
+            assert_eq!(
+                after > adapter_calls,
+                names_alora,
+                "{name}: aLoRA requests {adapter_calls} -> {after}"
+            );
             if let Some(schema) = schema_of(&body) {
                 structured += 1;
                 // JSON mode allows any object, so a random model may run to the limit; a

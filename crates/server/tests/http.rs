@@ -802,3 +802,167 @@ async fn a_dead_engine_is_503_on_health_and_requests() {
         assert_eq!(v["error"]["type"], "service_unavailable", "{path}: {v}");
     }
 }
+
+/// `echo` with `logprobs` scores the prompt (the first token gets `null`s), as vLLM and
+/// OpenAI's legacy completions do. Each score equals what a one-token completion of the prompt
+/// up to that point reports for that token when `logit_bias` forces it (log-probabilities are
+/// taken before the bias), for the base model and for an aLoRA on both sides of its
+/// invocation, across prefill chunks (64 tokens here) and whatever the prefix cache holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_with_logprobs_scores_the_prompt() {
+    let s = start(Opts::default()).await;
+    let text =
+        "the quick brown fox jumps over the lazy dog, abc then sleeps in the sun all day long";
+    let (_, t) = s.post("/tokenize", json!({"prompt": text})).await;
+    let ids: Vec<u64> = t["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert!(ids.len() > 64, "spans two prefill chunks");
+    let inv_end = text.find("abc").unwrap() + 3; // one character per token
+                                                 // The prefix is in the cache before the scoring request: it must not be used.
+    let (st, _) = s
+        .post("/v1/completions", json!({"prompt": text, "max_tokens": 1}))
+        .await;
+    assert_eq!(st, 200);
+    for adapter in [None, Some("alora")] {
+        let mut body = json!({"prompt": text, "echo": true, "logprobs": 3, "max_tokens": 0});
+        if let Some(a) = adapter {
+            body["adapter"] = json!(a);
+        }
+        let (st, v) = s.post("/v1/completions", body.clone()).await;
+        assert_eq!(st, 200, "{v}");
+        let c = &v["choices"][0];
+        assert_eq!(c["text"], text);
+        assert_eq!(c["finish_reason"], "length");
+        assert_eq!(v["usage"]["completion_tokens"], 0);
+        assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+        let lp = &c["logprobs"];
+        let tokens: Vec<&str> = lp["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        assert_eq!(tokens.len(), ids.len());
+        assert_eq!(tokens.concat(), text);
+        assert!(lp["token_logprobs"][0].is_null() && lp["top_logprobs"][0].is_null());
+        let offsets: Vec<u64> = lp["text_offset"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o.as_u64().unwrap())
+            .collect();
+        assert_eq!(offsets[0], 0);
+        assert_eq!(
+            offsets[ids.len() - 1] as usize,
+            text.len() - tokens.last().unwrap().len()
+        );
+
+        // Position k is scored by row k - 1. Rows before the invocation are the base model's
+        // in an aLoRA prompt, so the base model is the reference there; rows from the
+        // invocation on need a prefix holding all of it (none can stand for the rows inside it).
+        for k in [
+            1,
+            2,
+            30,
+            inv_end - 3,
+            inv_end,
+            inv_end + 1,
+            63,
+            64,
+            65,
+            ids.len() - 1,
+        ] {
+            let mut one = json!({"prompt": &ids[..k], "max_tokens": 1, "logprobs": 3,
+                                 "logit_bias": {ids[k].to_string(): 100}, "temperature": 0});
+            if let Some(a) = adapter.filter(|_| k >= inv_end) {
+                one["adapter"] = json!(a);
+            }
+            let (st, r) = s.post("/v1/completions", one).await;
+            assert_eq!(st, 200, "{r}");
+            let want = r["choices"][0]["logprobs"]["token_logprobs"][0]
+                .as_f64()
+                .unwrap();
+            let got = lp["token_logprobs"][k].as_f64().unwrap();
+            assert!(
+                (got - want).abs() < 1e-4,
+                "{adapter:?} position {k}: {got} vs {want}"
+            );
+            let keys = |m: &Value| {
+                let mut k: Vec<String> = m.as_object().unwrap().keys().cloned().collect();
+                k.sort();
+                k
+            };
+            assert_eq!(
+                keys(&lp["top_logprobs"][k]),
+                keys(&r["choices"][0]["logprobs"]["top_logprobs"][0]),
+                "{adapter:?} position {k}"
+            );
+        }
+
+        // Streamed: the echo comes first, with the same scores.
+        body["stream"] = json!(true);
+        let r = s
+            .client
+            .post(format!("{}/v1/completions", s.url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let mut events = r.bytes_stream().eventsource();
+        let first = events.next().await.unwrap().unwrap();
+        let first: Value = serde_json::from_str(&first.data).unwrap();
+        assert_eq!(first["choices"][0]["text"], text);
+        assert_eq!(first["choices"][0]["logprobs"]["tokens"], lp["tokens"]);
+        let a = first["choices"][0]["logprobs"]["token_logprobs"]
+            .as_array()
+            .unwrap();
+        for (x, y) in a
+            .iter()
+            .zip(lp["token_logprobs"].as_array().unwrap())
+            .skip(1)
+        {
+            assert!((x.as_f64().unwrap() - y.as_f64().unwrap()).abs() < 1e-4);
+        }
+    }
+
+    // With generation after the scored prompt, the output's entries follow the prompt's.
+    let (st, v) = s
+        .post("/v1/completions", json!({"prompt": "abc", "echo": true, "logprobs": 1, "max_tokens": 2, "ignore_eos": true}))
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let lp = &v["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), 5);
+    let joined: String = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(joined, v["choices"][0]["text"].as_str().unwrap());
+    assert_eq!(lp["text_offset"][3], 3);
+
+    // `max_tokens: 0` only with `echo`.
+    let (st, v) = s
+        .post("/v1/completions", json!({"prompt": "abc", "max_tokens": 0}))
+        .await;
+    assert_eq!(
+        (st, v["error"]["param"].as_str()),
+        (400, Some("max_tokens")),
+        "{v}"
+    );
+    let (st, v) = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": "abc", "max_tokens": 0, "echo": true}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"], "abc");
+    assert!(v["choices"][0]["logprobs"].is_null());
+    // No block is left behind by any of it.
+    assert_eq!(s.metric("alora:kv_blocks_in_use").await, 0.0);
+}

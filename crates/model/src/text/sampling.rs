@@ -87,6 +87,29 @@ fn log_softmax(x: &[f32]) -> Vec<f32> {
     x.iter().map(|v| v - lse).collect()
 }
 
+/// The `k` most likely tokens of log-probabilities `lp`, best first.
+fn top_k(lp: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut idx: Vec<u32> = (0..lp.len() as u32).collect();
+    let k = k.min(idx.len());
+    if k > 0 {
+        idx.select_nth_unstable_by(k - 1, |a, b| lp[*b as usize].total_cmp(&lp[*a as usize]));
+    }
+    let mut top: Vec<(u32, f32)> = idx[..k].iter().map(|&i| (i, lp[i as usize])).collect();
+    top.sort_by(|a, b| b.1.total_cmp(&a.1));
+    top
+}
+
+/// The raw log-probability of `token` under `logits` ([vocab]) and the `k` most likely
+/// tokens (prompt scoring; the same numbers a sampled token's `logprobs` report).
+pub fn token_logprobs(logits: &[f32], token: u32, k: usize) -> (f32, Vec<(u32, f32)>) {
+    let lp = log_softmax(logits);
+    let top = top_k(&lp, k);
+    (
+        lp.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY),
+        top,
+    )
+}
+
 fn argmax(x: &[f32]) -> u32 {
     let mut best = 0;
     for (i, v) in x.iter().enumerate() {
@@ -132,16 +155,7 @@ impl Sampler {
         let (logprob_src, top) = match p.logprobs {
             Some(k) => {
                 let lp = log_softmax(logits);
-                let mut idx: Vec<u32> = (0..lp.len() as u32).collect();
-                let k = k.min(idx.len());
-                if k > 0 {
-                    idx.select_nth_unstable_by(k - 1, |a, b| {
-                        lp[*b as usize].total_cmp(&lp[*a as usize])
-                    });
-                }
-                let mut top: Vec<(u32, f32)> =
-                    idx[..k].iter().map(|&i| (i, lp[i as usize])).collect();
-                top.sort_by(|a, b| b.1.total_cmp(&a.1));
+                let top = top_k(&lp, k);
                 (Some(lp), top)
             }
             None => (None, vec![]),

@@ -169,7 +169,9 @@ impl Engine {
                     })
                     .inc();
                 let prompt = std::mem::take(&mut seq.prompt);
-                self.sched.add(seq.id, prompt, seq.key.clone());
+                let reuse_prefix = seq.prompt_scores.is_none();
+                self.sched
+                    .add_with(seq.id, prompt, seq.key.clone(), reuse_prefix);
                 self.seqs.insert(seq.id, seq);
             }
             Msg::ResetPrefixCache(tx) => {
@@ -240,8 +242,8 @@ impl Engine {
         };
         match result {
             Ok((rows, ranges)) => {
-                let last: Vec<&[f32]> = ranges.iter().map(|r| rows[r.end - 1].as_slice()).collect();
-                self.complete(out, &out.scheduled.iter().collect::<Vec<_>>(), &last);
+                let per_seq: Vec<&[Vec<f32>]> = ranges.iter().map(|r| &rows[r.clone()]).collect();
+                self.complete(out, &out.scheduled.iter().collect::<Vec<_>>(), &per_seq);
             }
             Err(e) if out.scheduled.len() == 1 => {
                 tracing::error!(seq = out.scheduled[0].id, "forward failed: {e}");
@@ -272,8 +274,8 @@ impl Engine {
                         }
                     }
                 }
-                let last: Vec<&[f32]> = logits.iter().map(Vec::as_slice).collect();
-                self.complete(out, &ok, &last);
+                let per_seq: Vec<&[Vec<f32>]> = logits.iter().map(Vec::as_slice).collect();
+                self.complete(out, &ok, &per_seq);
             }
         }
     }
@@ -281,33 +283,98 @@ impl Engine {
     /// Batch row for one scheduled piece of work.
     fn seq_step(&self, sch: &Scheduled) -> SeqStep<'_> {
         let s = self.sched.seq(sch.id).expect("scheduled sequences run");
+        let seq = &self.seqs[&sch.id];
         SeqStep {
             tokens: &s.tokens()[sch.start_pos..sch.start_pos + sch.num_tokens],
             start_pos: sch.start_pos,
-            adapter: self.seqs[&sch.id].active.clone(),
+            adapter: seq.active.clone(),
             block_table: s.block_table(),
-            all_logits: false,
+            // A prompt being scored needs every row's logits (each scores the next token).
+            all_logits: seq.prompt_scores.is_some(),
         }
     }
 
-    /// One sequence's forward alone (the retry after a failed batch): its last logits row.
-    fn forward_one(&self, sch: &Scheduled) -> alora_model::Result<Vec<f32>> {
+    /// One sequence's forward alone (the retry after a failed batch): its logits rows.
+    fn forward_one(&self, sch: &Scheduled) -> alora_model::Result<Vec<Vec<f32>>> {
         let l = self.model.forward(&[self.seq_step(sch)], &self.kv)?;
-        let mut rows = l.logits.to_vec2::<f32>()?;
-        let end = l.rows[0].end;
-        Ok(std::mem::take(&mut rows[end - 1]))
+        let rows = l.logits.to_vec2::<f32>()?;
+        Ok(rows)
     }
 
-    /// After a forward: books the computed tokens (of the sequences still here) and samples
-    /// where a prompt is done; `ran[i]`'s last logits row is `last[i]`.
-    fn complete(&mut self, out: &SchedulerOutput, ran: &[&Scheduled], last: &[&[f32]]) {
+    /// After a forward: books the computed tokens (of the sequences still here), scores
+    /// prompts that ask for it, and samples where a prompt is done; `rows[i]` are `ran[i]`'s
+    /// logits rows (its last token's, or every token's when it scores its prompt).
+    fn complete(&mut self, out: &SchedulerOutput, ran: &[&Scheduled], rows: &[&[Vec<f32>]]) {
         self.sched.computed(out);
-        for (sch, logits) in ran.iter().zip(last) {
+        for (sch, rows) in ran.iter().zip(rows) {
+            self.score_prompt(sch, rows);
             if !sch.samples {
                 continue; // mid-prefill chunk
             }
-            if let Some(f) = self.on_token(sch, logits) {
+            let Some(s) = self.seqs.get_mut(&sch.id) else {
+                continue;
+            };
+            if let Some((_, scores)) = s.prompt_scores.take() {
+                let _ = s.tx.send(Event::Prompt(scores));
+            }
+            if s.output.is_empty_limit() {
+                // `max_tokens: 0` (prompt scoring, echo): the prompt has run, nothing more.
+                self.finish(sch.id, Finish::Length);
+                continue;
+            }
+            let Some(last) = rows.last() else { continue };
+            if let Some(f) = self.on_token(sch, last) {
                 self.finish(sch.id, f);
+            }
+        }
+    }
+
+    /// Scores the prompt tokens this step's rows predict (row j, at position p, scores the
+    /// token at p + 1). Positions already scored (a chunk re-run after preemption) are skipped.
+    fn score_prompt(&mut self, sch: &Scheduled, rows: &[Vec<f32>]) {
+        let Some(s) = self.seqs.get_mut(&sch.id) else {
+            return;
+        };
+        let Some((k, scores)) = &mut s.prompt_scores else {
+            return;
+        };
+        let Some(tokens) = self.sched.seq(sch.id).map(|q| q.tokens()) else {
+            return;
+        };
+        let prompt = &tokens[..s.num_prompt];
+        if scores.is_empty() {
+            scores.push(TokenEvent {
+                id: prompt[0],
+                text: String::new(),
+                logprob: None,
+                top: vec![],
+            });
+        }
+        for (j, row) in rows.iter().enumerate() {
+            let target = sch.start_pos + j + 1;
+            if target != scores.len() || target >= prompt.len() {
+                continue;
+            }
+            let (logprob, top) = alora_model::sampling::token_logprobs(row, prompt[target], *k);
+            scores.push(TokenEvent {
+                id: prompt[target],
+                text: String::new(),
+                logprob: Some(logprob),
+                top,
+            });
+        }
+        if scores.len() == prompt.len() {
+            // Each token's share of the prompt text, as the output's tokens get theirs.
+            let mut dec = alora_model::IncrementalDecoder::new(false);
+            for t in scores.iter_mut() {
+                t.text = dec
+                    .push(&self.tokenizer, t.id)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default();
+            }
+            if let (Some(last), Ok(Some(rest))) = (scores.last_mut(), dec.flush(&self.tokenizer)) {
+                last.text.push_str(&rest);
             }
         }
     }

@@ -15,6 +15,11 @@ pub struct GenRequest {
     /// when the prompt was built): `None` runs the base model.
     pub activation_start: Option<usize>,
     pub sampling: SamplingParams,
+    /// Score the prompt: each prompt token's log-probability and this many alternatives
+    /// (`/v1/completions` with `echo` and `logprobs`). The whole prompt is then computed,
+    /// whatever the prefix cache holds.
+    pub prompt_logprobs: Option<usize>,
+    /// 0 (only with `prompt_logprobs` or `echo`): run the prompt, generate nothing.
     pub max_tokens: usize,
     pub stop: Vec<String>,
     pub stop_token_ids: Vec<u32>,
@@ -56,6 +61,9 @@ pub struct TokenEvent {
 /// The stream of events of one request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// The prompt's tokens, scored (only with `prompt_logprobs`), once the prompt has run and
+    /// before any generated token. The first has no log-probability.
+    Prompt(Vec<TokenEvent>),
     Token(TokenEvent),
     /// Text released at the end (held-back bytes), then the finish.
     Done {

@@ -42,6 +42,10 @@ pub(crate) struct SchedSeq {
     key: RequestKey,
     /// Admitted at least once (a preempted sequence is re-admitted, not new).
     admitted: bool,
+    /// Takes prefix-cache hits at admission. False for a request that scores its prompt
+    /// (`echo` with `logprobs`): every prompt position must run to give its logits. Its
+    /// blocks are still registered for others.
+    reuse_prefix: bool,
 }
 
 impl SchedSeq {
@@ -114,7 +118,14 @@ impl Scheduler {
     }
 
     /// Queues a new sequence behind the waiting ones.
+    #[cfg(test)]
     pub fn add(&mut self, id: u64, prompt: Vec<u32>, key: RequestKey) {
+        self.add_with(id, prompt, key, true);
+    }
+
+    /// Queues a new sequence behind the waiting ones; `reuse_prefix: false` computes the whole prompt even where the
+    /// prefix cache holds it (vLLM does the same for prompt logprobs).
+    pub fn add_with(&mut self, id: u64, prompt: Vec<u32>, key: RequestKey, reuse_prefix: bool) {
         self.waiting.push_back(SchedSeq {
             id,
             tokens: prompt,
@@ -122,6 +133,7 @@ impl Scheduler {
             blocks: None,
             key,
             admitted: false,
+            reuse_prefix,
         });
     }
 
@@ -197,7 +209,10 @@ impl Scheduler {
         }
         while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
             let Some(s) = self.waiting.front() else { break };
-            let hit = self.cache.lookup(&s.tokens, &s.key);
+            let mut hit = self.cache.lookup(&s.tokens, &s.key);
+            if !s.reuse_prefix {
+                hit.truncate(0);
+            }
             let cached = hit.num_computed_tokens;
             let n = (s.tokens.len() - cached).min(budget);
             let Some(blocks) = self.cache.allocate(hit, s.key.clone(), cached + n) else {

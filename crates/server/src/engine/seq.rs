@@ -7,7 +7,7 @@ use std::time::Instant;
 use alora_cache::RequestKey;
 use alora_model::{ActiveAdapter, OutputLimits, OutputStream, Sampler};
 
-use super::request::{EventTx, GenRequest};
+use super::request::{EventTx, GenRequest, TokenEvent};
 
 pub(crate) struct Seq {
     pub id: u64,
@@ -25,6 +25,9 @@ pub(crate) struct Seq {
     pub output: OutputStream,
     /// A structured output's grammar: masks each step's logits, advanced per token.
     pub constraint: Option<alora_model::grammar::Constraint>,
+    /// The prompt's scores so far, while the prompt is being scored (`prompt_logprobs`):
+    /// alternatives per token, and one entry per prompt token scored, in order.
+    pub prompt_scores: Option<(usize, Vec<TokenEvent>)>,
     pub tx: EventTx,
     pub arrival: Instant,
     pub last_token_at: Option<Instant>,
@@ -70,6 +73,7 @@ impl Seq {
         Seq {
             id,
             constraint: req.constraint,
+            prompt_scores: req.prompt_logprobs.map(|k| (k, Vec::new())),
             num_prompt: req.prompt.len(),
             prompt: req.prompt,
             num_generated: 0,

@@ -79,6 +79,10 @@ fn check_queue_bounds(state: &AppState, v: &Validated) -> Result<(), ApiError> {
 pub trait Wire: Send + Sync + 'static {
     /// Stream payloads before any token (chat: the role deltas; completions: echoes).
     fn opening(&self, choices: usize) -> Vec<String>;
+    /// The stream payload of the scored prompt (`Event::Prompt`), if it has one to send.
+    fn prompt(&self, _choice: usize, _tokens: Vec<TokenEvent>) -> Option<String> {
+        None
+    }
     /// The stream payload of a token, if it has one to send.
     fn token(&self, choice: usize, t: TokenEvent) -> Option<String>;
     /// The stream payload that ends a choice: held-back text and the finish reason.
@@ -117,6 +121,7 @@ pub async fn respond<W: Wire>(
         state.config.request_timeout,
         move || st.dropped_request(),
         move |i, ev| match ev {
+            Event::Prompt(p) => w1.prompt(i, p).into_iter().collect(),
             Event::Token(t) => w1.token(i, t).into_iter().collect(),
             Event::Done { text, finish, .. } => vec![w1.done(i, text, finish)],
             Event::Error(e) => vec![ApiError::from(e).body_json()],
@@ -167,6 +172,8 @@ impl RequestMeta {
 
 /// One finished choice.
 pub struct Collected {
+    /// The scored prompt, when asked (`Event::Prompt`); else empty.
+    pub prompt: Vec<TokenEvent>,
     pub text: String,
     pub tokens: Vec<TokenEvent>,
     pub finish: Finish,
@@ -178,8 +185,10 @@ pub struct Collected {
 async fn collect(mut rx: UnboundedReceiver<Event>) -> Option<Result<Collected, ApiError>> {
     let mut text = String::new();
     let mut tokens = Vec::new();
+    let mut prompt = Vec::new();
     while let Some(ev) = rx.recv().await {
         match ev {
+            Event::Prompt(p) => prompt = p,
             Event::Token(t) => {
                 text.push_str(&t.text);
                 tokens.push(t);
@@ -191,6 +200,7 @@ async fn collect(mut rx: UnboundedReceiver<Event>) -> Option<Result<Collected, A
             } => {
                 text.push_str(&rest);
                 return Some(Ok(Collected {
+                    prompt,
                     text,
                     tokens,
                     finish,

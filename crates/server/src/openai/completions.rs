@@ -81,12 +81,19 @@ impl CompletionWire {
 
 impl Wire for CompletionWire {
     fn opening(&self, _choices: usize) -> Vec<String> {
+        // A scored echo (with `logprobs`) comes with its log-probabilities in `prompt`.
         let echoed = self
             .echoes
             .iter()
             .enumerate()
-            .filter(|(_, e)| !e.is_empty());
+            .filter(|(_, e)| !e.is_empty() && !self.logprobs);
         echoed.map(|(i, e)| self.text(i, e.clone(), None)).collect()
+    }
+
+    fn prompt(&self, index: usize, tokens: Vec<TokenEvent>) -> Option<String> {
+        let echo = &self.echoes[index];
+        let lp = logprobs_of(&self.info, &tokens, echo, 0);
+        Some(self.text(index, echo.clone(), Some(lp)))
     }
 
     fn token(&self, index: usize, t: TokenEvent) -> Option<String> {
@@ -119,11 +126,14 @@ impl Wire for CompletionWire {
             .enumerate()
             .map(|(index, c)| {
                 let echo = &self.echoes[index];
+                let logprobs = self.logprobs.then(|| {
+                    let mut lp = logprobs_of(&self.info, &c.prompt, echo, 0);
+                    lp.append(logprobs_of(&self.info, &c.tokens, &c.text, echo.len()));
+                    lp
+                });
                 CompletionChoice {
                     index,
-                    logprobs: self
-                        .logprobs
-                        .then(|| logprobs_of(&self.info, &c.tokens, &c.text, echo.len())),
+                    logprobs,
                     text: format!("{echo}{}", c.text),
                     finish_reason: Some(c.finish.as_str()),
                 }
@@ -133,7 +143,9 @@ impl Wire for CompletionWire {
     }
 }
 
-/// `text`: the choice's output (echo excluded); the `tokens` join to it (`token_strings`).
+/// `text`: what the `tokens` join to (`token_strings`): the choice's output, or the echoed
+/// prompt for the scored prompt tokens; `offset0` is where `text` starts in the choice's text.
+/// A token without a log-probability (the prompt's first) gets `null`s.
 fn logprobs_of(
     info: &ModelInfo,
     tokens: &[TokenEvent],
@@ -146,13 +158,13 @@ fn logprobs_of(
         lp.text_offset.push(offset);
         offset += tok.len();
         lp.tokens.push(tok);
-        lp.token_logprobs.push(t.logprob.unwrap_or(0.0));
-        lp.top_logprobs.push(
+        lp.token_logprobs.push(t.logprob);
+        lp.top_logprobs.push(t.logprob.map(|_| {
             t.top
                 .iter()
                 .map(|(id, l)| (token_text(info, *id).0, *l))
-                .collect(),
-        );
+                .collect()
+        }));
     }
     lp
 }

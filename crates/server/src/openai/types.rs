@@ -307,9 +307,20 @@ pub struct ChatChunk {
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
-    pub token_logprobs: Vec<f32>,
-    pub top_logprobs: Vec<HashMap<String, f32>>,
+    /// `null` for the first prompt token of an `echo` (nothing precedes it).
+    pub token_logprobs: Vec<Option<f32>>,
+    pub top_logprobs: Vec<Option<HashMap<String, f32>>>,
     pub text_offset: Vec<usize>,
+}
+
+impl CompletionLogprobs {
+    /// Appends `other`'s entries (the output's after the scored prompt's).
+    pub fn append(&mut self, mut other: CompletionLogprobs) {
+        self.tokens.append(&mut other.tokens);
+        self.token_logprobs.append(&mut other.token_logprobs);
+        self.top_logprobs.append(&mut other.top_logprobs);
+        self.text_offset.append(&mut other.text_offset);
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -250,6 +250,7 @@ pub fn chat(
         ("messages", prompt.ids.len()),
         (param, limit),
         info.max_model_len,
+        1,
     )?;
     let request = gen.request(prompt, adapter, max_tokens, req.cache_salt);
     Ok(Validated {
@@ -321,8 +322,11 @@ pub fn completion(
             ("prompt", p.ids.len()),
             ("max_tokens", req.max_tokens),
             info.max_model_len,
+            if req.echo { 0 } else { 1 },
         )?;
-        let request = gen.request(p, adapter.clone(), max_tokens, req.cache_salt.clone());
+        let mut request = gen.request(p, adapter.clone(), max_tokens, req.cache_salt.clone());
+        // `echo` with `logprobs`: the prompt tokens are scored too (the first has none).
+        request.prompt_logprobs = logprobs.filter(|_| req.echo);
         let echo = if req.echo { text } else { String::new() };
         prompts.push(ValidPrompt { request, echo });
     }
@@ -610,6 +614,7 @@ impl Generation {
             adapter,
             cache_key,
             sampling: self.sampling.clone(),
+            prompt_logprobs: None,
             max_tokens,
             stop: self.stop.clone(),
             stop_token_ids: self.stop_token_ids.clone(),
@@ -773,10 +778,12 @@ fn sampling(s: &Sampling, logprobs: Option<usize>, vocab: usize) -> Result<Gener
 
 /// The output limit against the context: prompt + limit must fit in `max_model_len`.
 /// `prompt` and `limit` are (field name, value), so errors name the field the client sent.
+/// `min_tokens`: the least `max_tokens` allowed (0 for a completion with `echo`).
 fn lengths(
     (prompt_param, prompt_len): (&str, usize),
     (param, max_tokens): (&str, Option<i64>),
     max_model_len: usize,
+    min_tokens: i64,
 ) -> Result<usize, ApiError> {
     if prompt_len == 0 {
         return Err(ApiError::invalid(prompt_param, "The prompt is empty"));
@@ -792,7 +799,13 @@ fn lengths(
     }
     match max_tokens {
         None => Ok(max_model_len - prompt_len),
-        Some(m) if m < 1 => Err(ApiError::invalid(param, format!("`{param}` must be >= 1, got {m}"))),
+        Some(m) if m < min_tokens => Err(ApiError::invalid(
+            param,
+            match min_tokens {
+                0 => format!("`{param}` must be >= 0, got {m}"),
+                _ => format!("`{param}` must be >= 1 (0 only with `echo` on /v1/completions), got {m}"),
+            },
+        )),
         Some(m) if prompt_len + m as usize > max_model_len => Err(ApiError::invalid(
             param,
             format!(
@@ -811,14 +824,23 @@ mod tests {
 
     #[test]
     fn errors_name_the_field_the_client_sent() {
-        let e = lengths(("prompt", 10), ("max_tokens", None), 10).unwrap_err();
+        let e = lengths(("prompt", 10), ("max_tokens", None), 10, 1).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("prompt"));
-        let e = lengths(("messages", 4), ("max_completion_tokens", Some(7)), 10).unwrap_err();
+        let e = lengths(("messages", 4), ("max_completion_tokens", Some(7)), 10, 1).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("max_completion_tokens"));
-        assert_eq!(lengths(("prompt", 4), ("max_tokens", None), 10).unwrap(), 6);
         assert_eq!(
-            lengths(("prompt", 4), ("max_tokens", Some(6)), 10).unwrap(),
+            lengths(("prompt", 4), ("max_tokens", None), 10, 1).unwrap(),
             6
+        );
+        assert_eq!(
+            lengths(("prompt", 4), ("max_tokens", Some(6)), 10, 1).unwrap(),
+            6
+        );
+        let e = lengths(("prompt", 4), ("max_tokens", Some(0)), 10, 1).unwrap_err();
+        assert!(e.message.contains("only with `echo`"), "{}", e.message);
+        assert_eq!(
+            lengths(("prompt", 4), ("max_tokens", Some(0)), 10, 0).unwrap(),
+            0
         );
     }
 }
