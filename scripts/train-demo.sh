@@ -11,6 +11,6 @@ cd "$(dirname "$0")/.."
 cargo run --release -p alora -- train \
   --data demo/topic/train.jsonl --val demo/topic/val.jsonl \
   --invocation $'<|im_start|>topic\n' \
-  --rank 8 --alpha 8 --targets q_proj,k_proj,v_proj \
+  --rank 8 --alpha 32 --targets q_proj,k_proj,v_proj \
   --lr 5e-4 --epochs 1 --eval-steps 25 \
   --out "${OUT:-demo/topic-adapter}" --test demo/topic/test.jsonl "$@"

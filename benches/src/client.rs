@@ -24,6 +24,8 @@ pub struct Target {
     pub adapter_field: AdapterField,
     pub ignore_eos: bool,
     pub timeout: Duration,
+    /// Fields merged into every request body last (`--extra-body`), e.g. a structured output.
+    pub extra_body: serde_json::Map<String, Value>,
 }
 
 /// What one request measured. Times are seconds.
@@ -110,6 +112,9 @@ impl Client {
         b.insert("stream_options".into(), json!({"include_usage": true}));
         if self.target.ignore_eos {
             b.insert("ignore_eos".into(), json!(true));
+        }
+        for (k, v) in &self.target.extra_body {
+            b.insert(k.clone(), v.clone());
         }
         b
     }

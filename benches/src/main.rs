@@ -109,6 +109,11 @@ struct RunArgs {
     /// Per-request timeout, seconds.
     #[arg(long, default_value_t = 600.0)]
     timeout: f64,
+    /// A JSON object merged into every request body, e.g.
+    /// '{"response_format": {"type": "json_schema", "json_schema": {...}}}' to measure
+    /// structured outputs (vLLM's `bench serve --extra-body`).
+    #[arg(long, value_parser = parse_object)]
+    extra_body: Option<serde_json::Map<String, serde_json::Value>>,
     /// Name of this run in tables and plots.
     #[arg(long, default_value = "run")]
     label: String,
@@ -120,6 +125,14 @@ struct RunArgs {
     no_progress: bool,
 }
 
+fn parse_object(s: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    match serde_json::from_str(s) {
+        Ok(serde_json::Value::Object(m)) => Ok(m),
+        Ok(_) => Err("--extra-body must be a JSON object".into()),
+        Err(e) => Err(format!("--extra-body is not JSON: {e}")),
+    }
+}
+
 async fn run(a: RunArgs) -> anyhow::Result<()> {
     let slo = Slo::parse(&a.goodput)?;
     let mut target = Target {
@@ -129,6 +142,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         adapter_field: a.adapter_field,
         ignore_eos: !a.no_ignore_eos,
         timeout: Duration::from_secs_f64(a.timeout),
+        extra_body: a.extra_body.clone().unwrap_or_default(),
     };
     if target.model.is_empty() {
         target.model = Client::new(target.clone())?

@@ -19,6 +19,7 @@ async fn target(url: &str, field: AdapterField) -> Target {
         adapter_field: field,
         ignore_eos: true,
         timeout: Duration::from_secs(120),
+        extra_body: Default::default(),
     };
     t.model = Client::new(t.clone()).unwrap().first_model().await.unwrap();
     t
@@ -173,11 +174,23 @@ async fn random_and_mixed_workloads_open_and_closed_loop() {
         max_concurrency: Some(3),
         ..closed(0, 6)
     };
-    let out = go(&t, w, &open).await;
+    let out = go(&t, w.clone(), &open).await;
     assert_eq!(out.records.len(), 6);
     let r = Report::new("random".into(), serde_json::json!({}), out, Slo::default());
     assert_eq!(r.total_output_tokens, 6 * 5);
     assert!(r.all.itl_ms.count >= 6 * 4 / 2, "{:?}", r.all.itl_ms);
+
+    // `--extra-body` reaches every request: a structured output that fixes the text.
+    let mut ts = t.clone();
+    ts.extra_body = serde_json::json!({"structured_outputs": {"regex": "ab"}})
+        .as_object()
+        .unwrap()
+        .clone();
+    let out = go(&ts, w, &closed(2, 4)).await;
+    assert_eq!(out.records.len(), 4);
+    for r in &out.records {
+        assert_eq!((r.out.text.as_str(), r.out.output_tokens), ("ab", 2));
+    }
 
     // Poisson arrivals for a duration, mixing the base model and two adapters.
     let mixed = LoadConfig {
