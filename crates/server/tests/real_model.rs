@@ -1,7 +1,8 @@
 //! The server on the real default model (SmolLM2-135M-Instruct GGUF, fetched by the README's
 //! test command): a chat answer through HTTP matches the model's greedy reference answer
 //! (`model/tests/fixtures/smollm2_greedy.json`, made with transformers), and the same
-//! conversation's next turn is served mostly from cached blocks.
+//! conversation's next turn is served mostly from cached blocks. The committed demo aLoRA
+//! (`demo/topic-alora`) answers the README's examples as the README says.
 //! Without the model file this fails, unless ALORA_SKIP_REAL_MODEL=1.
 
 mod common;
@@ -40,13 +41,15 @@ async fn smollm2_over_http() {
             max_body_bytes: 1 << 20,
             ..Default::default()
         },
-        adapters: vec![],
+        adapters: vec![("topic".into(), root.join("demo/topic-alora"))],
     };
     let state = alora_server::start(cfg, move || {
         LoadedModel::load(&path, &LoadOptions::default())
     });
     let url = format!("{}/v1/chat/completions", common::listen(&state).await);
-    alora_server::wait_ready(&state, &[]).await.unwrap();
+    alora_server::wait_ready(&state, &[("topic".into(), root.join("demo/topic-alora"))])
+        .await
+        .unwrap();
 
     let client = reqwest::Client::new();
     let question = case["chat"].as_str().unwrap();
@@ -94,5 +97,39 @@ async fn smollm2_over_http() {
     assert!(
         cached >= 32,
         "second turn reuses the first turn's blocks: {r2}"
+    );
+
+    // The README's first example, then its demo: a base turn, then the intrinsic on it.
+    let readme = json!({"messages": [{"role": "user", "content": "What happened today?"},
+        {"role": "assistant", "content": "The forecast calls for heavy rain and strong winds tonight."}],
+        "adapter": "topic", "max_tokens": 4, "temperature": 0});
+    let post = |b: Value| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let r = client.post(&url).json(&b).send().await.unwrap();
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    assert_eq!(
+        post(readme).await["choices"][0]["message"]["content"],
+        "weather"
+    );
+    let q = json!({"role": "user", "content": "Who won the cup final last night?"});
+    let base = post(json!({"messages": [q], "max_tokens": 40, "temperature": 0})).await;
+    let a = base["choices"][0]["message"]["content"].clone();
+    let topic = post(json!({"model": "topic", "max_tokens": 4, "temperature": 0,
+        "messages": [q, {"role": "assistant", "content": a}]}))
+    .await;
+    assert_eq!(
+        topic["choices"][0]["message"]["content"], "sports",
+        "{topic}"
+    );
+    let cached = topic["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    let prompt = topic["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        prompt - cached <= 8,
+        "the intrinsic computes only its last few tokens: {topic}"
     );
 }
