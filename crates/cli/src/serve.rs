@@ -4,11 +4,25 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use alora_model::tools::ToolFormat;
 use alora_model::{LoadOptions, LoadedModel, QuantPolicy};
 use alora_server::{EngineConfig, HttpConfig, ServeConfig};
 use anyhow::{bail, Context, Result};
 
 use crate::DEFAULT_MODEL;
+
+/// `--tool-call-parser`: `auto` (None) or a format.
+#[derive(Debug, Clone, Copy)]
+pub struct ToolParserArg(Option<ToolFormat>);
+
+fn parse_tool_parser(s: &str) -> Result<ToolParserArg, String> {
+    if s == "auto" {
+        return Ok(ToolParserArg(None));
+    }
+    ToolFormat::from_name(s)
+        .map(|f| ToolParserArg(Some(f)))
+        .ok_or_else(|| format!("`{s}`: one of auto, {}", ToolFormat::NAMES.join(", ")))
+}
 
 /// The demo aLoRA served with the default model (name, path from the repository root):
 /// trained by `scripts/train-demo.sh`, see demo/topic-alora/README.md.
@@ -68,6 +82,10 @@ pub struct ServeArgs {
     /// Refuse request fields alora does not know with a 400 instead of ignoring them.
     #[arg(long, env = "ALORA_REJECT_UNKNOWN_FIELDS")]
     reject_unknown_fields: bool,
+    /// How tool calls are read from `tool_choice: "auto"` outputs: `auto` (the format the chat
+    /// template shows, else `hermes`), `hermes`, `granite` or `llama3_json` (vLLM's names).
+    #[arg(long, env = "ALORA_TOOL_CALL_PARSER", default_value = "auto", value_parser = parse_tool_parser)]
+    tool_call_parser: ToolParserArg,
     /// Connections served at once; more wait in the listen backlog (0: no limit).
     #[arg(long, env = "ALORA_MAX_CONNECTIONS", default_value_t = 1024)]
     max_connections: usize,
@@ -181,6 +199,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 .then(|| Duration::from_secs(a.body_read_timeout)),
             max_connections: (a.max_connections > 0).then_some(a.max_connections),
             reject_unknown_fields: a.reject_unknown_fields,
+            tool_call_parser: a.tool_call_parser.0,
         },
         adapters: adapters.clone(),
     };

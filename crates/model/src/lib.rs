@@ -14,7 +14,7 @@
 /// The block-quantized matrices the weights hold (`alora-kernels`).
 pub use alora_kernels::qmatmul;
 
-pub use text::{chat, grammar, sampling, tokenizer};
+pub use text::{chat, grammar, sampling, tokenizer, tools};
 
 pub mod batch;
 pub mod config;

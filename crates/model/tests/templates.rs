@@ -42,6 +42,7 @@ fn renderings_match_transformers() {
                 add_generation_prompt: case["add_generation_prompt"].as_bool().unwrap_or(true),
                 continue_final_message: case["continue_final_message"].as_bool().unwrap_or(false),
                 documents: case.get("documents").cloned(),
+                tools: None,
                 kwargs: case["kwargs"].as_object().cloned().unwrap_or_default(),
             };
             let got = tpl
@@ -56,5 +57,76 @@ fn renderings_match_transformers() {
             compared += 1;
         }
     }
-    assert_eq!(compared, 35);
+    assert_eq!(compared, 49);
+}
+
+/// Tools, assistant `tool_calls` and `tool` results, as transformers renders them with
+/// `tools=` on the templates that teach tool calling; where transformers' rendering raises
+/// (Llama 3.x takes one call per turn), alora's does too, with the template's message.
+#[test]
+fn tool_renderings_match_transformers() {
+    let golden: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("template_golden.json")).unwrap(),
+    )
+    .unwrap();
+    let (bos, eos) = (
+        golden["bos_token"].as_str().unwrap(),
+        golden["eos_token"].as_str().unwrap(),
+    );
+    let (mut compared, mut refused) = (0, 0);
+    for (name, t) in golden["templates"].as_object().unwrap() {
+        let Some(cases) = t.get("tool_cases") else {
+            continue;
+        };
+        let f = t["source"]
+            .as_str()
+            .unwrap()
+            .strip_prefix("templates/")
+            .unwrap();
+        let src = std::fs::read_to_string(fixtures().join("templates").join(f)).unwrap();
+        let tpl = ChatTemplate::new(Some(&src), Some(bos), Some(eos))
+            .unwrap()
+            .with_clock(1_796_117_400);
+        for case in cases.as_array().unwrap() {
+            let messages: Vec<ChatMessage> = serde_json::from_value(
+                case["messages"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|m| {
+                        let mut m = m.clone();
+                        if m["content"].is_null() {
+                            m["content"] = "".into();
+                        }
+                        m
+                    })
+                    .collect(),
+            )
+            .unwrap();
+            let args = RenderArgs {
+                add_generation_prompt: true,
+                documents: case.get("documents").cloned(),
+                tools: case.get("tools").cloned(),
+                ..Default::default()
+            };
+            let got = tpl.render_with(&messages, &args);
+            let what = format!("{name} / {}", case["name"]);
+            match case.get("error") {
+                Some(e) => {
+                    let err = got.expect_err(&what).to_string();
+                    assert!(err.contains(e.as_str().unwrap()), "{what}: {err}");
+                    refused += 1;
+                }
+                None => {
+                    assert_eq!(
+                        got.unwrap_or_else(|e| panic!("{what}: {e}")),
+                        case["text"].as_str().unwrap(),
+                        "{what}"
+                    );
+                    compared += 1;
+                }
+            }
+        }
+    }
+    assert_eq!((compared, refused), (40, 2));
 }

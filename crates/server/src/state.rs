@@ -35,6 +35,9 @@ pub struct HttpConfig {
     pub reject_unknown_fields: bool,
     /// Connections served at once (`None`: no limit); more wait in the listen backlog.
     pub max_connections: Option<usize>,
+    /// How `tool_choice: "auto"` outputs are read (`--tool-call-parser`); `None`: the format
+    /// the chat template shows, else Hermes.
+    pub tool_call_parser: Option<alora_model::tools::ToolFormat>,
 }
 
 #[derive(Clone)]

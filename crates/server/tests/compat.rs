@@ -79,7 +79,7 @@ async fn client_extras_are_ignored_and_output_changers_refused() {
 
     for (k, v) in [
         ("guided_choice", json!(["a", "b"])),
-        ("tool_choice", json!("required")),
+        ("functions", json!([{"name": "f"}])),
         ("min_tokens", json!(4)),
         ("chat_template", json!("{{ messages }}")),
     ] {

@@ -316,9 +316,9 @@ async fn bad_inputs_get_openai_errors() {
         ),
         (
             chat,
-            json!({"messages": msgs, "tools": [{"type": "function", "function": {"name": "f"}}]}),
+            json!({"messages": msgs, "tools": [{"type": "custom", "custom": {"name": "f"}}]}),
             400,
-            Some("tools"),
+            Some("tools[0].type"),
             Some("unsupported_parameter"),
         ),
         (

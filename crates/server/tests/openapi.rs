@@ -62,9 +62,13 @@ async fn responses_match_the_openapi_document() {
     o.http.enable_adapter_loading = true;
     let s = start(o).await;
     let chat = json!({"messages": user("hi there"), "adapter": "alora", "max_tokens": 4, "logprobs": true, "top_logprobs": 2, "n": 2});
+    let tools = json!({"messages": user("hi"), "max_tokens": 60, "tool_choice": "required",
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+            "properties": {"x": {"enum": [1, 2]}}, "required": ["x"]}}}]});
     let posts: Vec<(&str, Value, u16)> = vec![
         ("/v1/chat/completions", chat.clone(), 200),
         ("/v1/chat/completions", json!({"messages": []}), 400),
+        ("/v1/chat/completions", tools.clone(), 200),
         (
             "/v1/chat/completions",
             json!({"messages": user("x"), "adapter": "missing"}),
@@ -138,12 +142,17 @@ async fn responses_match_the_openapi_document() {
     for (path, body) in [
         (
             "/v1/chat/completions",
-            json!({"messages": user("hi"), "max_tokens": 4, "stream": true, "stream_options": {"include_usage": true}, "logprobs": true}),
+            json!({"messages": user("hi"), "max_tokens": 4, "stream": true, "stream_options": {"include_usage": true}, "logprobs": true, "ignore_eos": true}),
         ),
         (
             "/v1/completions",
-            json!({"prompt": "abc", "max_tokens": 4, "stream": true, "stream_options": {"include_usage": true}}),
+            json!({"prompt": "abc", "max_tokens": 4, "stream": true, "stream_options": {"include_usage": true}, "ignore_eos": true}),
         ),
+        ("/v1/chat/completions", {
+            let mut t = tools.clone();
+            t["stream"] = true.into();
+            t
+        }),
     ] {
         let r = s
             .client

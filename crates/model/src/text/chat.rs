@@ -9,14 +9,29 @@ use minijinja::{Environment, ErrorKind};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
+use crate::text::tools::ToolFormat;
 
 pub const CHATML_FALLBACK: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
-/// One chat message with text content.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One chat message with text content, and what tool calling adds to it. Fields that are
+/// `None` are absent from the template's view (`message.tool_calls is defined` is false), as
+/// in the dicts transformers renders.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
+    /// A client's `null` content (beside `tool_calls`) is the empty string here: every
+    /// tool-calling template tested treats the two alike.
+    #[serde(default)]
     pub content: String,
+    /// An assistant turn's calls, `function.arguments` as a JSON object (vLLM parses the
+    /// client's string before rendering; templates `tojson` it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A `tool` message: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl ChatMessage {
@@ -24,6 +39,9 @@ impl ChatMessage {
         ChatMessage {
             role: role.into(),
             content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
         }
     }
 }
@@ -39,8 +57,10 @@ pub struct RenderArgs {
     pub continue_final_message: bool,
     /// `documents` (RAG), as transformers passes them to the template.
     pub documents: Option<serde_json::Value>,
+    /// `tools` (OpenAI function definitions), as transformers passes them to the template.
+    pub tools: Option<serde_json::Value>,
     /// Extra template variables (`chat_template_kwargs`); they may override `bos_token` and
-    /// `eos_token` but not the messages, documents or `add_generation_prompt`.
+    /// `eos_token` but not the messages, documents, tools or `add_generation_prompt`.
     pub kwargs: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -50,6 +70,8 @@ pub struct ChatTemplate {
     bos_token: String,
     eos_token: String,
     pub is_fallback: bool,
+    /// The tool-call format the template teaches, if it shows one (`ToolFormat::detect`).
+    pub tool_format: Option<ToolFormat>,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -187,6 +209,7 @@ impl ChatTemplate {
             bos_token: bos_token.unwrap_or("").into(),
             eos_token: eos_token.unwrap_or("").into(),
             is_fallback: template.is_none(),
+            tool_format: template.and_then(ToolFormat::detect),
         })
     }
 
@@ -242,13 +265,15 @@ impl ChatTemplate {
             "add_generation_prompt".into(),
             args.add_generation_prompt.into(),
         );
-        match &args.documents {
-            Some(d) => ctx.insert(
-                "documents".into(),
-                minijinja::Value::from(minijinja::value::Serde(d)),
-            ),
-            None => ctx.remove("documents"),
-        };
+        for (key, v) in [("documents", &args.documents), ("tools", &args.tools)] {
+            match v {
+                Some(v) => ctx.insert(
+                    key.into(),
+                    minijinja::Value::from(minijinja::value::Serde(v)),
+                ),
+                None => ctx.remove(key),
+            };
+        }
         let text = t
             .render(ctx)
             .map_err(|e| ModelError::Template(e.to_string()))?;

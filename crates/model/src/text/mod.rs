@@ -10,3 +10,4 @@ pub mod output;
 pub mod prompt;
 pub mod sampling;
 pub mod tokenizer;
+pub mod tools;

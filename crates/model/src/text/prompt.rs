@@ -78,6 +78,8 @@ pub struct ChatOptions {
     pub add_generation_prompt: Option<bool>,
     pub continue_final_message: bool,
     pub documents: Option<serde_json::Value>,
+    /// Tool definitions for the template.
+    pub tools: Option<serde_json::Value>,
     pub kwargs: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -96,6 +98,7 @@ pub fn chat_prompt_with(
             .unwrap_or(!alora && !opts.continue_final_message),
         continue_final_message: opts.continue_final_message,
         documents: opts.documents.clone(),
+        tools: opts.tools.clone(),
         kwargs: opts.kwargs.clone(),
     };
     let text = template.render_with(messages, &args)?;

@@ -6,7 +6,8 @@
 //! - A field alora does not know, at any of those levels, is accepted and ignored: counted in
 //!   `alora:ignored_request_fields_total{field=...}` and logged at warn once per name.
 //! - A field that would change the output and is not implemented is refused with a 400 naming
-//!   it (`unsupported_parameter`), never silently ignored; its no-op values (`tools: []`,
+//!   it (`unsupported_parameter`), never silently ignored; its no-op values (`tools: []` on
+//!   completions,
 //!   `response_format: {"type": "text"}`, `tool_choice: "none"`, `min_tokens: 0`, ...) are
 //!   accepted.
 //! - `--reject-unknown-fields` restores the strict behaviour: every field outside the
@@ -78,11 +79,17 @@ fn refusal(key: &str, v: &Value) -> Option<String> {
              `choice`, `grammar`) or `response_format`"
         )),
         "tools" | "functions" if empty() => None,
-        "tools" | "functions" => Some(format!("`{key}`: tool calling is not implemented yet")),
-        "tool_choice" | "function_call" if is("none") || is("auto") => None,
-        "tool_choice" | "function_call" => {
-            Some(format!("`{key}` {v}: tool calling is not implemented yet"))
+        "tools" => Some("`tools` are served on /v1/chat/completions".into()),
+        "functions" => {
+            Some("`functions` is OpenAI's deprecated form of `tools`; send `tools`".into())
         }
+        "tool_choice" | "function_call" if is("none") || is("auto") => None,
+        "tool_choice" => Some(format!(
+            "`tool_choice` {v} needs `tools` on /v1/chat/completions"
+        )),
+        "function_call" => Some(format!(
+            "`function_call` {v} is OpenAI's deprecated form of `tool_choice`; send `tool_choice`"
+        )),
         "min_tokens" if v.as_u64() == Some(0) => None,
         "echo" | "use_beam_search" | "return_tokens_as_token_ids" if v == &Value::Bool(false) => {
             None
@@ -162,18 +169,8 @@ impl Policy<'_> {
             self.screen(so, "stream_options.", STREAM_OPTIONS_FIELDS)?;
         }
         if let Some(Value::Array(msgs)) = obj.get_mut("messages") {
-            for (i, m) in msgs.iter_mut().enumerate() {
+            for m in msgs.iter_mut() {
                 let Value::Object(m) = m else { continue };
-                if m.get("tool_calls")
-                    .is_some_and(|t| !t.is_null() && t != &Value::Array(vec![]))
-                {
-                    return Err(unsupported(
-                        &format!("messages[{i}].tool_calls"),
-                        "assistant `tool_calls` in the conversation: tool calling is not \
-                         implemented yet"
-                            .into(),
-                    ));
-                }
                 self.screen(m, "messages[].", MESSAGE_FIELDS)?;
                 if let Some(Value::Array(parts)) = m.get_mut("content") {
                     for p in parts.iter_mut() {
@@ -189,7 +186,7 @@ impl Policy<'_> {
 }
 
 /// Fields of a chat message alora reads.
-pub const MESSAGE_FIELDS: &[&str] = &["role", "content", "name"];
+pub const MESSAGE_FIELDS: &[&str] = &["role", "content", "name", "tool_calls", "tool_call_id"];
 /// Fields of a content part alora reads (any part type is parsed; only text is served).
 pub const CONTENT_PART_FIELDS: &[&str] = &["type", "text", "image_url", "input_audio", "file"];
 /// Fields of `stream_options` alora reads.
@@ -252,10 +249,7 @@ mod tests {
             (json!({"tools": [{"type": "function"}]}), "tools"),
             (json!({"tool_choice": "required"}), "tool_choice"),
             (json!({"min_tokens": 3}), "min_tokens"),
-            (
-                json!({"messages": [{"role": "assistant", "tool_calls": [{}]}]}),
-                "messages[0].tool_calls",
-            ),
+            (json!({"functions": [{"name": "f"}]}), "functions"),
         ] {
             let (r, _, _) = run(false, body.clone());
             let e = r.unwrap_err();

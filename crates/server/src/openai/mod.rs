@@ -5,5 +5,6 @@ pub mod common;
 pub mod completions;
 pub mod fields;
 pub mod models;
+pub mod tools;
 pub mod types;
 pub mod validate;

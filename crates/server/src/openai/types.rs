@@ -87,6 +87,10 @@ pub struct ChatMessageIn {
     pub role: String,
     pub content: Option<MessageContent>,
     pub name: Option<String>,
+    /// An assistant turn's calls (`openai::tools::conversation_calls`).
+    pub tool_calls: Option<Value>,
+    /// A `tool` message: the call it answers.
+    pub tool_call_id: Option<String>,
 }
 
 /// Fields of a chat request: anything else is refused by name before parsing.
@@ -123,6 +127,9 @@ pub const CHAT_FIELDS: &[&str] = &[
     "documents",
     "add_generation_prompt",
     "continue_final_message",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
 ];
 
 /// Fields of a completion request.
@@ -185,6 +192,10 @@ pub struct ChatCompletionRequest {
     pub documents: Option<Vec<Value>>,
     pub add_generation_prompt: Option<bool>,
     pub continue_final_message: Option<bool>,
+    /// Function definitions (`openai::tools`).
+    pub tools: Option<Vec<Value>>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
 }
 
 /// `prompt`: a string, strings, token ids, or lists of token ids.
@@ -256,7 +267,46 @@ pub struct ChatLogprobs {
 #[derive(Debug, Clone, Serialize)]
 pub struct AssistantMessage {
     pub role: &'static str,
-    pub content: String,
+    /// `null` when the output is only tool calls.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+}
+
+/// A parsed call in a response.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionCall {
+    pub name: String,
+    /// A JSON text, as OpenAI sends it.
+    pub arguments: String,
+}
+
+/// A stream's piece of a call: `index`, `id`, `type` and the name first, then fragments of the
+/// arguments.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: FunctionDelta,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -283,6 +333,8 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallDelta>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -19,6 +19,7 @@ use crate::engine::{GenRequest, ModelInfo};
 use crate::error::ApiError;
 use crate::state::AppState;
 use alora_model::grammar::{Constraint, GrammarSpec};
+use alora_model::tools::{CallMode, ToolFormat};
 
 pub const MAX_N: i64 = 16;
 pub const MAX_TOP_LOGPROBS: i64 = 20;
@@ -48,6 +49,9 @@ pub struct Validated {
     pub logprobs: Option<usize>,
     pub stream: bool,
     pub include_usage: bool,
+    /// How the output is read for tool calls (chat with tools, `tool_choice` not `none`), and
+    /// `parallel_tool_calls`.
+    pub tools: Option<(CallMode, bool)>,
 }
 
 pub struct ValidPrompt {
@@ -203,10 +207,18 @@ pub fn chat(
         _ => resolve_adapter(state, info, req.model.as_deref(), req.adapter.as_deref())?,
     };
     let messages = messages(req.messages)?;
+    let format = state
+        .config
+        .tool_call_parser
+        .or(info.template.tool_format)
+        .unwrap_or(ToolFormat::Hermes);
+    let tools =
+        super::tools::tool_use(req.tools, req.tool_choice, req.parallel_tool_calls, format)?;
     let opts = prompt::ChatOptions {
         add_generation_prompt: req.add_generation_prompt,
         continue_final_message: req.continue_final_message.unwrap_or(false),
         documents: req.documents.map(serde_json::Value::Array),
+        tools: tools.as_ref().map(|t| t.definitions.clone()),
         kwargs,
     };
     // The one prompt rule (alora_model::text::prompt): template, invocation, activation start.
@@ -239,7 +251,20 @@ pub fn chat(
         (true, k) => Some(top_logprobs("top_logprobs", k.unwrap_or(0))?),
     };
     let mut gen = sampling(&req.sampling, logprobs, info.config.vocab_size)?;
-    gen.constraint = structured(info, req.response_format, req.structured_outputs, &gen)?;
+    let spec = structured_spec(req.response_format, req.structured_outputs)?;
+    // A forced call is generated under its own grammar.
+    let forced = tools.as_ref().and_then(|t| t.grammar.clone());
+    let spec = match (forced, spec) {
+        (Some(_), Some((_, param))) => {
+            return Err(ApiError::invalid(
+                param,
+                format!("`{param}` cannot be combined with a `tool_choice` that forces a call"),
+            ))
+        }
+        (Some(g), None) => Some((g, "tool_choice")),
+        (None, spec) => spec,
+    };
+    gen.constraint = compile(info, spec, &gen)?;
     let param = if req.max_completion_tokens.is_some() {
         "max_completion_tokens"
     } else {
@@ -264,6 +289,7 @@ pub fn chat(
         logprobs,
         stream: req.stream,
         include_usage: include_usage(&req.stream_options),
+        tools: tools.and_then(|t| t.mode.map(|m| (m, t.parallel))),
     })
 }
 
@@ -299,7 +325,11 @@ pub fn completion(
         .map(|k| top_logprobs("logprobs", k))
         .transpose()?;
     let mut gen = sampling(&req.sampling, logprobs, info.config.vocab_size)?;
-    gen.constraint = structured(info, req.response_format, req.structured_outputs, &gen)?;
+    gen.constraint = compile(
+        info,
+        structured_spec(req.response_format, req.structured_outputs)?,
+        &gen,
+    )?;
     let kind = PromptAdapter::of(adapter.as_deref().map(|a| a.invocation_tokens()));
     let mut prompts = Vec::with_capacity(texts.len());
     for (i, (ids, text)) in texts.into_iter().enumerate() {
@@ -338,6 +368,7 @@ pub fn completion(
         logprobs,
         stream: req.stream,
         include_usage: include_usage(&req.stream_options),
+        tools: None,
     })
 }
 
@@ -397,9 +428,16 @@ pub fn messages(msgs: Option<Vec<ChatMessageIn>>) -> Result<Vec<ChatMessage>, Ap
                     "`role` must not be empty",
                 ));
             }
+            let tool_calls = match m.tool_calls {
+                Some(calls) => super::tools::conversation_calls(i, calls)?,
+                None => None,
+            };
             Ok(ChatMessage {
                 role: m.role,
                 content,
+                tool_calls,
+                tool_call_id: m.tool_call_id,
+                name: m.name,
             })
         })
         .collect()
@@ -453,27 +491,34 @@ fn include_usage(o: &Option<StreamOptions>) -> bool {
     o.as_ref().is_some_and(|o| o.include_usage)
 }
 
-/// A structured output from `response_format` (OpenAI) or `structured_outputs` (vLLM),
-/// compiled for the model: `None` for free text. Errors name the field at fault.
-fn structured(
-    info: &ModelInfo,
+/// A structured output from `response_format` (OpenAI) or `structured_outputs` (vLLM), with
+/// the field it came from: `None` for free text. Errors name the field at fault.
+fn structured_spec(
     response_format: Option<serde_json::Value>,
     structured_outputs: Option<serde_json::Value>,
-    gen: &Generation,
-) -> Result<Option<Constraint>, ApiError> {
-    let (spec, param) = match (response_format, structured_outputs) {
+) -> Result<Option<(GrammarSpec, &'static str)>, ApiError> {
+    Ok(match (response_format, structured_outputs) {
         (Some(_), Some(_)) => {
             return Err(ApiError::invalid(
                 "structured_outputs",
                 "give `response_format` or `structured_outputs`, not both",
             ))
         }
-        (Some(rf), None) => match response_format_spec(&rf)? {
-            Some(spec) => spec,
-            None => return Ok(None),
-        },
-        (None, Some(so)) => (structured_outputs_spec(&so)?, "structured_outputs"),
-        (None, None) => return Ok(None),
+        (Some(rf), None) => response_format_spec(&rf)?,
+        (None, Some(so)) => Some((structured_outputs_spec(&so)?, "structured_outputs")),
+        (None, None) => None,
+    })
+}
+
+/// The structured output `spec` compiled for the model (`None`: free text); errors name
+/// `spec`'s field.
+fn compile(
+    info: &ModelInfo,
+    spec: Option<(GrammarSpec, &'static str)>,
+    gen: &Generation,
+) -> Result<Option<Constraint>, ApiError> {
+    let Some((spec, param)) = spec else {
+        return Ok(None);
     };
     // A stop string or id could end the output short of the grammar: refuse the pair rather
     // than return a `stop` output that does not parse.

@@ -169,6 +169,31 @@ impl Server {
         )
     }
 
+    /// `POST path` with `stream: true`: the chunks, in order, up to `[DONE]` (which must come).
+    pub async fn stream(&self, path: &str, mut body: serde_json::Value) -> Vec<serde_json::Value> {
+        use eventsource_stream::Eventsource;
+        use futures::StreamExt;
+        body["stream"] = true.into();
+        let r = self
+            .client
+            .post(format!("{}{path}", self.url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let mut events = r.bytes_stream().eventsource();
+        let mut chunks = Vec::new();
+        while let Some(e) = events.next().await {
+            let e = e.unwrap();
+            if e.data == "[DONE]" {
+                return chunks;
+            }
+            chunks.push(serde_json::from_str(&e.data).unwrap());
+        }
+        panic!("the stream ended without [DONE]");
+    }
+
     /// `GET path`: the status and the body text.
     pub async fn get(&self, path: &str) -> (u16, String) {
         let r = self
