@@ -2,7 +2,9 @@
 //! test command): a chat answer through HTTP matches the model's greedy reference answer
 //! (`model/tests/fixtures/smollm2_greedy.json`, made with transformers), and the same
 //! conversation's next turn is served mostly from cached blocks. The committed demo aLoRA
-//! (`demo/topic-alora`) answers the README's examples as the README says.
+//! (`demo/topic-alora`) answers the README's examples as the README says. A `required` tool
+//! call to a two-argument function comes back (greedy) with arguments valid under the
+//! function's schema, streamed and not, the same.
 //! Without the model file this fails, unless ALORA_SKIP_REAL_MODEL=1.
 
 mod common;
@@ -131,5 +133,56 @@ async fn smollm2_over_http() {
     assert!(
         prompt - cached <= 8,
         "the intrinsic computes only its last few tokens: {topic}"
+    );
+
+    // Tool calling on SmolLM2 (its template does not render tools: the forced call's grammar
+    // carries the function's name and argument schema).
+    let params = json!({"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 40},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"]});
+    let tools = json!({"temperature": 0, "max_tokens": 60, "tool_choice": "required",
+        "messages": [{"role": "user", "content": "What is the weather in Paris, in celsius?"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather",
+            "description": "Current weather in a city.", "parameters": params}}]});
+    let whole = post(tools.clone()).await;
+    let ch = &whole["choices"][0];
+    assert_eq!(ch["finish_reason"], "tool_calls", "{whole}");
+    let call = &ch["message"]["tool_calls"][0]["function"];
+    assert_eq!(call["name"], "get_weather", "{whole}");
+    let args: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+    assert!(
+        jsonschema::validator_for(&params).unwrap().is_valid(&args),
+        "{args}"
+    );
+    let mut stream_body = tools;
+    stream_body["stream"] = true.into();
+    let text = client
+        .post(&url)
+        .json(&stream_body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let (mut name, mut streamed_args) = (String::new(), String::new());
+    for line in text.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if line == "[DONE]" {
+            break;
+        }
+        let c: Value = serde_json::from_str(line).unwrap();
+        for d in c["choices"][0]["delta"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            name.push_str(d["function"]["name"].as_str().unwrap_or(""));
+            streamed_args.push_str(d["function"]["arguments"].as_str().unwrap_or(""));
+        }
+    }
+    assert_eq!(
+        (name.as_str(), streamed_args.as_str()),
+        ("get_weather", call["arguments"].as_str().unwrap())
     );
 }
