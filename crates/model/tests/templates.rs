@@ -130,3 +130,35 @@ fn tool_renderings_match_transformers() {
     }
     assert_eq!((compared, refused), (40, 2));
 }
+
+/// Each real template's tool-call format is read off its text (what `tool_choice: "auto"`
+/// parses by default).
+#[test]
+fn tool_formats_are_detected_from_the_templates() {
+    use alora_model::tools::ToolFormat::{Granite, Hermes, Llama3Json};
+    for (file, want) in [
+        ("ibm-granite-granite-3.3-2B-Instruct", Some(Granite)),
+        ("ibm-granite-granite-4.0", Some(Hermes)),
+        ("ibm-granite-granite-4.1", Some(Hermes)),
+        ("meta-llama-Llama-3.1-8B-Instruct", Some(Llama3Json)),
+        ("meta-llama-Llama-3.2-3B-Instruct", Some(Llama3Json)),
+        ("Qwen-Qwen2.5-7B-Instruct", Some(Hermes)),
+        ("NousResearch-Hermes-3-Llama-3.1-8B-tool_use", Some(Hermes)),
+    ] {
+        let src =
+            std::fs::read_to_string(fixtures().join(format!("templates/{file}.jinja"))).unwrap();
+        let t = ChatTemplate::new(Some(&src), None, None).unwrap();
+        assert_eq!(t.tool_format, want, "{file}");
+    }
+    let golden: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("template_golden.json")).unwrap(),
+    )
+    .unwrap();
+    let smollm2 = golden["templates"]["smollm2"]["source"].as_str().unwrap();
+    assert_eq!(
+        ChatTemplate::new(Some(smollm2), None, None)
+            .unwrap()
+            .tool_format,
+        None
+    );
+}
