@@ -2,9 +2,9 @@
 //! test command): a chat answer through HTTP matches the model's greedy reference answer
 //! (`model/tests/fixtures/smollm2_greedy.json`, made with transformers), and the same
 //! conversation's next turn is served mostly from cached blocks. The committed demo aLoRA
-//! (`demo/topic-alora`) answers the README's examples as the README says. A `required` tool
-//! call to a two-argument function comes back (greedy) with arguments valid under the
-//! function's schema, streamed and not, the same.
+//! (`demo/topic-alora`) answers the README's examples as the README says. The README's
+//! `required` tool call to a two-argument function comes back (greedy) with the arguments it
+//! shows, valid under the function's schema, streamed and not, the same.
 //! Without the model file this fails, unless ALORA_SKIP_REAL_MODEL=1.
 
 mod common;
@@ -137,14 +137,13 @@ async fn smollm2_over_http() {
 
     // Tool calling on SmolLM2 (its template does not render tools: the forced call's grammar
     // carries the function's name and argument schema).
-    let params = json!({"type": "object", "properties": {
-        "city": {"type": "string", "maxLength": 40},
-        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
-        "required": ["city", "unit"]});
-    let tools = json!({"temperature": 0, "max_tokens": 60, "tool_choice": "required",
+    // The README's example, verbatim.
+    let params = json!({"type": "object", "required": ["city", "unit"], "properties": {
+        "city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}}});
+    let tools = json!({
         "messages": [{"role": "user", "content": "What is the weather in Paris, in celsius?"}],
-        "tools": [{"type": "function", "function": {"name": "get_weather",
-            "description": "Current weather in a city.", "parameters": params}}]});
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": params}}],
+        "tool_choice": "required", "temperature": 0});
     let whole = post(tools.clone()).await;
     let ch = &whole["choices"][0];
     assert_eq!(ch["finish_reason"], "tool_calls", "{whole}");
@@ -154,6 +153,11 @@ async fn smollm2_over_http() {
     assert!(
         jsonschema::validator_for(&params).unwrap().is_valid(&args),
         "{args}"
+    );
+    assert_eq!(
+        args,
+        json!({"city": "Paris", "unit": "celsius"}),
+        "as the README shows"
     );
     let mut stream_body = tools;
     stream_body["stream"] = true.into();
