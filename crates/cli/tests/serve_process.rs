@@ -10,10 +10,14 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A fresh copy of the tiny model per call: tests run in parallel, and one copying the files
+/// while another's process loads them would hand it a half-written file.
 fn model_dir() -> PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/llama");
     let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("shutdown-model-{}", std::process::id()));
+        .join(format!("tiny-model-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(fixtures.join(f), d.join(f)).unwrap();
