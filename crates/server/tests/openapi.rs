@@ -5,8 +5,6 @@
 mod common;
 
 use common::{start, user, Opts};
-use eventsource_stream::Eventsource;
-use futures::StreamExt;
 use serde_json::{json, Value};
 
 fn spec() -> Value {
@@ -154,30 +152,11 @@ async fn responses_match_the_openapi_document() {
             t
         }),
     ] {
-        let r = s
-            .client
-            .post(format!("{}{path}", s.url))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let mut events = r.bytes_stream().eventsource();
-        let mut n = 0;
-        while let Some(ev) = events.next().await {
-            let ev = ev.unwrap();
-            if ev.data == "[DONE]" {
-                break;
-            }
-            check(
-                &spec,
-                path,
-                "post",
-                200,
-                "text/event-stream",
-                &serde_json::from_str(&ev.data).unwrap(),
-            );
-            n += 1;
+        let chunks = s.stream(path, body).await;
+        for c in &chunks {
+            check(&spec, path, "post", 200, "text/event-stream", c);
         }
+        let n = chunks.len();
         assert!(n >= 3, "{path}: {n} chunks");
     }
 }
