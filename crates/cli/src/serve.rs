@@ -61,6 +61,11 @@ pub struct ServeArgs {
     /// Token budget of one engine step (prefill chunks + decode tokens).
     #[arg(long, env = "ALORA_MAX_NUM_BATCHED_TOKENS", default_value_t = 2048)]
     max_num_batched_tokens: usize,
+    /// Tokens still to compute past which a prompt is a long prefill: long prefills share this
+    /// many tokens per step, after decodes and short prefills (an aLoRA call on a cached
+    /// conversation), so those never wait behind a long prompt.
+    #[arg(long, env = "ALORA_LONG_PREFILL_TOKEN_THRESHOLD", default_value_t = alora_server::engine::DEFAULT_LONG_PREFILL_TOKENS)]
+    long_prefill_token_threshold: usize,
     /// Waiting requests beyond which new ones get 429.
     #[arg(long, env = "ALORA_MAX_QUEUE", default_value_t = 256)]
     max_queue: usize,
@@ -180,6 +185,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             kv_cache_bytes: parse_bytes(&a.kv_cache_memory)?,
             max_num_seqs: a.max_num_seqs,
             max_num_batched_tokens: a.max_num_batched_tokens,
+            long_prefill_token_threshold: a.long_prefill_token_threshold,
             max_queue_requests: a.max_queue,
             max_queue_tokens: a.max_queue_tokens,
         },

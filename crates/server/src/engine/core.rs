@@ -119,6 +119,7 @@ impl Engine {
             SchedulerConfig {
                 max_num_seqs: cfg.max_num_seqs,
                 max_num_batched_tokens: cfg.max_num_batched_tokens,
+                long_prefill_token_threshold: cfg.long_prefill_token_threshold,
             },
         );
         Ok(Engine {

@@ -22,6 +22,9 @@ use crate::metrics::Metrics;
 pub use request::{EngineError, Event, Finish, GenRequest, TokenEvent, Usage};
 use seq::Seq;
 
+/// The default `long_prefill_token_threshold` (BENCHMARKS.md, "Scheduling").
+pub const DEFAULT_LONG_PREFILL_TOKENS: usize = 2048;
+
 /// Scheduler and cache limits.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -30,6 +33,9 @@ pub struct EngineConfig {
     pub kv_cache_bytes: usize,
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
+    /// Tokens still to compute past which a sequence is a long prefill; long prefills share
+    /// this many tokens per step, after decodes and short prefills (the scheduler's policy).
+    pub long_prefill_token_threshold: usize,
     /// Bound on waiting requests; past it, submissions are refused (429).
     pub max_queue_requests: usize,
     /// Bound on prompt tokens of waiting requests.
@@ -43,6 +49,7 @@ impl Default for EngineConfig {
             kv_cache_bytes: 1 << 30,
             max_num_seqs: 64,
             max_num_batched_tokens: 2048,
+            long_prefill_token_threshold: DEFAULT_LONG_PREFILL_TOKENS,
             max_queue_requests: 256,
             max_queue_tokens: 1 << 20,
         }

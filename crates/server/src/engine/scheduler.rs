@@ -6,11 +6,21 @@
 //! [`Scheduler::append_token`], [`Scheduler::remove`]). That split is what lets the tests below
 //! drive it without a model, in the manner of vLLM's scheduler tests.
 //!
-//! Policy (vLLM v1's shape): iteration-level and FCFS. Each step first gives every running
-//! sequence its next tokens (one decode token, or the next prefill chunk) within the token
-//! budget, preempting the most recently admitted sequences by recompute when blocks run out;
-//! then, if nothing was preempted, admits waiting sequences in arrival order, each after a
-//! prefix-cache lookup, while blocks, the budget and `max_num_seqs` allow.
+//! Policy (vLLM v1's shape, with short work first): iteration-level. A sequence whose tokens
+//! still to compute number more than `long_prefill_token_threshold` is a *long prefill*; the
+//! rest (decodes, a prompt mostly found in the prefix cache, such as an aLoRA call on a
+//! conversation already served) is *short*. Each step, within the token budget:
+//! 1. every running short sequence gets its tokens, preempting the most recently admitted
+//!    sequences by recompute when blocks run out;
+//! 2. waiting short sequences are admitted, in arrival order, past waiting long ones;
+//! 3. running long prefills get their next chunks, FCFS, all together at most
+//!    `long_prefill_token_threshold` tokens;
+//! 4. waiting long ones are admitted in arrival order within what is left of that share.
+//!
+//! So a step's length is bounded by its decodes plus one share of prefill, and a short request
+//! never waits behind a long prompt's chunks; while long prompts wait or run, short admissions
+//! leave their share, so they progress every step that decodes do not fill (no starvation). Admission needs no preemption in the step, a free seat (`max_num_seqs`)
+//! and blocks; a waiting sequence is classified by a prefix-cache lookup made once.
 //!
 //! ```text
 //!   running: [A decode 1][B prefill chunk 300][C decode 1]  + admitted: [D prefill 200 (48 cached)]
@@ -28,6 +38,9 @@ use super::request::EngineError;
 pub(crate) struct SchedulerConfig {
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
+    /// Remaining tokens past which a sequence is a long prefill, and the tokens long prefills
+    /// share per step.
+    pub long_prefill_token_threshold: usize,
 }
 
 /// A sequence as the scheduler sees it: tokens, progress and blocks.
@@ -46,6 +59,9 @@ pub(crate) struct SchedSeq {
     /// (`echo` with `logprobs`): every prompt position must run to give its logits. Its
     /// blocks are still registered for others.
     reuse_prefix: bool,
+    /// While waiting: tokens its first prefix-cache lookup found, which classifies it as short
+    /// or long (admission looks up again).
+    cached_hint: Option<usize>,
 }
 
 impl SchedSeq {
@@ -134,6 +150,7 @@ impl Scheduler {
             key,
             admitted: false,
             reuse_prefix,
+            cached_hint: None,
         });
     }
 
@@ -171,14 +188,90 @@ impl Scheduler {
         self.cache.pool().num_blocks() * self.cache.block_size()
     }
 
-    /// Plans one step.
+    /// Plans one step (the policy above).
     pub fn schedule(&mut self) -> SchedulerOutput {
         let mut out = SchedulerOutput::default();
         let mut budget = self.cfg.max_num_batched_tokens;
+        let threshold = self.cfg.long_prefill_token_threshold.max(1);
+        let mut long_share = threshold.min(budget);
+        self.schedule_running(&mut out, &mut budget, None);
+        if !out.preempted.is_empty() {
+            return out;
+        }
+        // Short admissions leave the long prefills' share, if there are any, so a stream of
+        // short requests cannot hold a long prompt back (with a threshold below the budget;
+        // at the budget, long prefills take what short work leaves, as before).
+        let reserve = match self.has_long_work(threshold) {
+            true => long_share
+                .min(self.cfg.max_num_batched_tokens.saturating_sub(threshold))
+                .min(budget),
+            false => 0,
+        };
+        let mut short_budget = budget - reserve;
+        self.admit(&mut out, &mut short_budget, false, &mut long_share);
+        budget = short_budget + reserve;
+        self.schedule_running(&mut out, &mut budget, Some(&mut long_share));
+        if out.preempted.is_empty() {
+            self.admit(&mut out, &mut budget, true, &mut long_share);
+        }
+        out
+    }
+
+    /// A running long prefill, or a waiting sequence that would be one (classifying every
+    /// waiting sequence, once).
+    fn has_long_work(&mut self, threshold: usize) -> bool {
+        if self.running.iter().any(|s| Self::remaining(s) > threshold) {
+            return true;
+        }
+        let mut long = false;
+        for s in self.waiting.iter_mut() {
+            let h = Self::hint(&mut self.cache, s);
+            long |= s.tokens.len() - h.min(s.tokens.len()) > threshold;
+        }
+        long
+    }
+
+    /// Tokens `s`'s first prefix-cache lookup found (made now if not yet).
+    fn hint(cache: &mut KvCacheManager, s: &mut SchedSeq) -> usize {
+        if let Some(h) = s.cached_hint {
+            return h;
+        }
+        let h = match s.reuse_prefix {
+            true => cache.lookup(&s.tokens, &s.key).num_computed_tokens,
+            false => 0,
+        };
+        *s.cached_hint.insert(h)
+    }
+
+    /// Tokens `s` still has to compute.
+    fn remaining(s: &SchedSeq) -> usize {
+        s.tokens.len() - s.num_computed
+    }
+
+    /// Steps 1 and 3: running short sequences (`long_share` None), or long prefills, capped by
+    /// `long_share`. Short ones preempt to get blocks; a long prefill that cannot grow waits,
+    /// unless nothing else runs this step, when it preempts too (someone must progress).
+    fn schedule_running(
+        &mut self,
+        out: &mut SchedulerOutput,
+        budget: &mut usize,
+        mut long_share: Option<&mut usize>,
+    ) {
+        let threshold = self.cfg.long_prefill_token_threshold.max(1);
         let mut i = 0;
-        while i < self.running.len() && budget > 0 {
+        while i < self.running.len() && *budget > 0 {
             let s = &self.running[i];
-            let n = (s.tokens.len() - s.num_computed).min(budget);
+            let rem = Self::remaining(s);
+            let is_long = rem > threshold;
+            if is_long != long_share.is_some() || rem == 0 {
+                i += 1;
+                continue;
+            }
+            let cap = long_share.as_deref().copied().unwrap_or(usize::MAX);
+            let n = rem.min(*budget).min(cap);
+            if n == 0 {
+                break;
+            }
             let need = s.num_computed + n;
             loop {
                 let s = &mut self.running[i];
@@ -190,11 +283,19 @@ impl Scheduler {
                         num_tokens: n,
                         samples: need == s.tokens.len(),
                     });
-                    budget -= n;
+                    *budget -= n;
+                    if let Some(share) = long_share.as_deref_mut() {
+                        *share -= n;
+                    }
                     i += 1;
                     break;
                 }
-                // Out of blocks: recompute the most recently admitted sequence later.
+                if long_share.is_some() && !out.scheduled.is_empty() {
+                    i += 1; // waits for blocks the running ones will free
+                    break;
+                }
+                // Out of blocks: recompute the most recently admitted sequence later. The
+                // victims come from the end, past `i`: none is scheduled yet this step.
                 let victim = self.running.pop().expect("running is not empty");
                 let is_self = self.running.len() == i;
                 out.preempted.push(victim.id);
@@ -204,21 +305,40 @@ impl Scheduler {
                 }
             }
         }
-        if !out.preempted.is_empty() {
-            return out;
-        }
-        while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
-            let Some(s) = self.waiting.front() else { break };
+    }
+
+    /// Steps 2 and 4: admits waiting sequences, short ones (`long` false, past long ones) or
+    /// long ones (FCFS, within `long_share`).
+    fn admit(
+        &mut self,
+        out: &mut SchedulerOutput,
+        budget: &mut usize,
+        long: bool,
+        long_share: &mut usize,
+    ) {
+        let threshold = self.cfg.long_prefill_token_threshold.max(1);
+        let mut i = 0;
+        while *budget > 0 && self.running.len() < self.cfg.max_num_seqs && i < self.waiting.len() {
+            let s = &mut self.waiting[i];
+            let hint = Self::hint(&mut self.cache, s);
+            if (s.tokens.len() - hint.min(s.tokens.len()) > threshold) != long {
+                i += 1;
+                continue;
+            }
+            if long && *long_share == 0 {
+                break;
+            }
             let mut hit = self.cache.lookup(&s.tokens, &s.key);
             if !s.reuse_prefix {
                 hit.truncate(0);
             }
             let cached = hit.num_computed_tokens;
-            let n = (s.tokens.len() - cached).min(budget);
+            let cap = if long { *long_share } else { usize::MAX };
+            let n = (s.tokens.len() - cached).min(*budget).min(cap);
             let Some(blocks) = self.cache.allocate(hit, s.key.clone(), cached + n) else {
                 if self.running.is_empty() {
                     // Nothing will free blocks: the request cannot fit at all.
-                    let s = self.waiting.pop_front().expect("front exists");
+                    let s = self.waiting.remove(i).expect("index in range");
                     let err = EngineError::CacheTooSmall {
                         needed_tokens: cached + n,
                         capacity_tokens: self.capacity_tokens(),
@@ -228,7 +348,7 @@ impl Scheduler {
                 }
                 break;
             };
-            let mut s = self.waiting.pop_front().expect("front exists");
+            let mut s = self.waiting.remove(i).expect("index in range");
             if !std::mem::replace(&mut s.admitted, true) {
                 out.admitted.push(Admitted {
                     id: s.id,
@@ -243,10 +363,12 @@ impl Scheduler {
                 num_tokens: n,
                 samples: cached + n == s.tokens.len(),
             });
-            budget -= n;
+            *budget -= n;
+            if long {
+                *long_share = long_share.saturating_sub(n);
+            }
             self.running.push(s);
         }
-        out
     }
 
     fn preempt(&mut self, mut s: SchedSeq) {
@@ -255,6 +377,7 @@ impl Scheduler {
             self.cache.free(b);
         }
         s.num_computed = 0;
+        s.cached_hint = None;
         self.waiting.push_front(s);
     }
 
@@ -316,6 +439,7 @@ mod tests {
             SchedulerConfig {
                 max_num_seqs,
                 max_num_batched_tokens: budget,
+                long_prefill_token_threshold: budget,
             },
         )
     }
@@ -586,6 +710,109 @@ mod tests {
         let out = s.schedule();
         assert_eq!(plan(&out), vec![(2, 0, 8)]);
         s.remove(2);
+        assert_no_blocks_held(&mut s);
+    }
+
+    fn with_threshold(mut s: Scheduler, t: usize) -> Scheduler {
+        s.cfg.long_prefill_token_threshold = t;
+        s
+    }
+
+    #[test]
+    fn short_work_goes_first_and_long_prefills_share_the_threshold() {
+        // Budget 20, long prefills share 8 tokens a step.
+        let mut s = with_threshold(scheduler(64, 8, 20), 8);
+        s.add(1, prompt(40, 1), RequestKey::base());
+        let out = s.schedule();
+        assert_eq!(plan(&out), vec![(1, 0, 8)]);
+        run(&mut s, &out);
+        // A short request arrives: admitted, all of it, before the long one's next chunk.
+        s.add(2, prompt(5, 2), RequestKey::base());
+        let out = s.schedule();
+        assert_eq!(plan(&out), vec![(2, 0, 5), (1, 8, 8)]);
+        run(&mut s, &out);
+        // 2 decodes first; 1 keeps its share. Its last 8 tokens are short: it samples.
+        let out = s.schedule();
+        assert_eq!(plan(&out), vec![(2, 5, 1), (1, 16, 8)]);
+        run(&mut s, &out);
+        let out = s.schedule();
+        assert_eq!(plan(&out), vec![(2, 6, 1), (1, 24, 8)]);
+        run(&mut s, &out);
+        let out = s.schedule();
+        assert_eq!(plan(&out), vec![(1, 32, 8), (2, 7, 1)]);
+        assert!(out.scheduled[0].samples);
+        run(&mut s, &out);
+        s.remove(1);
+        s.remove(2);
+        assert_no_blocks_held(&mut s);
+    }
+
+    #[test]
+    fn a_cached_call_jumps_a_waiting_long_prompt() {
+        let mut s = with_threshold(scheduler(64, 8, 16), 8);
+        // A conversation of 24 tokens is served, and its blocks stay cached.
+        let conv = prompt(24, 3);
+        s.add(1, conv.clone(), RequestKey::base());
+        for _ in 0..3 {
+            let out = s.schedule();
+            run(&mut s, &out);
+        }
+        s.remove(1);
+        // A long prompt arrives, then a call on the conversation (4 new tokens).
+        s.add(2, prompt(30, 4), RequestKey::base());
+        let mut call = conv.clone();
+        call.extend([7, 8, 9, 10]);
+        s.add(3, call, RequestKey::base());
+        let out = s.schedule();
+        // 3 is short (24 cached): admitted first, past 2, which gets the long share.
+        assert_eq!(plan(&out), vec![(3, 24, 4), (2, 0, 8)]);
+        assert_eq!(
+            out.admitted,
+            vec![
+                Admitted {
+                    id: 3,
+                    cached_tokens: 24
+                },
+                Admitted {
+                    id: 2,
+                    cached_tokens: 0
+                }
+            ]
+        );
+        assert!(out.scheduled[0].samples);
+        run(&mut s, &out);
+        s.remove(2);
+        s.remove(3);
+        assert_no_blocks_held(&mut s);
+    }
+
+    #[test]
+    fn long_prompts_progress_under_a_stream_of_short_ones() {
+        let mut s = with_threshold(scheduler(256, 64, 12), 4);
+        s.add(1, prompt(40, 1), RequestKey::base());
+        let mut done = 0;
+        for step in 0..10u64 {
+            // Every step a new short request, each decoding afterwards.
+            s.add(100 + step, prompt(3, 100 + step as u32), RequestKey::base());
+            let out = s.schedule();
+            let long = out
+                .scheduled
+                .iter()
+                .find(|x| x.id == 1)
+                .map(|x| x.num_tokens);
+            assert!(
+                long.is_some_and(|n| n >= 1),
+                "step {step}: {:?}",
+                plan(&out)
+            );
+            done += long.unwrap();
+            run(&mut s, &out);
+        }
+        assert!(done >= 10, "{done}");
+        s.remove(1);
+        for step in 0..10u64 {
+            s.remove(100 + step);
+        }
         assert_no_blocks_held(&mut s);
     }
 }
