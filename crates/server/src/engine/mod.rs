@@ -22,7 +22,8 @@ use crate::metrics::Metrics;
 pub use request::{EngineError, Event, Finish, GenRequest, TokenEvent, Usage};
 use seq::Seq;
 
-/// The default `long_prefill_token_threshold` (BENCHMARKS.md, "Scheduling").
+/// The default `long_prefill_token_threshold`: on a 2-core CPU smaller chunks made intrinsic
+/// calls under load slower (BENCHMARKS.md, "Scheduling").
 pub const DEFAULT_LONG_PREFILL_TOKENS: usize = 2048;
 
 /// Scheduler and cache limits.
