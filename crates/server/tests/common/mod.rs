@@ -153,14 +153,18 @@ pub async fn start(mut opts: Opts) -> Server {
 }
 
 impl Server {
-    pub async fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
-        let r = self
-            .client
+    /// `POST path` with a JSON body: the raw response.
+    pub async fn send(&self, path: &str, body: &serde_json::Value) -> reqwest::Response {
+        self.client
             .post(format!("{}{path}", self.url))
-            .json(&body)
+            .json(body)
             .send()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let r = self.send(path, &body).await;
         let status = r.status().as_u16();
         let text = r.text().await.unwrap();
         (
@@ -174,13 +178,7 @@ impl Server {
         use eventsource_stream::Eventsource;
         use futures::StreamExt;
         body["stream"] = true.into();
-        let r = self
-            .client
-            .post(format!("{}{path}", self.url))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let r = self.send(path, &body).await;
         assert_eq!(r.status(), 200);
         let mut events = r.bytes_stream().eventsource();
         let mut chunks = Vec::new();
