@@ -251,7 +251,7 @@ impl ToolCallParser {
         self.advance(&mut out, true);
         if !self.buf.is_empty() && self.state != State::Done {
             let rest = std::mem::take(&mut self.buf);
-            self.content(&mut out, &rest, true);
+            self.content(&mut out, &rest);
         }
         if self.calls == 0 && !self.pending_space.is_empty() {
             out.push(ToolDelta::Content(std::mem::take(&mut self.pending_space)));
@@ -261,7 +261,7 @@ impl ToolCallParser {
     }
 
     /// Content, with trailing whitespace held until something other than a call follows.
-    fn content(&mut self, out: &mut Vec<ToolDelta>, s: &str, last: bool) {
+    fn content(&mut self, out: &mut Vec<ToolDelta>, s: &str) {
         if s.is_empty() {
             return;
         }
@@ -273,9 +273,6 @@ impl ToolCallParser {
             text.push_str(body);
             out.push(ToolDelta::Content(text));
             self.pending_space = s[body.len()..].to_string();
-        }
-        if last && self.calls == 0 && !self.pending_space.is_empty() {
-            out.push(ToolDelta::Content(std::mem::take(&mut self.pending_space)));
         }
     }
 
@@ -306,7 +303,7 @@ impl ToolCallParser {
                     if self.calls > 0 && rest.trim().is_empty() {
                         return;
                     }
-                    self.content(out, &rest, false);
+                    self.content(out, &rest);
                     return;
                 }
                 (State::Text, CallMode::Free(f)) => {
@@ -318,7 +315,7 @@ impl ToolCallParser {
                     match self.buf.find(marker) {
                         Some(i) => {
                             let before = self.buf[..i].to_string();
-                            self.content(out, &before, false);
+                            self.content(out, &before);
                             self.buf.drain(..i);
                             self.state = State::InCall;
                         }
@@ -330,7 +327,7 @@ impl ToolCallParser {
                             };
                             let cut = self.buf.len() - keep;
                             let text: String = self.buf.drain(..cut).collect();
-                            self.content(out, &text, false);
+                            self.content(out, &text);
                             return;
                         }
                     }
@@ -353,7 +350,7 @@ impl ToolCallParser {
                         }
                         None => {
                             let text: String = self.buf.drain(..consumed).collect();
-                            self.content(out, &text, false);
+                            self.content(out, &text);
                             self.state = State::Text;
                         }
                     }

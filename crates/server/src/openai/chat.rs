@@ -228,26 +228,23 @@ impl Wire for ChatWire {
         let choices = choices
             .into_iter()
             .enumerate()
-            .map(|(index, c)| ChatChoice {
-                index,
-                logprobs: self.logprobs.then(|| ChatLogprobs {
-                    content: c
-                        .tokens
-                        .iter()
-                        .zip(token_strings(&c.tokens, &c.text))
-                        .map(|(t, s)| logprobs_of(&self.info, t, s))
-                        .collect(),
-                }),
-                message: self.message(&c.text),
-                finish_reason: Some(match &self.tools {
-                    Some(ts) => finish_reason(
-                        c.finish,
-                        !tools::parse(&ts.mode, ts.parallel, &c.text)
-                            .calls
-                            .is_empty(),
-                    ),
-                    None => c.finish.as_str(),
-                }),
+            .map(|(index, c)| {
+                // One parse of the text gives both the calls and the finish reason.
+                let message = self.message(&c.text);
+                let called = !message.tool_calls.is_empty();
+                ChatChoice {
+                    index,
+                    logprobs: self.logprobs.then(|| ChatLogprobs {
+                        content: c
+                            .tokens
+                            .iter()
+                            .zip(token_strings(&c.tokens, &c.text))
+                            .map(|(t, s)| logprobs_of(&self.info, t, s))
+                            .collect(),
+                    }),
+                    message,
+                    finish_reason: Some(finish_reason(c.finish, called)),
+                }
             })
             .collect();
         Json(ChatCompletion {
