@@ -1,5 +1,6 @@
 //! One streamed request against an OpenAI-compatible server, timed chunk by chunk.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use eventsource_stream::Eventsource;
@@ -7,12 +8,50 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 /// How a request names its adapter: vLLM and alora take the adapter's name in `model`; alora
-/// also takes a separate `adapter` field next to the base model's name.
+/// also takes a separate `adapter` field next to the base model's name; llama-server takes
+/// `lora: [{"id", "scale"}]` with the ids of its `--lora` files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum AdapterField {
     Model,
     Adapter,
+    Lora,
+}
+
+/// One of llama-server's adapters, from its `GET /lora-adapters`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraAdapter {
+    pub id: u64,
+    /// An aLoRA's invocation text (`alora_invocation_string`); `None` for a plain LoRA.
+    pub invocation: Option<String>,
+}
+
+/// The names an adapter of `GET /lora-adapters` answers to: its id and its file's stem
+/// (`/x/topic.gguf` is `topic`), with what a request needs to use it.
+pub fn lora_adapters(list: &Value) -> anyhow::Result<Vec<(Vec<String>, LoraAdapter)>> {
+    let items = list
+        .as_array()
+        .ok_or_else(|| anyhow::anyhow!("/lora-adapters did not answer a list"))?;
+    items
+        .iter()
+        .map(|a| {
+            let id = a["id"]
+                .as_u64()
+                .ok_or_else(|| anyhow::anyhow!("/lora-adapters entry without an id: {a}"))?;
+            let mut names = vec![id.to_string()];
+            if let Some(stem) = a["path"]
+                .as_str()
+                .and_then(|p| std::path::Path::new(p).file_stem()?.to_str())
+            {
+                names.push(stem.to_string());
+            }
+            let invocation = a["alora_invocation_string"]
+                .as_str()
+                .filter(|s| !s.is_empty())
+                .map(str::to_string);
+            Ok((names, LoraAdapter { id, invocation }))
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone)]
@@ -49,6 +88,8 @@ pub struct Outcome {
 pub struct Client {
     http: reqwest::Client,
     pub target: Target,
+    /// `AdapterField::Lora`: llama-server's adapters by every name they answer to.
+    loras: HashMap<String, LoraAdapter>,
 }
 
 impl Client {
@@ -56,19 +97,71 @@ impl Client {
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(1024)
             .build()?;
-        Ok(Client { http, target })
+        Ok(Client {
+            http,
+            target,
+            loras: HashMap::new(),
+        })
+    }
+
+    /// A client ready to send: with `AdapterField::Lora`, it reads llama-server's adapters and
+    /// sets every global scale to 0, so a request without `lora` runs the base model (the
+    /// server applies its global scales to such requests, 1.0 for each `--lora` by default).
+    pub async fn connect(target: Target) -> anyhow::Result<Client> {
+        let mut c = Client::new(target)?;
+        if c.target.adapter_field != AdapterField::Lora {
+            return Ok(c);
+        }
+        let list: Value = c
+            .get("/lora-adapters")
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let adapters = lora_adapters(&list)?;
+        let zero: Vec<Value> = adapters
+            .iter()
+            .map(|(_, a)| json!({"id": a.id, "scale": 0.0}))
+            .collect();
+        c.post("/lora-adapters", &Value::Array(zero))
+            .send()
+            .await?
+            .error_for_status()?;
+        for (names, a) in adapters {
+            for n in names {
+                c.loras.insert(n, a.clone());
+            }
+        }
+        Ok(c)
+    }
+
+    /// The adapter `name` of `AdapterField::Lora`, or an error naming the ones there are.
+    pub fn lora(&self, name: &str) -> anyhow::Result<&LoraAdapter> {
+        self.loras.get(name).ok_or_else(|| {
+            let mut known: Vec<&str> = self.loras.keys().map(String::as_str).collect();
+            known.sort();
+            anyhow::anyhow!("the server has no LoRA adapter {name:?} (it has: {known:?})")
+        })
     }
 
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.target.base_url.trim_end_matches('/'))
     }
 
-    fn get(&self, path: &str) -> reqwest::RequestBuilder {
-        let r = self.http.get(self.url(path));
+    fn authed(&self, r: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.target.api_key {
             Some(k) => r.bearer_auth(k),
             None => r,
         }
+    }
+
+    fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.authed(self.http.get(self.url(path)))
+    }
+
+    fn post(&self, path: &str, body: &Value) -> reqwest::RequestBuilder {
+        self.authed(self.http.post(self.url(path)).json(body))
     }
 
     /// The first model the server lists (the base model, for alora and vLLM).
@@ -103,6 +196,12 @@ impl Client {
                 b.insert("adapter".into(), json!(a));
                 self.target.model.clone()
             }
+            (Some(a), AdapterField::Lora) => {
+                // An unknown name is sent as is: the request fails and the report says why.
+                let id = self.lora(a).map(|l| json!(l.id)).unwrap_or(json!(a));
+                b.insert("lora".into(), json!([{"id": id, "scale": 1.0}]));
+                self.target.model.clone()
+            }
             (None, _) => self.target.model.clone(),
         };
         b.insert("model".into(), json!(model));
@@ -128,6 +227,47 @@ impl Client {
         let mut b = self.body(adapter, max_tokens);
         b.insert("messages".into(), Value::Array(messages.to_vec()));
         self.stream("/v1/chat/completions", Value::Object(b)).await
+    }
+
+    /// An adapter call on a conversation. alora and vLLM-style servers take the chat and append
+    /// an aLoRA's invocation themselves. llama-server does not: it looks for the invocation in
+    /// the prompt, so the conversation is rendered by its own template (`POST /apply-template`
+    /// without a generation prompt, not timed), the invocation appended, and the text sent to
+    /// `/v1/completions`: the same tokens alora computes.
+    pub async fn intrinsic(&self, messages: &[Value], adapter: &str, max_tokens: usize) -> Outcome {
+        let invocation = match self.target.adapter_field {
+            AdapterField::Lora => self.lora(adapter).ok().and_then(|l| l.invocation.clone()),
+            _ => None,
+        };
+        let Some(invocation) = invocation else {
+            return self.chat(messages, Some(adapter), max_tokens).await;
+        };
+        match self.render(messages).await {
+            Ok(prompt) => {
+                self.completion(&(prompt + &invocation), Some(adapter), max_tokens)
+                    .await
+            }
+            Err(e) => Outcome {
+                error: Some(format!("rendering the conversation: {e}")),
+                ..Outcome::default()
+            },
+        }
+    }
+
+    /// The conversation as llama-server's template renders it, without a generation prompt.
+    async fn render(&self, messages: &[Value]) -> anyhow::Result<String> {
+        let body = json!({"messages": messages, "add_generation_prompt": false});
+        let v: Value = self
+            .post("/apply-template", &body)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        v["prompt"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow::anyhow!("/apply-template answered no prompt: {v}"))
     }
 
     pub async fn completion(
@@ -165,11 +305,8 @@ impl Client {
         start: Instant,
         out: &mut Outcome,
     ) -> Result<(), String> {
-        let mut req = self.http.post(self.url(path)).json(&body);
-        if let Some(k) = &self.target.api_key {
-            req = req.bearer_auth(k);
-        }
-        let resp = req
+        let resp = self
+            .post(path, &body)
             .send()
             .await
             .map_err(|e| format!("request failed: {e}"))?;

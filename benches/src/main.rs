@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use alora_bench::{
-    compare_table, plot, AdapterField, Client, Endpoint, Kind, LoadConfig, Report, Slo, Target,
-    Workload, WorkloadConfig,
+    compare_table, plot, race_table, AdapterField, Client, Endpoint, Kind, LoadConfig, Report, Slo,
+    Target, Workload, WorkloadConfig,
 };
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -48,7 +48,9 @@ struct RunArgs {
     /// Base model name; default: the first model the server lists.
     #[arg(long)]
     model: Option<String>,
-    /// Where requests name the adapter: `model` (vLLM style) or alora's `adapter` field.
+    /// Where requests name the adapter: `model` (vLLM style), alora's `adapter` field, or
+    /// llama-server's `lora` list (adapters named by id or file stem; the harness sets the
+    /// server's global scales to 0 so requests without `lora` run the base model).
     #[arg(long, value_enum, default_value = "model")]
     adapter_field: AdapterField,
     #[arg(long, value_enum, default_value = "random")]
@@ -65,7 +67,7 @@ struct RunArgs {
     /// Intrinsics: conversation lengths in tokens, used in turn.
     #[arg(long, value_delimiter = ',', default_value = "256,1024,2048")]
     conversation_lengths: Vec<usize>,
-    /// Intrinsics: base turns per conversation.
+    /// Intrinsics and race: base turns (rounds) per conversation.
     #[arg(long, default_value_t = 1)]
     turns: usize,
     /// Intrinsics: tokens asked of each adapter call.
@@ -81,17 +83,19 @@ struct RunArgs {
     dataset: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Closed loop: sessions in flight (the default, with 1, when no --request-rate is given).
+    /// Closed loop: sessions in flight (the default, with 1, when no --request-rate is given);
+    /// for the race, requests in flight over all its conversations.
     #[arg(long, conflicts_with = "request_rate")]
     concurrency: Option<usize>,
-    /// Open loop: sessions per second, Poisson arrivals (`inf`: all at once).
+    /// Open loop: sessions (race: conversations) per second, Poisson arrivals (`inf`: all at
+    /// once).
     #[arg(long)]
     request_rate: Option<f64>,
     /// Open loop: cap on sessions in flight.
     #[arg(long)]
     max_concurrency: Option<usize>,
-    /// Sessions to run (a session is one request, or one conversation for intrinsics); 10 when
-    /// neither this nor --duration is given.
+    /// Sessions to run (a session is one request, or one conversation for intrinsics and
+    /// race); 10 when neither this nor --duration is given. The race needs this, not a duration.
     #[arg(long)]
     num_prompts: Option<usize>,
     /// Or: seconds to keep starting sessions.
@@ -186,8 +190,8 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             progress: false,
             ..load.clone()
         };
-        let out =
-            alora_bench::run(Client::new(target.clone())?, Workload::new(w, None)?, &warm).await?;
+        let client = Client::connect(target.clone()).await?;
+        let out = alora_bench::run(client, Workload::new(w, None)?, &warm).await?;
         if let Some(r) = out.records.iter().find(|r| !r.out.ok) {
             anyhow::bail!(
                 "warm-up request failed: {}",
@@ -200,7 +204,10 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         "ignore_eos": target.ignore_eos, "workload": wl, "load": load,
         "dataset": a.dataset, "warmup": a.warmup,
     });
-    let out = alora_bench::run(Client::new(target)?, Workload::new(wl, dataset)?, &load).await?;
+    let client = Client::connect(target)
+        .await
+        .with_context(|| format!("preparing {}", a.base_url))?;
+    let out = alora_bench::run(client, Workload::new(wl, dataset)?, &load).await?;
     let report = Report::new(a.label, settings, out, slo);
     print!("{}", report.table());
     if let Some(p) = &a.result_json {
@@ -229,6 +236,7 @@ fn compare(results: Vec<PathBuf>, plot_dir: Option<PathBuf>) -> anyhow::Result<(
         .collect::<anyhow::Result<_>>()?;
     for r in &reports[1..] {
         print!("{}", compare_table(&reports[0], r));
+        print!("{}", race_table(&reports[0], r));
     }
     if let Some(d) = &plot_dir {
         for f in plot::all(&reports, d)? {

@@ -163,10 +163,73 @@ pub fn cdf(
     Ok(())
 }
 
+/// Each request's TTFT (log) against when it was sent, per report: intrinsic calls as dots, base
+/// turns as crosses, so a race shows where calls waited behind base prefills. Writes `path`.
+pub fn ttft_timeline(reports: &[Report], path: &Path) -> anyhow::Result<()> {
+    let ok = |r: &'_ Report| -> Vec<(f64, f64, bool)> {
+        r.records
+            .iter()
+            .filter(|x| x.out.ok)
+            .map(|x| (x.start, x.out.ttft * 1e3, x.kind == "intrinsic"))
+            .collect()
+    };
+    let series: Vec<_> = reports.iter().map(ok).collect();
+    let all = series.iter().flatten();
+    let xmax = all.clone().map(|p| p.0).fold(1e-3, f64::max) * 1.05;
+    let ymax = all.clone().map(|p| p.1).fold(1.0, f64::max) * 1.5;
+    let ymin = all.map(|p| p.1).fold(f64::INFINITY, f64::min).max(1e-3) / 1.5;
+    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Time to first token over the run (dots: adapter calls, crosses: base turns)",
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0f64..xmax, (ymin.min(ymax / 10.0)..ymax).log_scale())
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("request sent (s from the start)")
+        .y_desc("TTFT (ms, log)")
+        .draw()
+        .map_err(err)?;
+    for (i, (r, pts)) in reports.iter().zip(&series).enumerate() {
+        let c = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(
+                pts.iter()
+                    .filter(|p| !p.2)
+                    .map(|p| Cross::new((p.0, p.1), 4, c.stroke_width(1))),
+            )
+            .map_err(err)?;
+        chart
+            .draw_series(
+                pts.iter()
+                    .filter(|p| p.2)
+                    .map(|p| Circle::new((p.0, p.1), 3, c.filled())),
+            )
+            .map_err(err)?
+            .label(r.label.clone())
+            .legend(move |(x, y)| Circle::new((x + 10, y), 4, c.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)?;
+    Ok(())
+}
+
 /// All plots for `reports` into `dir`; returns the files written.
 pub fn all(reports: &[Report], dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir)?;
-    let files = vec![
+    let mut files = vec![
         dir.join("ttft_vs_length.svg"),
         dir.join("ttft_cdf.svg"),
         dir.join("e2el_cdf.svg"),
@@ -189,5 +252,10 @@ pub fn all(reports: &[Report], dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         |r| r.out.e2e * 1e3,
         &files[2],
     )?;
+    if calls {
+        let f = dir.join("ttft_timeline.svg");
+        ttft_timeline(reports, &f)?;
+        files.push(f);
+    }
     Ok(files)
 }

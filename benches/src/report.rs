@@ -121,6 +121,10 @@ pub struct Report {
     pub all: Group,
     /// By request kind: `base`, `intrinsic:<adapter>`, `single`, `single:<adapter>`.
     pub by_kind: BTreeMap<String, Group>,
+    /// Conversational runs (intrinsics, race): `base` turns and `intrinsic`, every adapter call
+    /// together.
+    #[serde(default)]
+    pub by_role: BTreeMap<String, Group>,
     /// Intrinsic calls (or single requests) by the session's target length.
     pub by_length: BTreeMap<usize, Group>,
     /// Prefix cache over the run from /metrics: hits / queries (tokens), when served.
@@ -143,9 +147,13 @@ impl Report {
         let all = Group::of(rs);
         let mut by_kind: BTreeMap<String, Vec<&Record>> = BTreeMap::new();
         let mut by_length: BTreeMap<usize, Vec<&Record>> = BTreeMap::new();
+        let mut by_role: BTreeMap<String, Vec<&Record>> = BTreeMap::new();
         let mut errors = BTreeMap::new();
         for r in rs {
             by_kind.entry(kind_key(r)).or_default().push(r);
+            if r.kind == "base" || r.kind == "intrinsic" {
+                by_role.entry(r.kind.clone()).or_default().push(r);
+            }
             if r.kind != "base" {
                 by_length.entry(r.length).or_default().push(r);
             }
@@ -176,6 +184,10 @@ impl Report {
                 .map(|(k, v)| (k, Group::of(v)))
                 .collect(),
             by_length: by_length
+                .into_iter()
+                .map(|(k, v)| (k, Group::of(v)))
+                .collect(),
+            by_role: by_role
                 .into_iter()
                 .map(|(k, v)| (k, Group::of(v)))
                 .collect(),
@@ -239,6 +251,16 @@ impl Report {
             format!("{:.2}", self.total_token_throughput),
         );
         if let Some(r) = self.all.cache_hit_ratio {
+            line(
+                &mut s,
+                "Prompt tokens computed:",
+                (self.all.total_input_tokens - self.all.total_cached_tokens).to_string(),
+            );
+            line(
+                &mut s,
+                "Prompt tokens cached:",
+                self.all.total_cached_tokens.to_string(),
+            );
             line(
                 &mut s,
                 "Prefix cache hit ratio (cached_tokens):",
@@ -325,6 +347,65 @@ impl Report {
         let _ = writeln!(s, "{}", "=".repeat(50));
         s
     }
+}
+
+/// Two conversational runs (the race) side by side: wall time, TTFT percentiles of intrinsic
+/// calls and of base turns, prompt tokens computed and cached, and `b / a` for each.
+/// Empty unless both runs made intrinsic calls.
+pub fn race_table(a: &Report, b: &Report) -> String {
+    let mut s = String::new();
+    let (Some(ai), Some(bi)) = (a.by_role.get("intrinsic"), b.by_role.get("intrinsic")) else {
+        return s;
+    };
+    let empty = Group::default();
+    let (ab, bb) = (
+        a.by_role.get("base").unwrap_or(&empty),
+        b.by_role.get("base").unwrap_or(&empty),
+    );
+    let (wa, wb) = (a.label.len().max(12), b.label.len().max(12));
+    let _ = writeln!(
+        s,
+        "{:<30} {:>wa$} {:>wb$} {:>8}",
+        "race", a.label, b.label, "b / a"
+    );
+    let mut row = |name: &str, x: f64, y: f64, prec: usize| {
+        let _ = writeln!(
+            s,
+            "{name:<30} {x:>wa$.prec$} {y:>wb$.prec$} {:>7.2}x",
+            y / x
+        );
+    };
+    let computed = |r: &Report| (r.all.total_input_tokens - r.all.total_cached_tokens) as f64;
+    row("wall time (s)", a.duration, b.duration, 2);
+    row(
+        "requests completed",
+        a.completed as f64,
+        b.completed as f64,
+        0,
+    );
+    row(
+        "intrinsic TTFT median (ms)",
+        ai.ttft_ms.median,
+        bi.ttft_ms.median,
+        1,
+    );
+    row("intrinsic TTFT p90 (ms)", ai.ttft_ms.p90, bi.ttft_ms.p90, 1);
+    row("intrinsic TTFT p99 (ms)", ai.ttft_ms.p99, bi.ttft_ms.p99, 1);
+    row(
+        "base TTFT median (ms)",
+        ab.ttft_ms.median,
+        bb.ttft_ms.median,
+        1,
+    );
+    row("base TTFT p90 (ms)", ab.ttft_ms.p90, bb.ttft_ms.p90, 1);
+    row("prompt tokens computed", computed(a), computed(b), 0);
+    row(
+        "prompt tokens cached",
+        a.all.total_cached_tokens as f64,
+        b.all.total_cached_tokens as f64,
+        0,
+    );
+    s
 }
 
 /// Median non-base TTFT per length of two runs and their ratio (`slow / fast`): the aLoRA

@@ -1,6 +1,8 @@
 //! The load driver: closed loop (N sessions in flight) or open loop (sessions arrive as a
 //! Poisson process), for a number of sessions or a duration.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -9,10 +11,10 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Exp};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 
 use crate::client::{metric_sum, Client, Outcome};
-use crate::workload::{Endpoint, Session, Step, Workload};
+use crate::workload::{Endpoint, Kind, Session, Step, Workload};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LoadConfig {
@@ -35,6 +37,9 @@ pub struct LoadConfig {
 pub struct Record {
     pub session: usize,
     pub step: usize,
+    /// The conversation's round: its base turn and the intrinsic calls after it (0 first).
+    #[serde(default)]
+    pub round: usize,
     /// `base` (a conversation turn), `intrinsic` (an adapter call on the conversation) or
     /// `single` (random and mixed workloads).
     pub kind: String,
@@ -91,66 +96,176 @@ impl Shared {
     }
 }
 
-async fn run_session(sh: &Shared, s: Session) {
-    let mut conv: Vec<Value> = s.prefix.clone();
-    for (i, step) in s.steps.iter().enumerate() {
-        let start = sh.t0.elapsed().as_secs_f64();
-        let (kind, adapter, out) = match step {
-            Step::Base { user, max_tokens } => {
-                conv.push(json!({"role": "user", "content": user}));
-                let out = sh.client.chat(&conv, None, *max_tokens).await;
-                conv.push(json!({"role": "assistant", "content": out.text}));
-                ("base", None, out)
-            }
-            Step::Intrinsic {
-                adapter,
-                max_tokens,
-            } => {
-                let out = sh.client.chat(&conv, Some(adapter), *max_tokens).await;
-                ("intrinsic", Some(adapter.clone()), out)
-            }
-            Step::Single {
-                text,
-                adapter,
-                endpoint,
-                max_tokens,
-            } => {
-                let out = match endpoint {
-                    Endpoint::Chat => {
-                        let m = [json!({"role": "user", "content": text})];
-                        sh.client.chat(&m, adapter.as_deref(), *max_tokens).await
-                    }
-                    Endpoint::Completions => {
-                        sh.client
-                            .completion(text, adapter.as_deref(), *max_tokens)
-                            .await
-                    }
-                };
-                ("single", adapter.clone(), out)
-            }
-        };
-        let failed = !out.ok;
-        let rec = Record {
-            session: s.id,
-            step: i,
-            kind: kind.to_string(),
-            adapter,
-            length: s.length,
-            start,
-            out,
-        };
-        let n = {
-            let mut r = sh.records.lock().unwrap();
-            r.push(rec);
-            r.len()
-        };
-        sh.bar.set_message(format!("{n} requests"));
-        if failed {
-            // A conversation cannot go on without the failed turn's answer.
-            break;
+/// A conversation between its requests: its session, the messages so far and its next step.
+struct Live {
+    session: Session,
+    conv: Vec<Value>,
+    next: usize,
+    round: usize,
+}
+
+impl Live {
+    fn new(session: Session) -> Live {
+        Live {
+            conv: session.prefix.clone(),
+            session,
+            next: 0,
+            round: 0,
         }
     }
+
+    fn done(&self) -> bool {
+        self.next >= self.session.steps.len()
+    }
+}
+
+/// Sends the conversation's next request and records it; false if it failed (a conversation
+/// cannot go on without the failed turn's answer).
+async fn run_step(sh: &Shared, live: &mut Live) -> bool {
+    let i = live.next;
+    let s = &live.session;
+    let conv = &mut live.conv;
+    let start = sh.t0.elapsed().as_secs_f64();
+    let (kind, adapter, out) = match &s.steps[i] {
+        Step::Base { user, max_tokens } => {
+            if i > 0 {
+                live.round += 1;
+            }
+            conv.push(json!({"role": "user", "content": user}));
+            let out = sh.client.chat(conv, None, *max_tokens).await;
+            conv.push(json!({"role": "assistant", "content": out.text}));
+            ("base", None, out)
+        }
+        Step::Intrinsic {
+            adapter,
+            max_tokens,
+        } => {
+            let out = sh.client.intrinsic(conv, adapter, *max_tokens).await;
+            ("intrinsic", Some(adapter.clone()), out)
+        }
+        Step::Single {
+            text,
+            adapter,
+            endpoint,
+            max_tokens,
+        } => {
+            let out = match endpoint {
+                Endpoint::Chat => {
+                    let m = [json!({"role": "user", "content": text})];
+                    sh.client.chat(&m, adapter.as_deref(), *max_tokens).await
+                }
+                Endpoint::Completions => {
+                    sh.client
+                        .completion(text, adapter.as_deref(), *max_tokens)
+                        .await
+                }
+            };
+            ("single", adapter.clone(), out)
+        }
+    };
+    let ok = out.ok;
+    let rec = Record {
+        session: s.id,
+        step: i,
+        round: live.round,
+        kind: kind.to_string(),
+        adapter,
+        length: s.length,
+        start,
+        out,
+    };
+    let n = {
+        let mut r = sh.records.lock().unwrap();
+        r.push(rec);
+        r.len()
+    };
+    sh.bar.set_message(format!("{n} requests"));
+    live.next = if ok { i + 1 } else { s.steps.len() };
+    ok
+}
+
+/// Runs a session's steps back to back.
+async fn run_session(sh: &Shared, s: Session) {
+    let mut live = Live::new(s);
+    while !live.done() {
+        run_step(sh, &mut live).await;
+    }
     sh.bar.inc(1);
+}
+
+/// The race's queue: conversations ready for their next request, oldest first.
+struct Ready {
+    queue: Mutex<VecDeque<Live>>,
+    /// Conversations not finished (queued, in flight, or yet to arrive).
+    unfinished: AtomicUsize,
+    changed: Notify,
+}
+
+/// A race worker: takes the conversation at the front, sends its next request, and puts it at
+/// the back, until every conversation is finished.
+async fn race_worker(sh: &Shared, ready: &Ready) {
+    loop {
+        let changed = ready.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let next = ready.queue.lock().unwrap().pop_front();
+        match next {
+            Some(mut live) => {
+                run_step(sh, &mut live).await;
+                if live.done() {
+                    sh.bar.inc(1);
+                    ready.unfinished.fetch_sub(1, Ordering::SeqCst);
+                } else {
+                    ready.queue.lock().unwrap().push_back(live);
+                }
+                ready.changed.notify_waiters();
+            }
+            None if ready.unfinished.load(Ordering::SeqCst) == 0 => return,
+            None => changed.await,
+        }
+    }
+}
+
+/// The race: `n` sessions, all live at once, request by request over `workers` workers.
+/// Closed loop: every conversation is ready at the start. Open loop (`gap`): conversations
+/// arrive as a Poisson process.
+async fn race(
+    sh: Arc<Shared>,
+    n: usize,
+    workers: usize,
+    gap: Option<(Exp<f64>, u64)>,
+) -> anyhow::Result<()> {
+    let ready = Arc::new(Ready {
+        queue: Mutex::new(VecDeque::new()),
+        unfinished: AtomicUsize::new(n),
+        changed: Notify::new(),
+    });
+    let mut sessions = Vec::with_capacity(n);
+    while let Some(s) = sh.take() {
+        sessions.push(s);
+    }
+    // A dataset may hold fewer conversations than asked for.
+    ready
+        .unfinished
+        .fetch_sub(n - sessions.len(), Ordering::SeqCst);
+    let tasks: Vec<_> = (0..workers.max(1))
+        .map(|_| {
+            let (sh, ready) = (sh.clone(), ready.clone());
+            tokio::spawn(async move { race_worker(&sh, &ready).await })
+        })
+        .collect();
+    let mut rng = gap.map(|(_, seed)| rand::rngs::StdRng::seed_from_u64(seed));
+    for s in sessions {
+        ready.queue.lock().unwrap().push_back(Live::new(s));
+        ready.changed.notify_waiters();
+        if let (Some((g, _)), Some(rng)) = (&gap, rng.as_mut()) {
+            tokio::time::sleep(Duration::from_secs_f64(g.sample(rng))).await;
+        }
+    }
+    for t in tasks {
+        t.await?;
+    }
+    Ok(())
 }
 
 fn bar(cfg: &LoadConfig) -> ProgressBar {
@@ -184,6 +299,11 @@ pub async fn run(
     if cfg.num_sessions.is_none() && cfg.duration.is_none() {
         anyhow::bail!("give a number of sessions or a duration");
     }
+    let race_n = match (workload.kind(), cfg.num_sessions) {
+        (Kind::Race, None) => anyhow::bail!("the race workload needs a number of conversations"),
+        (Kind::Race, Some(n)) => Some(n),
+        _ => None,
+    };
     let before = client.metrics().await;
     let t0 = Instant::now();
     let sh = Arc::new(Shared {
@@ -195,10 +315,22 @@ pub async fn run(
         remaining: Mutex::new(cfg.num_sessions),
         bar: bar(cfg),
     });
-    match (cfg.concurrency, cfg.request_rate) {
-        (Some(_), Some(_)) => anyhow::bail!("choose closed loop (concurrency) or open loop (rate)"),
-        (None, None) => anyhow::bail!("give a concurrency or a request rate"),
-        (Some(n), None) => {
+    let arrivals = |rate: f64| -> anyhow::Result<Option<Exp<f64>>> {
+        Ok((rate.is_finite() && rate > 0.0)
+            .then(|| Exp::new(rate))
+            .transpose()?)
+    };
+    match (cfg.concurrency, cfg.request_rate, race_n) {
+        (Some(_), Some(_), _) => {
+            anyhow::bail!("choose closed loop (concurrency) or open loop (rate)")
+        }
+        (None, None, _) => anyhow::bail!("give a concurrency or a request rate"),
+        (Some(c), None, Some(n)) => race(sh.clone(), n, c, None).await?,
+        (None, Some(rate), Some(n)) => {
+            let gap = arrivals(rate)?.map(|g| (g, cfg.seed ^ 0x9e37_79b9));
+            race(sh.clone(), n, cfg.max_concurrency.unwrap_or(n), gap).await?
+        }
+        (Some(n), None, None) => {
             let workers: Vec<_> = (0..n.max(1))
                 .map(|_| {
                     let sh = sh.clone();
@@ -213,14 +345,12 @@ pub async fn run(
                 w.await?;
             }
         }
-        (None, Some(rate)) => {
+        (None, Some(rate), None) => {
             let limit = Arc::new(Semaphore::new(
                 cfg.max_concurrency.unwrap_or(Semaphore::MAX_PERMITS),
             ));
             let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed ^ 0x9e37_79b9);
-            let gap = (rate.is_finite() && rate > 0.0)
-                .then(|| Exp::new(rate))
-                .transpose()?;
+            let gap = arrivals(rate)?;
             let mut tasks = Vec::new();
             while let Some(s) = sh.take() {
                 let permit = limit.clone().acquire_owned().await?;

@@ -6,6 +6,10 @@
 //!   turn a base answer, then one call per intrinsic adapter on the same conversation (the server
 //!   appends the invocation), then the next base turn. Served as aLoRA, each intrinsic call
 //!   reuses the base turn's KV; served as plain LoRA, it re-prefills the conversation.
+//! - `race`: the intrinsics conversations, all of them live at once: N conversations (one
+//!   session each) take turns request by request (round robin over the conversations ready
+//!   for their next step), so the server holds every conversation's KV while base turns and
+//!   intrinsic calls of different conversations interleave (the "aLoRA vs LoRA race").
 //! - `mixed`: one request per session, each naming an adapter from a list in turn (`base` for
 //!   none), to load a batch that mixes adapters.
 
@@ -166,7 +170,15 @@ const QUESTIONS: &[&str] = &[
 pub enum Kind {
     Random,
     Intrinsics,
+    Race,
     Mixed,
+}
+
+impl Kind {
+    /// Conversations with base turns and intrinsic calls (`intrinsics` and `race`).
+    pub fn conversational(self) -> bool {
+        matches!(self, Kind::Intrinsics | Kind::Race)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -283,14 +295,14 @@ pub fn read_dataset(path: &Path) -> anyhow::Result<Vec<Vec<Value>>> {
 
 impl Workload {
     pub fn new(cfg: WorkloadConfig, dataset: Option<Vec<Vec<Value>>>) -> anyhow::Result<Self> {
-        if cfg.kind == Kind::Intrinsics && cfg.adapters.is_empty() {
-            bail!("the intrinsics workload needs at least one --adapter to call");
+        if cfg.kind.conversational() && cfg.adapters.is_empty() {
+            bail!("the intrinsics and race workloads need at least one --adapter to call");
         }
         if cfg.kind == Kind::Mixed && cfg.adapters.is_empty() {
             bail!("the mixed workload needs --adapter names (use `base` for the base model)");
         }
-        if cfg.kind == Kind::Intrinsics && cfg.conversation_lengths.is_empty() {
-            bail!("the intrinsics workload needs at least one conversation length");
+        if cfg.kind.conversational() && cfg.conversation_lengths.is_empty() {
+            bail!("the intrinsics and race workloads need at least one conversation length");
         }
         Ok(Workload {
             rng: StdRng::seed_from_u64(cfg.seed),
@@ -298,6 +310,10 @@ impl Workload {
             next_id: 0,
             dataset,
         })
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.cfg.kind
     }
 
     /// The next session; `None` once a dataset is used up (generated workloads never end).
@@ -337,7 +353,7 @@ impl Workload {
                     }],
                 }
             }
-            Kind::Intrinsics => {
+            Kind::Intrinsics | Kind::Race => {
                 let mut steps = Vec::new();
                 let (prefix, users, length) = match &self.dataset {
                     Some(d) => {

@@ -153,9 +153,14 @@ async fn intrinsics_reuse_the_base_turn_as_alora_and_not_as_lora() {
     let cmp = alora_bench::compare_table(&back, &lora);
     assert_eq!(cmp.lines().count(), 3, "{cmp}");
     let dir = common::scratch("plots");
-    for f in alora_bench::plot::all(&[back, lora], &dir).unwrap() {
+    let files = alora_bench::plot::all(&[back, lora], &dir).unwrap();
+    assert_eq!(files.len(), 4, "{files:?}");
+    for f in files {
         let svg = std::fs::read_to_string(&f).unwrap();
-        assert!(svg.starts_with("<svg") && svg.contains("polyline"), "{f:?}");
+        assert!(
+            svg.starts_with("<svg") && (svg.contains("polyline") || svg.contains("<circle")),
+            "{f:?}"
+        );
     }
     assert_eq!(s.metric("alora:kv_blocks_in_use").await, 0.0);
 }
@@ -225,4 +230,70 @@ async fn random_and_mixed_workloads_open_and_closed_loop() {
         e.starts_with("HTTP 404") && e.contains("no-such-adapter"),
         "{e}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn race_interleaves_live_conversations() {
+    let s = common::start(common::Opts::default()).await;
+    let t = target(&s.url, AdapterField::Model).await;
+
+    // Three conversations, two rounds of a base turn and two aLoRA calls, two requests in
+    // flight: all three conversations start before any has its second request.
+    let mut w = workload(Kind::Race, &["alora", "alora2"]);
+    w.conversation_lengths = vec![12];
+    let out = go(&t, w.clone(), &closed(2, 3)).await;
+    assert_eq!(out.records.len(), 3 * 2 * 3);
+    let mut by_start: Vec<_> = out.records.iter().collect();
+    by_start.sort_by(|a, b| a.start.total_cmp(&b.start));
+    let mut first: Vec<(usize, usize)> =
+        by_start[..3].iter().map(|r| (r.session, r.step)).collect();
+    first.sort();
+    assert_eq!(first, [(0, 0), (1, 0), (2, 0)]);
+    for r in &out.records {
+        assert_eq!(r.round, r.step / 3, "{r:?}");
+        if r.kind == "intrinsic" {
+            // Each call finds its conversation's last base turn in the cache, even with the
+            // other conversations' requests in between.
+            assert!(r.out.cached_tokens.unwrap() > 0, "{r:?}");
+        }
+    }
+    let race = Report::new("race".into(), serde_json::json!({}), out, Slo::default());
+    assert_eq!(race.by_role["intrinsic"].completed, 12);
+    assert_eq!(race.by_role["base"].completed, 6);
+    let table = race.table();
+    assert!(table.contains("Prompt tokens computed:"), "{table}");
+
+    // Open loop: conversations arriving as a Poisson process, at most two requests in flight.
+    let open = LoadConfig {
+        concurrency: None,
+        request_rate: Some(50.0),
+        max_concurrency: Some(2),
+        ..closed(0, 2)
+    };
+    let out = go(&t, w.clone(), &open).await;
+    assert_eq!(out.records.len(), 2 * 2 * 3);
+    let other = Report::new("open".into(), serde_json::json!({}), out, Slo::default());
+    let cmp = alora_bench::race_table(&race, &other);
+    for row in [
+        "wall time (s)",
+        "intrinsic TTFT p90 (ms)",
+        "prompt tokens cached",
+    ] {
+        assert!(cmp.contains(row), "{row} missing from\n{cmp}");
+    }
+    // The race counts conversations, not a duration.
+    let e = alora_bench::run(
+        Client::new(t.clone()).unwrap(),
+        Workload::new(w, None).unwrap(),
+        &LoadConfig {
+            num_sessions: None,
+            duration: Some(Duration::from_secs(1)),
+            ..closed(1, 0)
+        },
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("number of conversations"), "{e}");
+    assert_eq!(s.metric("alora:kv_blocks_in_use").await, 0.0);
 }
