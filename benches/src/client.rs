@@ -164,6 +164,18 @@ impl Client {
         self.authed(self.http.post(self.url(path)).json(body))
     }
 
+    /// Sends a POST, once more on a fresh connection if the first try broke before any answer
+    /// came: servers close kept-alive connections (llama-server's HTTP library after 100
+    /// requests or 5 idle seconds), and a request that loses that race never reached them.
+    async fn send(&self, path: &str, body: &Value) -> Result<reqwest::Response, String> {
+        match self.post(path, body).send().await {
+            Err(e) if !e.is_timeout() && e.status().is_none() => {
+                self.post(path, body).send().await.map_err(|e| chain(&e))
+            }
+            r => r.map_err(|e| chain(&e)),
+        }
+    }
+
     /// The first model the server lists (the base model, for alora and vLLM).
     pub async fn first_model(&self) -> anyhow::Result<String> {
         let v: Value = self
@@ -233,7 +245,9 @@ impl Client {
     /// an aLoRA's invocation themselves. llama-server does not: it looks for the invocation in
     /// the prompt, so the conversation is rendered by its own template (`POST /apply-template`
     /// without a generation prompt, not timed), the invocation appended, and the text sent to
-    /// `/v1/completions`: the same tokens alora computes.
+    /// `/v1/completions`: the same tokens alora computes. (Start llama-server with
+    /// `--no-prefill-assistant`, or its render of a conversation ending in an assistant turn
+    /// leaves that turn open, without its end-of-turn tokens.)
     pub async fn intrinsic(&self, messages: &[Value], adapter: &str, max_tokens: usize) -> Outcome {
         let invocation = match self.target.adapter_field {
             AdapterField::Lora => self.lora(adapter).ok().and_then(|l| l.invocation.clone()),
@@ -258,9 +272,9 @@ impl Client {
     async fn render(&self, messages: &[Value]) -> anyhow::Result<String> {
         let body = json!({"messages": messages, "add_generation_prompt": false});
         let v: Value = self
-            .post("/apply-template", &body)
-            .send()
-            .await?
+            .send("/apply-template", &body)
+            .await
+            .map_err(anyhow::Error::msg)?
             .error_for_status()?
             .json()
             .await?;
@@ -306,8 +320,7 @@ impl Client {
         out: &mut Outcome,
     ) -> Result<(), String> {
         let resp = self
-            .post(path, &body)
-            .send()
+            .send(path, &body)
             .await
             .map_err(|e| format!("request failed: {e}"))?;
         let status = resp.status();
@@ -375,6 +388,18 @@ impl Client {
         }
         Ok(())
     }
+}
+
+/// An error with its causes (reqwest's own message names only the URL).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }
 
 /// Sum of every sample of the metric `name` (with or without a `_total` suffix, any labels).

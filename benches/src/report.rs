@@ -301,7 +301,20 @@ impl Report {
                 "{:<28} {:>5} {:>10} {:>10} {:>10} {:>8}",
                 "kind", "n", "TTFT med", "TTFT p90", "E2EL med", "cached"
             );
-            for (k, g) in &self.by_kind {
+            // Every adapter call together, when there are calls to more than one adapter.
+            let calls = self
+                .by_role
+                .get("intrinsic")
+                .filter(|_| {
+                    self.by_kind
+                        .keys()
+                        .filter(|k| k.starts_with("intrinsic:"))
+                        .count()
+                        > 1
+                })
+                .map(|g| ("intrinsic (all adapters)".to_string(), g));
+            let rows = self.by_kind.iter().map(|(k, g)| (k.clone(), g));
+            for (k, g) in rows.chain(calls) {
                 let _ = writeln!(
                     s,
                     "{:<28} {:>5} {:>10.2} {:>10.2} {:>10.2} {:>8}",
