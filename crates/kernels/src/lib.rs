@@ -8,6 +8,7 @@
 //! - [`attention`]: a step's batch geometry ([`AttnBatch`]), the scalar reference, the paged
 //!   kernel for decode-like steps and the flash kernel for prefill chunks, both reading K/V
 //!   in place through each sequence's slots.
+//! - [`lora`]: a LoRA delta on the few rows a decode step or an aLoRA tail adapts.
 //! - [`rowops`]: RMS norm (optionally fused with the residual add), RoPE, `silu(gate) * up`.
 //! - [`simd`]: what the kernels share (dot, exp, transposes' buffers, a pointer for disjoint
 //!   parallel writes).
@@ -27,6 +28,7 @@ pub mod error;
 pub mod flash;
 pub mod gemm;
 pub mod isa;
+pub mod lora;
 pub mod paged;
 pub mod qmatmul;
 pub mod rowops;

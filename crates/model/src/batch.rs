@@ -57,6 +57,13 @@ impl StepLogits {
 }
 
 /// Index tensors for a step, built once and shared by every layer.
+/// The rows of a step that one adapter adapts, as candle's ops and the CPU kernel read them.
+pub(crate) struct LoraRows {
+    pub adapter: Arc<LoraAdapter>,
+    pub rows: Tensor,
+    pub host: Vec<u32>,
+}
+
 pub(crate) struct Prepared {
     pub ids: Tensor,
     pub positions: Tensor,
@@ -69,7 +76,7 @@ pub(crate) struct Prepared {
     pub seqlens_k: Vec<usize>,
     pub start_pos: Vec<usize>,
     /// Per distinct adapter: the global rows it adapts.
-    pub lora_groups: Vec<(Arc<LoraAdapter>, Tensor)>,
+    pub lora_groups: Vec<LoraRows>,
     pub logit_rows: Tensor,
     pub rows: Vec<Range<usize>>,
     pub num_tokens: usize,
@@ -143,7 +150,13 @@ impl Prepared {
         let n = ids.len();
         let lora_groups = groups
             .into_iter()
-            .map(|(a, v)| Ok((a, Tensor::new(v.as_slice(), device)?)))
+            .map(|(adapter, host)| {
+                Ok(LoraRows {
+                    adapter,
+                    rows: Tensor::new(host.as_slice(), device)?,
+                    host,
+                })
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Prepared {
             ids: Tensor::new(ids.as_slice(), device)?,

@@ -1,13 +1,19 @@
 //! One decoder layer's weights and the projections with their LoRA delta.
 
-use std::sync::Arc;
-
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::lora::{LoraAdapter, Module};
+use alora_kernels::lora::LoraFactors;
+
+use crate::batch::LoraRows;
+use crate::lora::{LoraPair, Module};
+use crate::ops::f32_contents;
 use crate::weights::{LinearWeight, Permute, WeightSource};
+
+/// Adapted rows up to which a projection's LoRA delta runs in `alora_kernels::lora` (decode
+/// steps and aLoRA tails); more go through candle's matmuls, whose gemm wins on many rows.
+pub const LORA_KERNEL_MAX_ROWS: usize = 16;
 
 /// A projection with its base weight; LoRA factors come from the step's adapters.
 #[derive(Debug)]
@@ -19,11 +25,7 @@ pub struct Proj {
 
 impl Proj {
     /// `x W^T`, plus each adapter's delta on the rows it adapts.
-    pub(super) fn forward(
-        &self,
-        x: &Tensor,
-        groups: &[(Arc<LoraAdapter>, Tensor)],
-    ) -> Result<Tensor> {
+    pub(super) fn forward(&self, x: &Tensor, groups: &[LoraRows]) -> Result<Tensor> {
         self.add_lora(self.weight.forward(x)?, x, groups)
     }
 
@@ -32,7 +34,7 @@ impl Proj {
     pub(super) fn forward_many<const N: usize>(
         projs: [&Proj; N],
         x: &Tensor,
-        groups: &[(Arc<LoraAdapter>, Tensor)],
+        groups: &[LoraRows],
     ) -> Result<[Tensor; N]> {
         let ws = projs.map(|p| &p.weight);
         let ys = LinearWeight::forward_many(&ws, x)?;
@@ -44,16 +46,16 @@ impl Proj {
     }
 
     /// `y` plus each adapter's delta `x A^T B^T * scaling` on the rows it adapts.
-    fn add_lora(
-        &self,
-        mut y: Tensor,
-        x: &Tensor,
-        groups: &[(Arc<LoraAdapter>, Tensor)],
-    ) -> Result<Tensor> {
-        for (adapter, rows) in groups {
-            let Some(p) = adapter.pair(self.layer, self.module) else {
+    fn add_lora(&self, mut y: Tensor, x: &Tensor, groups: &[LoraRows]) -> Result<Tensor> {
+        for g in groups {
+            let Some(p) = g.adapter.pair(self.layer, self.module) else {
                 continue;
             };
+            if let Some(sum) = Self::lora_kernel(&y, x, g, p)? {
+                y = sum;
+                continue;
+            }
+            let rows = &g.rows;
             // PEFT computes the delta in f32 and adds it to the base output.
             let xs = x.index_select(rows, 0)?.to_dtype(DType::F32)?;
             let delta = xs.matmul(&p.a_t)?.matmul(&p.b_t)?.affine(p.scaling, 0.0)?;
@@ -67,6 +69,34 @@ impl Proj {
             };
         }
         Ok(y)
+    }
+
+    /// The delta through `alora_kernels::lora` (f32 on the CPU, at most
+    /// [`LORA_KERNEL_MAX_ROWS`] rows adapted), or `None` for candle's ops.
+    fn lora_kernel(y: &Tensor, x: &Tensor, g: &LoraRows, p: &LoraPair) -> Result<Option<Tensor>> {
+        let f32_cpu =
+            |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous();
+        if g.host.len() > LORA_KERNEL_MAX_ROWS || ![y, x, &p.a_t, &p.b_t].into_iter().all(f32_cpu) {
+            return Ok(None);
+        }
+        let (n, out) = y.dims2()?;
+        let (inp, rank) = p.a_t.dims2()?;
+        let mut sum = y.flatten_all()?.to_vec1::<f32>()?;
+        let (xg, ag, bg) = (
+            x.storage_and_layout(),
+            p.a_t.storage_and_layout(),
+            p.b_t.storage_and_layout(),
+        );
+        let f = LoraFactors {
+            a_t: f32_contents(&ag.0, ag.1)?,
+            b_t: f32_contents(&bg.0, bg.1)?,
+            inp,
+            rank,
+            out,
+            scaling: p.scaling as f32,
+        };
+        alora_kernels::lora::add_rows(&mut sum, f32_contents(&xg.0, xg.1)?, &g.host, f)?;
+        Ok(Some(Tensor::from_vec(sum, (n, out), y.device())?))
     }
 }
 
