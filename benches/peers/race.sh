@@ -6,10 +6,10 @@
 #
 #   LLAMA_SERVER=/path/to/llama-server PYTHON=/venv/with/gguf/bin/python benches/peers/race.sh [OUT_DIR]
 #
-# Adapters: `topic` is the demo aLoRA (invocation `<|im_start|>topic\n`); `certainty` is the same
-# weights with the invocation `<|im_start|>certainty\n` (speed does not depend on the weights,
-# only on where the adapter switches on). `*_lora` are both as plain LoRAs (no invocation).
-# PYTHON needs the `gguf` and `numpy` packages (benches/peers/peft_to_gguf.py).
+# Adapters: `topic` is the demo aLoRA (invocation `<|im_start|>topic\n`); `certainty` is its
+# shape with other weights (B negated) and the invocation `<|im_start|>certainty\n` (speed does
+# not depend on what the weights say). `*_lora` are both as plain LoRAs (no invocation).
+# PYTHON needs `gguf`, `numpy` and `safetensors` (benches/peers/peft_to_gguf.py).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-/tmp/race-bench}
@@ -39,6 +39,11 @@ def edit(name, inv):
         c["alora_invocation_tokens"] = inv
     p.write_text(json.dumps(c, indent=2))
 edit("certainty", [1, 33622, 198])   # <|im_start|> certainty \n
+# Other weights (B negated): a distinct adapter, so no KV is shared between the two as LoRAs.
+from safetensors.numpy import load_file, save_file
+w = a / "certainty" / "adapter_model.safetensors"
+t = load_file(str(w))
+save_file({k: (-v if ".lora_B." in k else v) for k, v in t.items()}, str(w))
 PY
 for n in topic certainty; do
   cp -r "$A/$n" "$A/${n}_lora"
