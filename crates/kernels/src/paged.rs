@@ -16,7 +16,7 @@
 //!
 //! Split-K (flash-decoding): a step with fewer items than twice the threads (one sequence's
 //! decode or aLoRA tail: 3 KV heads on 2 threads kept one thread idle a third of the time)
-//! also splits each item's keys into parts of at least [`MIN_KEYS_PER_PART`], each returning
+//! also splits each item's keys into parts of at least `MIN_KEYS_PER_PART`, each returning
 //! its unnormalised sums with their max and total, merged exactly after. On SmolLM2 at ~1,120
 //! tokens of context (2 threads, A/B over 3 server restarts): an adapted decode step 15.0 ->
 //! 12.2 ms, the 3-token aLoRA step 18.6 -> 16.7 ms.
