@@ -1,7 +1,9 @@
 //! What a chat request costs before the engine sees it: the chat template's rendering and the
 //! tokenization of a conversation of about 250 / 2,000 / 4,000 tokens, on the default model's
 //! template and tokenizer (SmolLM2-135M-Instruct's GGUF, fetched by scripts/fetch-model.sh),
-//! as an aLoRA call renders it (no generation prompt). BENCHMARKS.md has the commands and results.
+//! as an aLoRA call renders it (no generation prompt): the tokenizer library on the whole text,
+//! and alora's piecewise tokenization when an earlier request rendered the same turns.
+//! BENCHMARKS.md has the commands and results.
 
 use std::path::PathBuf;
 
@@ -59,8 +61,16 @@ fn bench(c: &mut Criterion) {
             b.iter(|| template.render(m, false).unwrap())
         });
         g.bench_with_input(BenchmarkId::new("tokenize", n), &text, |b, t| {
-            b.iter(|| tok.encode(t).unwrap())
+            b.iter(|| tok.encode_uncached(t).unwrap())
         });
+        // What the next request on the conversation pays: its earlier turns' pieces cached.
+        let next = format!("{text}<|im_start|>topic\n");
+        tok.encode(&text).unwrap();
+        g.bench_with_input(
+            BenchmarkId::new("tokenize_next_request", n),
+            &next,
+            |b, t| b.iter(|| tok.encode(t).unwrap()),
+        );
     }
     g.finish();
 }

@@ -172,3 +172,78 @@ fn grammar_token_bytes_match_the_tokenizer() {
         );
     }
 }
+
+/// Long prompts are tokenized piece by piece between added tokens, long pieces from a cache:
+/// on SmolLM2's tokenizer the ids equal the library's whole-text ids, first time and from the
+/// cache, for texts that mix words, whitespace runs, digits, non-ASCII text, the ChatML
+/// markers (adjacent, at either end, and cut short), and pieces longer than the cache's floor.
+#[test]
+fn piecewise_tokenization_equals_whole_text_tokenization() {
+    let Some(path) = model_path() else { return };
+    let mut f = std::fs::File::open(&path).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    let tok = alora_model::loader::tokenizer_from_gguf(&content).unwrap();
+    let parts = [
+        "the",
+        " river",
+        "  ",
+        "\n",
+        "\n\n",
+        " 1234",
+        "567",
+        "é",
+        " naïve",
+        " 海",
+        "🌊",
+        "\t",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|im_st",
+        "<|",
+        "|>",
+        "<",
+        " <|im_end|>",
+        "user\n",
+        "assistant\n",
+        "don't",
+        " ...",
+        "endoftext",
+        "<|endoftext|>",
+        " ",
+        "A",
+        "?",
+    ];
+    let mut state = 0x9e37_79b9u32;
+    let mut next = |n: usize| {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        state as usize % n
+    };
+    let mut texts = Vec::new();
+    for _ in 0..40 {
+        let mut t = String::new();
+        // Sometimes one long piece (cached), sometimes many short ones.
+        let long = next(2) == 0;
+        while t.len() < 2600 + next(3000) {
+            let p = parts[next(parts.len())];
+            if long && p.starts_with("<|") && next(8) != 0 {
+                continue;
+            }
+            t.push_str(p);
+        }
+        texts.push(t);
+    }
+    // A conversation rendered twice, the second time with a turn more (what a call reuses).
+    let body: String = (0..600).map(|i| parts[i % 11]).collect();
+    let first =
+        format!("<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\nok<|im_end|>\n");
+    texts.push(first.clone());
+    texts.push(format!("{first}<|im_start|>topic\n"));
+    for round in 0..2 {
+        for t in &texts {
+            let want = tok.encode_uncached(t).unwrap();
+            assert_eq!(tok.encode(t).unwrap(), want, "round {round}: {t:?}");
+        }
+    }
+}

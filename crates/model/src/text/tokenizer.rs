@@ -1,7 +1,10 @@
-//! Tokenizer (HF `tokenizer.json` or GGUF metadata), special tokens, and incremental
-//! detokenization that never splits a UTF-8 character.
+//! Tokenizer (HF `tokenizer.json` or GGUF metadata), special tokens, exact incremental
+//! tokenization of long prompts, and incremental detokenization that never splits a UTF-8
+//! character.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
@@ -16,6 +19,9 @@ pub struct Tokenizer {
     /// Token ids that end generation (EOS and the template's end-of-turn, when distinct).
     pub eos_token_ids: Vec<u32>,
     pub chat_template: Option<String>,
+    /// Splits long texts at added tokens and caches the pieces' ids (`None` when this
+    /// tokenizer's settings make that inexact).
+    segments: Option<Arc<Segmenter>>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -63,6 +69,7 @@ impl Tokenizer {
             _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
         };
         let mut t = Tokenizer {
+            segments: Segmenter::for_tokenizer(&inner).map(Arc::new),
             inner,
             bos_token: special(cfg.get("bos_token")),
             eos_token: special(cfg.get("eos_token")),
@@ -83,6 +90,7 @@ impl Tokenizer {
         chat_template: Option<String>,
     ) -> Self {
         let mut t = Tokenizer {
+            segments: Segmenter::for_tokenizer(&inner).map(Arc::new),
             inner,
             bos_token,
             eos_token,
@@ -113,14 +121,20 @@ impl Tokenizer {
         &self.inner
     }
 
-    /// Token ids of `text` without added special tokens (the template adds its own).
+    /// Token ids of `text` without added special tokens (the template adds its own). A long
+    /// text goes piece by piece between its added tokens, each long piece's ids cached
+    /// ([`Segmenter`]): the same ids, and a conversation's earlier turns are not tokenized
+    /// again on its next request.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self
-            .inner
-            .encode(text, false)
-            .map_err(tok_err)?
-            .get_ids()
-            .to_vec())
+        match &self.segments {
+            Some(s) if text.len() >= SEGMENT_MIN_TEXT => s.encode(&self.inner, text),
+            _ => encode_whole(&self.inner, text),
+        }
+    }
+
+    /// [`encode`](Self::encode) without the piece cache: the tokenizer library's own answer.
+    pub fn encode_uncached(&self, text: &str) -> Result<Vec<u32>> {
+        encode_whole(&self.inner, text)
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
@@ -133,6 +147,145 @@ impl Tokenizer {
 
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
+    }
+}
+
+fn encode_whole(inner: &tokenizers::Tokenizer, text: &str) -> Result<Vec<u32>> {
+    Ok(inner
+        .encode(text, false)
+        .map_err(tok_err)?
+        .get_ids()
+        .to_vec())
+}
+
+/// Texts shorter than this are tokenized whole (bytes).
+const SEGMENT_MIN_TEXT: usize = 2048;
+/// Pieces at least this long have their ids cached (bytes).
+const SEGMENT_CACHE_MIN: usize = 512;
+/// The cache's bound on the text it keeps (bytes); the least recently used pieces go first.
+const SEGMENT_CACHE_BYTES: usize = 16 << 20;
+
+/// Exact incremental tokenization. The tokenizers library first splits a text at its added
+/// tokens that match unnormalized (leftmost-longest), then normalizes, pre-tokenizes and runs
+/// the model on each piece between them on its own; so the ids of a text are the ids of those
+/// pieces, each tokenized alone, with the added tokens' ids between. This does that split
+/// itself and caches the ids of long pieces: a conversation's long turns, which every later
+/// request on the conversation (a base turn, each intrinsic call) renders again unchanged.
+///
+/// Only for tokenizers where the split is the library's: no added token that strips
+/// whitespace or must be a single word, no truncation or padding.
+struct Segmenter {
+    /// Unnormalized added tokens by first byte, longest first: (content, id).
+    by_first: HashMap<u8, Vec<(String, u32)>>,
+    cache: Mutex<PieceCache>,
+}
+
+#[derive(Default)]
+struct PieceCache {
+    ids: HashMap<String, (Arc<[u32]>, u64)>,
+    bytes: usize,
+    clock: u64,
+}
+
+impl Segmenter {
+    fn for_tokenizer(t: &tokenizers::Tokenizer) -> Option<Segmenter> {
+        if t.get_truncation().is_some() || t.get_padding().is_some() {
+            return None;
+        }
+        let mut by_first: HashMap<u8, Vec<(String, u32)>> = HashMap::new();
+        for (id, tok) in t.get_added_tokens_decoder() {
+            if tok.single_word || tok.lstrip || tok.rstrip {
+                return None;
+            }
+            if tok.normalized || tok.content.is_empty() {
+                // Matched after normalization, inside the pieces: the library does that there.
+                continue;
+            }
+            by_first
+                .entry(tok.content.as_bytes()[0])
+                .or_default()
+                .push((tok.content, id));
+        }
+        for v in by_first.values_mut() {
+            v.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        }
+        Some(Segmenter {
+            by_first,
+            cache: Mutex::default(),
+        })
+    }
+
+    /// The leftmost-longest added token at or after byte `from`: (start, end, id).
+    fn next_match(&self, text: &str, from: usize) -> Option<(usize, usize, u32)> {
+        let bytes = text.as_bytes();
+        (from..bytes.len()).find_map(|i| {
+            let cands = self.by_first.get(&bytes[i])?;
+            cands
+                .iter()
+                .find(|(c, _)| bytes[i..].starts_with(c.as_bytes()))
+                .map(|(c, id)| (i, i + c.len(), *id))
+        })
+    }
+
+    fn encode(&self, inner: &tokenizers::Tokenizer, text: &str) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        let mut at = 0;
+        loop {
+            let m = self.next_match(text, at);
+            let end = m.map_or(text.len(), |(s, _, _)| s);
+            if end > at {
+                self.piece(inner, &text[at..end], &mut ids)?;
+            }
+            match m {
+                Some((_, stop, id)) => {
+                    ids.push(id);
+                    at = stop;
+                }
+                None => return Ok(ids),
+            }
+        }
+    }
+
+    /// The ids of one piece between added tokens, from the cache when it is long.
+    fn piece(&self, inner: &tokenizers::Tokenizer, piece: &str, ids: &mut Vec<u32>) -> Result<()> {
+        if piece.len() < SEGMENT_CACHE_MIN {
+            ids.extend(encode_whole(inner, piece)?);
+            return Ok(());
+        }
+        {
+            let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            c.clock += 1;
+            let now = c.clock;
+            if let Some((hit, used)) = c.ids.get_mut(piece) {
+                *used = now;
+                ids.extend_from_slice(hit);
+                return Ok(());
+            }
+        }
+        let fresh: Arc<[u32]> = encode_whole(inner, piece)?.into();
+        ids.extend_from_slice(&fresh);
+        let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let now = c.clock;
+        if c.ids.insert(piece.to_string(), (fresh, now)).is_none() {
+            c.bytes += piece.len();
+        }
+        if c.bytes > SEGMENT_CACHE_BYTES {
+            // Drop the least recently used until a quarter is free.
+            let mut by_age: Vec<(u64, usize, String)> = c
+                .ids
+                .iter()
+                .map(|(k, (_, used))| (*used, k.len(), k.clone()))
+                .collect();
+            by_age.sort_unstable();
+            for (_, len, k) in by_age {
+                if c.bytes <= SEGMENT_CACHE_BYTES / 4 * 3 {
+                    break;
+                }
+                c.ids.remove(&k);
+                c.bytes -= len;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -186,5 +339,58 @@ impl IncrementalDecoder {
             .strip_prefix(prefix.as_str())
             .filter(|s| !s.is_empty())
             .map(str::to_string))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenizers::AddedToken;
+
+    /// The test suite's character tokenizer (ChatML markers special), from its file.
+    fn char_tokenizer() -> tokenizers::Tokenizer {
+        let dir = std::env::temp_dir().join(format!("alora-seg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        crate::testing::write_char_tokenizer(&dir).unwrap();
+        let t = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        t
+    }
+
+    #[test]
+    fn pieces_split_at_added_tokens_leftmost_longest() {
+        let mut inner = char_tokenizer();
+        // A longer marker sharing a prefix with a shorter one: the longer wins where both match.
+        inner.add_special_tokens(vec![AddedToken::from("<|im_start|>x", true)]);
+        let s = Segmenter::for_tokenizer(&inner).unwrap();
+        let id = |t: &str| inner.token_to_id(t).unwrap();
+        let text = "ab<|im_start|>xy<|im_start|>z<|im_end|><|im_end|>";
+        assert_eq!(s.next_match(text, 0), Some((2, 15, id("<|im_start|>x"))));
+        assert_eq!(s.next_match(text, 15), Some((16, 28, id("<|im_start|>"))));
+        let long = text.repeat(80);
+        let whole = encode_whole(&inner, &long).unwrap();
+        assert_eq!(s.encode(&inner, &long).unwrap(), whole);
+        // Again, through the cache (one piece of ~1,000 bytes).
+        let cached = format!("{}<|im_end|>{long}", "q".repeat(1000));
+        for _ in 0..2 {
+            assert_eq!(
+                s.encode(&inner, &cached).unwrap(),
+                encode_whole(&inner, &cached).unwrap()
+            );
+        }
+        assert_eq!(s.cache.lock().unwrap().ids.len(), 1);
+    }
+
+    #[test]
+    fn tokenizers_the_split_would_not_match_tokenize_whole() {
+        let mut inner = char_tokenizer();
+        assert!(Segmenter::for_tokenizer(&inner).is_some());
+        inner.add_special_tokens(vec![AddedToken::from("<sep>", true).lstrip(true)]);
+        assert!(Segmenter::for_tokenizer(&inner).is_none(), "lstrip");
+        let mut inner = char_tokenizer();
+        inner
+            .with_truncation(Some(tokenizers::TruncationParams::default()))
+            .unwrap();
+        assert!(Segmenter::for_tokenizer(&inner).is_none(), "truncation");
     }
 }
