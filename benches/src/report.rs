@@ -129,6 +129,10 @@ pub struct Report {
     pub by_length: BTreeMap<usize, Group>,
     /// Prefix cache over the run from /metrics: hits / queries (tokens), when served.
     pub metrics_prefix_cache_hit_ratio: Option<f64>,
+    /// Mean milliseconds per request of the server's phase histograms (`run::PHASE_METRICS`)
+    /// over the run, when served.
+    #[serde(default)]
+    pub server_phases_ms: BTreeMap<String, f64>,
     /// The first few distinct errors, with counts.
     pub errors: BTreeMap<String, usize>,
     pub records: Vec<Record>,
@@ -195,6 +199,11 @@ impl Report {
             metrics_prefix_cache_hit_ratio: out
                 .prefix_cache
                 .and_then(|(q, h)| (q > 0.0).then(|| h / q)),
+            server_phases_ms: out
+                .server_phases
+                .iter()
+                .map(|(k, v)| (k.clone(), v * 1e3))
+                .collect(),
             errors,
             records: out.records,
         }
@@ -272,6 +281,16 @@ impl Report {
                 &mut s,
                 "Prefix cache hit ratio (/metrics):",
                 format!("{:.2}%", r * 100.0),
+            );
+        }
+        for (name, ms) in &self.server_phases_ms {
+            line(
+                &mut s,
+                &format!(
+                    "Server mean {} (ms):",
+                    name.split(':').nth(1).unwrap_or(name)
+                ),
+                format!("{ms:.3}"),
             );
         }
         let lat = |s: &mut String, title: &str, short: &str, m: &Summary| {

@@ -65,7 +65,18 @@ pub struct RunOutput {
     pub duration: f64,
     /// Prefix-cache counters from /metrics: (queries, hits) over the run, when served.
     pub prefix_cache: Option<(f64, f64)>,
+    /// Mean seconds per request of the server's phase histograms over the run, by name
+    /// (alora's `alora:request_preprocess_seconds`, vLLM's queue and prefill times), when
+    /// served.
+    pub server_phases: Vec<(String, f64)>,
 }
+
+/// The phase histograms a server may export (alora; vLLM has the last two).
+pub const PHASE_METRICS: [&str; 3] = [
+    "alora:request_preprocess_seconds",
+    "vllm:request_queue_time_seconds",
+    "vllm:request_prefill_time_seconds",
+];
 
 struct Shared {
     client: Client,
@@ -371,12 +382,22 @@ pub async fn run(
     let duration = t0.elapsed().as_secs_f64();
     sh.bar.finish_and_clear();
     let after = sh.client.metrics().await;
-    let prefix_cache = match (before, after) {
+    let (prefix_cache, server_phases) = match (before, after) {
         (Some(b), Some(a)) => {
-            let d = |name| Some(metric_sum(&a, name)? - metric_sum(&b, name)?);
-            d("vllm:prefix_cache_queries").zip(d("vllm:prefix_cache_hits"))
+            let d = |name: &str| Some(metric_sum(&a, name)? - metric_sum(&b, name)?);
+            let phases = PHASE_METRICS
+                .iter()
+                .filter_map(|m| {
+                    let (sum, n) = (d(&format!("{m}_sum"))?, d(&format!("{m}_count"))?);
+                    (n > 0.0).then(|| (m.to_string(), sum / n))
+                })
+                .collect();
+            (
+                d("vllm:prefix_cache_queries").zip(d("vllm:prefix_cache_hits")),
+                phases,
+            )
         }
-        _ => None,
+        _ => (None, Vec::new()),
     };
     let mut records = std::mem::take(&mut *sh.records.lock().unwrap());
     records.sort_by_key(|r| (r.session, r.step));
@@ -384,5 +405,6 @@ pub async fn run(
         records,
         duration,
         prefix_cache,
+        server_phases,
     })
 }

@@ -68,6 +68,12 @@ pub struct Metrics {
     pub generation_tokens: Counter,
     pub num_preemptions: Counter,
     pub ttft: Histogram,
+    /// HTTP arrival to the engine: body, validation, chat template, tokenization.
+    pub preprocess: Histogram,
+    /// Engine arrival to first admission (vLLM's queue time).
+    pub queue_time: Histogram,
+    /// First admission to the first token (vLLM's prefill time).
+    pub prefill_time: Histogram,
     pub itl: Histogram,
     pub e2e: Histogram,
     pub lora_requests_info: Family<LoraInfoLabels, Gauge>,
@@ -76,6 +82,14 @@ pub struct Metrics {
     pub step_retries: Counter,
     pub step_failed_requests: Counter,
     pub ignored_fields: crate::openai::fields::IgnoredFields,
+}
+
+/// For what takes well under a millisecond when idle (preprocessing, queueing).
+fn short_buckets() -> Vec<f64> {
+    vec![
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0,
+    ]
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -100,6 +114,9 @@ impl Metrics {
             generation_tokens: Counter::default(),
             num_preemptions: Counter::default(),
             ttft: Histogram::new(latency_buckets()),
+            preprocess: Histogram::new(short_buckets()),
+            queue_time: Histogram::new(short_buckets()),
+            prefill_time: Histogram::new(latency_buckets()),
             itl: Histogram::new(latency_buckets()),
             e2e: Histogram::new(latency_buckets()),
             lora_requests_info: Family::default(),
@@ -154,6 +171,21 @@ impl Metrics {
             "vllm:time_to_first_token_seconds",
             "Time to first token",
             m.ttft.clone(),
+        );
+        r.register(
+            "vllm:request_queue_time_seconds",
+            "Time from arrival at the engine to first admission",
+            m.queue_time.clone(),
+        );
+        r.register(
+            "vllm:request_prefill_time_seconds",
+            "Time from first admission to the first token",
+            m.prefill_time.clone(),
+        );
+        r.register(
+            "alora:request_preprocess_seconds",
+            "Time from HTTP arrival to the engine (body, validation, chat template, tokenization)",
+            m.preprocess.clone(),
         );
         r.register(
             "vllm:inter_token_latency_seconds",

@@ -110,6 +110,12 @@ async fn intrinsics_reuse_the_base_turn_as_alora_and_not_as_lora() {
     assert_eq!((g.completed, g.failed), (4, 0));
     assert!(g.cache_hit_ratio.unwrap() > 0.5, "{:?}", g.cache_hit_ratio);
     assert_eq!(alora.by_length.len(), 2);
+    // The server's phase histograms, as means over the run.
+    let mut want = alora_bench::run::PHASE_METRICS.to_vec();
+    want.sort();
+    let phases: Vec<&str> = alora.server_phases_ms.keys().map(String::as_str).collect();
+    assert_eq!(phases, want);
+    assert!(alora.server_phases_ms.values().all(|&ms| ms > 0.0));
 
     // The same conversations with a plain LoRA named in the `adapter` field: the first call
     // on each conversation finds none of the base turn's blocks (at most the chat template's
@@ -144,6 +150,7 @@ async fn intrinsics_reuse_the_base_turn_as_alora_and_not_as_lora() {
         "Median TTFT (ms):",
         "intrinsic:alora2",
         "Prefix cache hit ratio",
+        "Server mean request_prefill_time_seconds (ms):",
     ] {
         assert!(table.contains(needle), "{needle} missing from\n{table}");
     }

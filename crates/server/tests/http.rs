@@ -165,6 +165,41 @@ async fn no_reuse_where_there_must_be_none() {
     );
 }
 
+/// Where a request's time before its first token goes, as histograms: HTTP arrival to the
+/// engine (preprocessing), waiting for admission (queue), admission to the first token
+/// (prefill). One observation per request; queue and prefill lie within the end-to-end time
+/// (which starts at the engine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_phase_histograms_count_each_request() {
+    let s = start(Opts::default()).await;
+    for i in 0..3 {
+        let (st, _) = s
+            .post(
+                "/v1/chat/completions",
+                json!({"messages": user(&format!("hello {i}")), "max_tokens": 2}),
+            )
+            .await;
+        assert_eq!(st, 200);
+    }
+    let (st, _) = s
+        .post("/v1/completions", json!({"prompt": "abc", "max_tokens": 2}))
+        .await;
+    assert_eq!(st, 200);
+    let e2e = s.metric("vllm:e2e_request_latency_seconds_sum").await;
+    for name in [
+        "alora:request_preprocess_seconds",
+        "vllm:request_queue_time_seconds",
+        "vllm:request_prefill_time_seconds",
+    ] {
+        assert_eq!(s.metric(&format!("{name}_count")).await, 4.0, "{name}");
+        let sum = s.metric(&format!("{name}_sum")).await;
+        assert!(sum > 0.0, "{name}: {sum} s");
+        if name.starts_with("vllm:") {
+            assert!(sum < e2e, "{name}: {sum} of {e2e} s");
+        }
+    }
+}
+
 /// A client that disconnects mid-stream gets its KV blocks back to the pool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disconnect_mid_stream_frees_blocks() {

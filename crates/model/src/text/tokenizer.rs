@@ -361,7 +361,9 @@ mod tests {
     fn pieces_split_at_added_tokens_leftmost_longest() {
         let mut inner = char_tokenizer();
         // A longer marker sharing a prefix with a shorter one: the longer wins where both match.
-        inner.add_special_tokens(vec![AddedToken::from("<|im_start|>x", true)]);
+        inner
+            .add_special_tokens(vec![AddedToken::from("<|im_start|>x", true)])
+            .unwrap();
         let s = Segmenter::for_tokenizer(&inner).unwrap();
         let id = |t: &str| inner.token_to_id(t).unwrap();
         let text = "ab<|im_start|>xy<|im_start|>z<|im_end|><|im_end|>";
@@ -385,7 +387,9 @@ mod tests {
     fn tokenizers_the_split_would_not_match_tokenize_whole() {
         let mut inner = char_tokenizer();
         assert!(Segmenter::for_tokenizer(&inner).is_some());
-        inner.add_special_tokens(vec![AddedToken::from("<sep>", true).lstrip(true)]);
+        inner
+            .add_special_tokens(vec![AddedToken::from("<sep>", true).lstrip(true)])
+            .unwrap();
         assert!(Segmenter::for_tokenizer(&inner).is_none(), "lstrip");
         let mut inner = char_tokenizer();
         inner

@@ -210,6 +210,11 @@ impl Engine {
                 continue;
             };
             s.cached_tokens = Some(a.cached_tokens);
+            if s.admitted_at.is_none() {
+                let now = Instant::now();
+                m.queue_time.observe((now - s.arrival).as_secs_f64());
+                s.admitted_at = Some(now);
+            }
             m.prompt_tokens.inc_by(s.num_prompt as u64);
             unqueue(&self.shared, s);
         }
@@ -413,7 +418,12 @@ impl Engine {
         let now = Instant::now();
         let m = &self.shared.metrics;
         match s.last_token_at {
-            None => m.ttft.observe((now - s.arrival).as_secs_f64()),
+            None => {
+                m.ttft.observe((now - s.arrival).as_secs_f64());
+                if let Some(t) = s.admitted_at {
+                    m.prefill_time.observe((now - t).as_secs_f64());
+                }
+            }
             Some(t) => m.itl.observe((now - t).as_secs_f64()),
         }
         s.last_token_at = Some(now);

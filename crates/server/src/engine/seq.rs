@@ -30,6 +30,8 @@ pub(crate) struct Seq {
     pub prompt_scores: Option<(usize, Vec<TokenEvent>)>,
     pub tx: EventTx,
     pub arrival: Instant,
+    /// First admission by the scheduler.
+    pub admitted_at: Option<Instant>,
     pub last_token_at: Option<Instant>,
     /// Cached prompt tokens at first admission (reported as `cached_tokens`).
     pub cached_tokens: Option<usize>,
@@ -84,6 +86,7 @@ impl Seq {
             output,
             tx,
             arrival: Instant::now(),
+            admitted_at: None,
             last_token_at: None,
             cached_tokens: None,
             queued: true,

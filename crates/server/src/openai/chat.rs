@@ -33,7 +33,7 @@ pub async fn chat_completions(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let (v, info) = validate::prepare(&state, body, CHAT_FIELDS, validate::chat).await?;
-    let rxs = submit(&state, &v)?;
+    let rxs = submit(&state, &v, &meta)?;
     let choices = rxs.len();
     let wire = ChatWire {
         id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),

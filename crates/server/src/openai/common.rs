@@ -19,8 +19,14 @@ use crate::state::AppState;
 
 /// Submits every prompt's `n` choices, in choice order; seeds differ per choice so choices
 /// differ. On a refusal the receivers already made are dropped, which cancels them.
-pub fn submit(state: &AppState, v: &Validated) -> Result<Vec<UnboundedReceiver<Event>>, ApiError> {
+pub fn submit(
+    state: &AppState,
+    v: &Validated,
+    meta: &RequestMeta,
+) -> Result<Vec<UnboundedReceiver<Event>>, ApiError> {
     check_queue_bounds(state, v)?;
+    let m = &state.engine.shared().metrics;
+    m.preprocess.observe(meta.start.elapsed().as_secs_f64());
     let mut out = Vec::with_capacity(v.prompts.len() * v.n);
     for p in &v.prompts {
         for i in 0..v.n {

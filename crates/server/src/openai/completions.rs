@@ -23,7 +23,7 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let (v, info) =
         validate::prepare(&state, body, COMPLETION_FIELDS, validate::completion).await?;
-    let rxs = submit(&state, &v)?;
+    let rxs = submit(&state, &v, &meta)?;
     // Choices are in prompt order, `n` per prompt.
     let echoes = v
         .prompts
