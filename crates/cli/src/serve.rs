@@ -53,6 +53,11 @@ pub struct ServeArgs {
     /// KV cache budget, e.g. 512MiB, 2GiB, or bytes.
     #[arg(long, env = "ALORA_KV_CACHE_MEMORY", default_value = "1GiB")]
     kv_cache_memory: String,
+    /// What the KV cache keeps K and V as: `auto` (the model's dtype: f32 on the CPU, exact
+    /// against PEFT), `f32`, `f16` or `bf16` (half the bytes per block and per step; logit
+    /// differences in the README).
+    #[arg(long, env = "ALORA_KV_CACHE_DTYPE", value_enum, default_value = "auto")]
+    kv_cache_dtype: KvCacheDtype,
     /// Tokens per KV block.
     #[arg(long, env = "ALORA_BLOCK_SIZE", default_value_t = 4)]
     block_size: usize,
@@ -183,6 +188,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         engine: EngineConfig {
             block_size: a.block_size,
             kv_cache_bytes: parse_bytes(&a.kv_cache_memory)?,
+            kv_cache_dtype: a.kv_cache_dtype.dtype(),
             max_num_seqs: a.max_num_seqs,
             max_num_batched_tokens: a.max_num_batched_tokens,
             long_prefill_token_threshold: a.long_prefill_token_threshold,
@@ -237,11 +243,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
         let info = state.info().map_err(|e| anyhow::anyhow!(e.message))?;
         let names: Vec<&str> = adapters.iter().map(|(n, _)| n.as_str()).collect();
         tracing::info!(
-            "ready on http://{addr}: model `{}`, adapters [{}], {} KV blocks of {} tokens",
+            "ready on http://{addr}: model `{}`, adapters [{}], {} KV blocks of {} tokens ({:?})",
             state.served_name(&info),
             names.join(", "),
             info.num_blocks,
             block_size,
+            info.kv_cache_dtype,
         );
         server.await??;
         Ok(())
@@ -259,5 +266,25 @@ mod tests {
         assert_eq!(parse_bytes("1.5GB").unwrap(), 1_500_000_000);
         assert_eq!(parse_bytes("1000").unwrap(), 1000);
         assert!(parse_bytes("12 parsecs").is_err());
+    }
+}
+
+/// `--kv-cache-dtype` (vLLM's flag; its fp8 forms are not offered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum KvCacheDtype {
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+impl KvCacheDtype {
+    fn dtype(self) -> Option<candle_core::DType> {
+        match self {
+            KvCacheDtype::Auto => None,
+            KvCacheDtype::F32 => Some(candle_core::DType::F32),
+            KvCacheDtype::F16 => Some(candle_core::DType::F16),
+            KvCacheDtype::Bf16 => Some(candle_core::DType::BF16),
+        }
     }
 }

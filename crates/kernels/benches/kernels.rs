@@ -9,6 +9,7 @@
 //!     RAYON_NUM_THREADS=2 cargo bench -p alora-kernels --bench kernels
 
 use alora_kernels::gemm::{self, WeightRows};
+use alora_kernels::KvPool;
 use alora_kernels::{flash, paged, rowops, AttnBatch, BlockFormat, BlockMatrix, Shape};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
@@ -82,11 +83,15 @@ fn attention(c: &mut Criterion) {
         let batch = AttnBatch::new(&sq, &sk, &sp, &slots).unwrap();
         let q = randn(nq * sh.num_heads * sh.head_dim, 6);
         g.bench_function(BenchmarkId::new("paged", name), |b| {
-            b.iter(|| paged::attention(&q, &kp, &vp, &batch, &sh).unwrap())
+            b.iter(|| {
+                paged::attention(&q, KvPool::F32(&kp), KvPool::F32(&vp), &batch, &sh).unwrap()
+            })
         });
         if flash::available(sh.head_dim) {
             g.bench_function(BenchmarkId::new("flash", name), |b| {
-                b.iter(|| flash::attention(&q, &kp, &vp, &batch, &sh).unwrap())
+                b.iter(|| {
+                    flash::attention(&q, KvPool::F32(&kp), KvPool::F32(&vp), &batch, &sh).unwrap()
+                })
             });
         }
     }

@@ -97,30 +97,30 @@ impl<'a> AttnBatch<'a> {
     /// Errors unless `q` and the pools fit this batch and `sh` (the kernels then index them
     /// without further checks).
     pub(crate) fn check(&self, q: &[f32], k: &[f32], v: &[f32], sh: &Shape) -> Result<()> {
+        self.check_lens(q.len(), k.len(), v.len(), sh)
+    }
+
+    /// [`check`](Self::check) by element counts (pools of any element type).
+    pub(crate) fn check_lens(&self, q: usize, k: usize, v: usize, sh: &Shape) -> Result<()> {
         let (nh, kvh, d) = (sh.num_heads, sh.num_kv_heads, sh.head_dim);
         ensure(d > 0 && kvh > 0 && nh % kvh == 0, || {
             format!("attention shape: {nh} heads over {kvh} KV heads of {d}")
         })?;
-        ensure(q.len() == self.num_tokens * nh * d, || {
+        ensure(q == self.num_tokens * nh * d, || {
             format!(
-                "attention: q holds {} floats, expected {} tokens x {nh} x {d}",
-                q.len(),
+                "attention: q holds {q} floats, expected {} tokens x {nh} x {d}",
                 self.num_tokens
             )
         })?;
         let row = kvh * d;
-        ensure(k.len().is_multiple_of(row) && k.len() == v.len(), || {
-            format!(
-                "attention: pools of {} and {} floats for rows of {row}",
-                k.len(),
-                v.len()
-            )
+        ensure(k.is_multiple_of(row) && k == v, || {
+            format!("attention: pools of {k} and {v} elements for rows of {row}")
         })?;
-        ensure(self.slot_end <= k.len() / row, || {
+        ensure(self.slot_end <= k / row, || {
             format!(
                 "attention: slot {} past the pools' {} slots",
                 self.slot_end - 1,
-                k.len() / row
+                k / row
             )
         })
     }

@@ -26,6 +26,7 @@ use rayon::prelude::*;
 
 use crate::attention::{AttnBatch, Shape};
 use crate::error::{KernelError, Result};
+use crate::kv::KvPool;
 use crate::simd::SendPtr;
 
 /// Query positions per work item.
@@ -61,7 +62,36 @@ struct Item {
 /// `q`: [tokens, heads, head_dim] (RoPE applied), the pools [slots, kv_heads, head_dim] of one
 /// layer, the sequences as `b` lays them out; returns [tokens, heads, head_dim]. Errors unless
 /// [`available`] for the head size.
+///
+/// Pools of f16 / bf16 are read once per call into f32 copies of the batch's rows (a prefill
+/// chunk's attention outweighs that pass many times over), then run as f32.
 pub fn attention(
+    q: &[f32],
+    k_pool: KvPool<'_>,
+    v_pool: KvPool<'_>,
+    b: &AttnBatch<'_>,
+    sh: &Shape,
+) -> Result<Vec<f32>> {
+    if let (Some(k), Some(v)) = (k_pool.as_f32(), v_pool.as_f32()) {
+        return attention_f32(q, k, v, b, sh);
+    }
+    b.check_lens(q.len(), k_pool.len(), v_pool.len(), sh)?;
+    let row = sh.num_kv_heads * sh.head_dim;
+    let slots = b.slots();
+    let widen = |pool: KvPool<'_>| {
+        let mut out = vec![0f32; slots.len() * row];
+        out.par_chunks_mut(row)
+            .zip(slots.par_iter())
+            .for_each(|(o, &s)| pool.read_f32(s as usize * row, o));
+        out
+    };
+    let (k, v) = (widen(k_pool), widen(v_pool));
+    let dense: Vec<u32> = (0..slots.len() as u32).collect();
+    let b = AttnBatch::new(b.seqlens_q(), b.seqlens_k(), b.start_pos(), &dense)?;
+    attention_f32(q, &k, &v, &b, sh)
+}
+
+fn attention_f32(
     q: &[f32],
     k_pool: &[f32],
     v_pool: &[f32],
@@ -428,8 +458,16 @@ mod tests {
             };
             let b = c.batch();
             let want = reference(&c.q, &c.k, &c.v, &b, &sh).unwrap();
-            let got = attention(&c.q, &c.k, &c.v, &b, &sh).unwrap();
+            let got = attention(&c.q, KvPool::F32(&c.k), KvPool::F32(&c.v), &b, &sh).unwrap();
             testing::assert_close(&got, &want, 1e-5, &format!("flash d={d}"));
+            // f16 pools: widened to f32 first, so equal to the reference on the rounded values.
+            let kh: Vec<half::f16> = c.k.iter().map(|&x| half::f16::from_f32(x)).collect();
+            let vh: Vec<half::f16> = c.v.iter().map(|&x| half::f16::from_f32(x)).collect();
+            let kw: Vec<f32> = kh.iter().map(|x| x.to_f32()).collect();
+            let vw: Vec<f32> = vh.iter().map(|x| x.to_f32()).collect();
+            let want = reference(&c.q, &kw, &vw, &b, &sh).unwrap();
+            let got = attention(&c.q, KvPool::F16(&kh), KvPool::F16(&vh), &b, &sh).unwrap();
+            testing::assert_close(&got, &want, 1e-5, &format!("flash f16 d={d}"));
         }
     }
 
@@ -442,6 +480,6 @@ mod tests {
             head_dim: 24,
             scale: 1.0,
         };
-        assert!(attention(&c.q, &c.k, &c.v, &c.batch(), &sh).is_err());
+        assert!(attention(&c.q, KvPool::F32(&c.k), KvPool::F32(&c.v), &c.batch(), &sh).is_err());
     }
 }

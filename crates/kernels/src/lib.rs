@@ -8,6 +8,7 @@
 //! - [`attention`]: a step's batch geometry ([`AttnBatch`]), the scalar reference, the paged
 //!   kernel for decode-like steps and the flash kernel for prefill chunks, both reading K/V
 //!   in place through each sequence's slots.
+//! - [`kv`]: the KV cache's element types (f32, f16, bf16) as the kernels read them.
 //! - [`lora`]: a LoRA delta on the few rows a decode step or an aLoRA tail adapts.
 //! - [`rowops`]: RMS norm (optionally fused with the residual add), RoPE, `silu(gate) * up`.
 //! - [`simd`]: what the kernels share (dot, exp, transposes' buffers, a pointer for disjoint
@@ -28,6 +29,7 @@ pub mod error;
 pub mod flash;
 pub mod gemm;
 pub mod isa;
+pub mod kv;
 pub mod lora;
 pub mod paged;
 pub mod qmatmul;
@@ -37,4 +39,5 @@ pub mod simd;
 pub use attention::{AttnBatch, Shape};
 pub use error::KernelError;
 pub use isa::Isa;
+pub use kv::KvPool;
 pub use qmatmul::{BlockFormat, BlockMatrix};

@@ -24,8 +24,9 @@
 use rayon::prelude::*;
 
 use crate::attention::{AttnBatch, Shape};
-use crate::error::Result;
+use crate::error::{ensure, Result};
 use crate::isa::Isa;
+use crate::kv::{self, KvPool};
 use crate::simd::dot;
 
 #[inline]
@@ -46,23 +47,30 @@ struct Item<'a> {
     head: usize,
 }
 
-/// The KV pools of one layer as seen by a kernel.
+/// The KV pools of one layer as seen by a kernel: element offsets of rows, and (for the SIMD
+/// path) byte pointers to them.
 struct Pools<'a> {
-    k: &'a [f32],
-    v: &'a [f32],
+    k: KvPool<'a>,
+    v: KvPool<'a>,
     kv_heads: usize,
     head_dim: usize,
     scale: f32,
 }
 
 impl Pools<'_> {
+    /// The first element of (slot, KV head)'s row.
     #[inline]
-    fn k_row(&self, slot: u32, h: usize) -> &[f32] {
-        &self.k[(slot as usize * self.kv_heads + h) * self.head_dim..][..self.head_dim]
+    fn row(&self, slot: u32, h: usize) -> usize {
+        (slot as usize * self.kv_heads + h) * self.head_dim
+    }
+    /// Byte pointers to the K / V row (the SIMD kernel loads through them by element type).
+    #[inline]
+    fn k_ptr(&self, slot: u32, h: usize) -> *const u8 {
+        self.k.ptr(self.row(slot, h))
     }
     #[inline]
-    fn v_row(&self, slot: u32, h: usize) -> &[f32] {
-        &self.v[(slot as usize * self.kv_heads + h) * self.head_dim..][..self.head_dim]
+    fn v_ptr(&self, slot: u32, h: usize) -> *const u8 {
+        self.v.ptr(self.row(slot, h))
     }
 }
 
@@ -87,10 +95,12 @@ fn item_portable(it: &Item<'_>, p: &Pools<'_>) -> Partial {
         sum: vec![0f32; nr],
     };
     let mut scores = vec![0f32; it.keys.len()];
+    let mut row = vec![0f32; d];
     for (r, (qrow, &visible)) in it.rows.iter().zip(&it.visible).enumerate() {
         let mut max = f32::NEG_INFINITY;
         for (t, &s) in it.keys[..visible].iter().enumerate() {
-            let x = dot(qrow, p.k_row(s, it.head)) * p.scale;
+            p.k.read_f32(p.row(s, it.head), &mut row);
+            let x = dot(qrow, &row) * p.scale;
             scores[t] = x;
             max = max.max(x);
         }
@@ -101,7 +111,8 @@ fn item_portable(it: &Item<'_>, p: &Pools<'_>) -> Partial {
         }
         let o = &mut res.out[r * d..][..d];
         for (t, &s) in it.keys[..visible].iter().enumerate() {
-            axpy(o, scores[t], p.v_row(s, it.head));
+            p.v.read_f32(p.row(s, it.head), &mut row);
+            axpy(o, scores[t], &row);
         }
         res.max[r] = max;
         res.sum[r] = sum;
@@ -130,15 +141,15 @@ fn merge(parts: &[&Partial], r: usize, d: usize, dst: &mut [f32]) {
 }
 
 /// `q`: [tokens, heads, head_dim] (RoPE applied), `k_pool` / `v_pool`: one layer's pools
-/// [slots, kv_heads, head_dim], the sequences as `b` lays them out. Returns [tokens, heads,
-/// head_dim].
+/// [slots, kv_heads, head_dim] in the cache's element type, the sequences as `b` lays them
+/// out. Returns [tokens, heads, head_dim] f32.
 ///
 /// Work items are (sequence, KV head, a run of its query tokens), so a few-token chunk of one
 /// sequence still spreads over the threads; each item reads its keys and values in place.
 pub fn attention(
     q: &[f32],
-    k_pool: &[f32],
-    v_pool: &[f32],
+    k_pool: KvPool<'_>,
+    v_pool: KvPool<'_>,
     b: &AttnBatch<'_>,
     sh: &Shape,
 ) -> Result<Vec<f32>> {
@@ -147,13 +158,16 @@ pub fn attention(
 
 fn attention_with(
     q: &[f32],
-    k_pool: &[f32],
-    v_pool: &[f32],
+    k_pool: KvPool<'_>,
+    v_pool: KvPool<'_>,
     b: &AttnBatch<'_>,
     sh: &Shape,
     avx2: bool,
 ) -> Result<Vec<f32>> {
-    b.check(q, k_pool, v_pool, sh)?;
+    ensure(k_pool.tag() == v_pool.tag(), || {
+        "attention: K and V pools of different element types".to_string()
+    })?;
+    b.check_lens(q.len(), k_pool.len(), v_pool.len(), sh)?;
     let (nh, kvh, d) = (sh.num_heads, sh.num_kv_heads, sh.head_dim);
     let group = nh / kvh;
     let (seqlens_q, seqlens_k, start_pos) = (b.seqlens_q(), b.seqlens_k(), b.start_pos());
@@ -191,9 +205,15 @@ fn attention_with(
             };
             if simd {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: AVX2 and FMA were detected; every row is head_dim long, a multiple
-                // of 8, and `AttnBatch::check` put every slot inside the pools.
-                return unsafe { avx2::item(&it, &pools) };
+                // SAFETY: AVX2, FMA and F16C were detected; every row is head_dim long, a
+                // multiple of 8, and `AttnBatch::check_lens` put every slot inside the pools.
+                return unsafe {
+                    match pools.k.tag() {
+                        kv::F32 => avx2::item::<{ kv::F32 }>(&it, &pools),
+                        kv::F16 => avx2::item::<{ kv::F16 }>(&it, &pools),
+                        _ => avx2::item::<{ kv::BF16 }>(&it, &pools),
+                    }
+                };
             }
             item_portable(&it, &pools)
         })
@@ -314,7 +334,17 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{Item, Partial, Pools};
+    use crate::kv::{x86::load8, F32};
     use crate::simd::x86::{exp8, hsum};
+
+    /// Bytes of one element of the pools' type `E`.
+    const fn esize<const E: u8>() -> usize {
+        if E == F32 {
+            4
+        } else {
+            2
+        }
+    }
 
     /// The sums of four registers as one [s0, s1, s2, s3].
     #[inline]
@@ -329,12 +359,13 @@ mod avx2 {
         )
     }
 
-    /// Scores of `R` rows against keys `t0..t0 + 4` into `s[r * nk + t]`.
+    /// Scores of `R` rows against keys `t0..t0 + 4` (rows of type `E` at `k`) into
+    /// `s[r * nk + t]`.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn scores_tile<const R: usize>(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scores_tile<const E: u8, const R: usize>(
         q: [&[f32]; R],
-        k: [&[f32]; 4],
+        k: [*const u8; 4],
         s: &mut [f32],
         nk: usize,
         t0: usize,
@@ -352,7 +383,7 @@ mod avx2 {
                     qc[r] = _mm256_loadu_ps(q[r].as_ptr().add(c));
                 }
                 for t in 0..4 {
-                    let kc = _mm256_loadu_ps(k[t].as_ptr().add(c));
+                    let kc = load8::<E>(k[t].add(c * esize::<E>()));
                     for r in 0..R {
                         acc[r][t] = _mm256_fmadd_ps(qc[r], kc, acc[r][t]);
                     }
@@ -370,8 +401,8 @@ mod avx2 {
     /// `out[r] += sum_t p[r][t] V_t` over keys `keys` for `R` rows, on `W` registers (8W
     /// floats) of head_dim starting at `c0`.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn values_tile<const R: usize, const W: usize>(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn values_tile<const E: u8, const R: usize, const W: usize>(
         it: &Item<'_>,
         pools: &Pools<'_>,
         probs: [&[f32]; R],
@@ -389,13 +420,13 @@ mod avx2 {
                 }
             }
             for t in keys {
-                let v = pools.v_row(it.keys[t], it.head).as_ptr().add(c0);
+                let v = pools.v_ptr(it.keys[t], it.head).add(c0 * esize::<E>());
                 let mut p = [_mm256_setzero_ps(); R];
                 for r in 0..R {
                     p[r] = _mm256_set1_ps(*probs[r].get_unchecked(t));
                 }
                 for w in 0..W {
-                    let vw = _mm256_loadu_ps(v.add(8 * w));
+                    let vw = load8::<E>(v.add(8 * w * esize::<E>()));
                     for r in 0..R {
                         acc[r][w] = _mm256_fmadd_ps(p[r], vw, acc[r][w]);
                     }
@@ -409,8 +440,8 @@ mod avx2 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn item(it: &Item<'_>, pools: &Pools<'_>) -> Partial {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn item<const E: u8>(it: &Item<'_>, pools: &Pools<'_>) -> Partial {
         // SAFETY: the caller upholds this function's contract (the CPU has its target features;
         // every pointer and index stays inside the buffers the caller passed, as it says at the call).
         unsafe {
@@ -423,10 +454,10 @@ mod avx2 {
             let t4 = nk / 4 * 4;
             let mut t = 0;
             while t < t4 {
-                let k = [0, 1, 2, 3].map(|i| pools.k_row(it.keys[t + i], h));
+                let k = [0, 1, 2, 3].map(|i| pools.k_ptr(it.keys[t + i], h));
                 let mut r = 0;
                 while r + 2 <= nr {
-                    scores_tile::<2>(
+                    scores_tile::<E, 2>(
                         [it.rows[r], it.rows[r + 1]],
                         k,
                         &mut s[r * nk..],
@@ -437,18 +468,18 @@ mod avx2 {
                     r += 2;
                 }
                 if r < nr {
-                    scores_tile::<1>([it.rows[r]], k, &mut s[r * nk..], nk, t, pools.scale);
+                    scores_tile::<E, 1>([it.rows[r]], k, &mut s[r * nk..], nk, t, pools.scale);
                 }
                 t += 4;
             }
             for t in t4..nk {
-                let k = pools.k_row(it.keys[t], h);
+                let k = pools.k_ptr(it.keys[t], h);
                 for r in 0..nr {
                     let mut acc = _mm256_setzero_ps();
                     for c in (0..d).step_by(8) {
                         acc = _mm256_fmadd_ps(
                             _mm256_loadu_ps(it.rows[r].as_ptr().add(c)),
-                            _mm256_loadu_ps(k.as_ptr().add(c)),
+                            load8::<E>(k.add(c * esize::<E>())),
                             acc,
                         );
                     }
@@ -517,7 +548,7 @@ mod avx2 {
                         let wide = c + 32 <= d;
                         let k = keys.clone();
                         match (two, wide) {
-                            (true, true) => values_tile::<2, 4>(
+                            (true, true) => values_tile::<E, 2, 4>(
                                 it,
                                 pools,
                                 [prob(r), prob(r + 1)],
@@ -525,7 +556,7 @@ mod avx2 {
                                 c,
                                 [o.add(r * d), o.add((r + 1) * d)],
                             ),
-                            (true, false) => values_tile::<2, 1>(
+                            (true, false) => values_tile::<E, 2, 1>(
                                 it,
                                 pools,
                                 [prob(r), prob(r + 1)],
@@ -534,10 +565,10 @@ mod avx2 {
                                 [o.add(r * d), o.add((r + 1) * d)],
                             ),
                             (false, true) => {
-                                values_tile::<1, 4>(it, pools, [prob(r)], k, c, [o.add(r * d)])
+                                values_tile::<E, 1, 4>(it, pools, [prob(r)], k, c, [o.add(r * d)])
                             }
                             (false, false) => {
-                                values_tile::<1, 1>(it, pools, [prob(r)], k, c, [o.add(r * d)])
+                                values_tile::<E, 1, 1>(it, pools, [prob(r)], k, c, [o.add(r * d)])
                             }
                         }
                         c += if wide { 32 } else { 8 };
@@ -580,10 +611,14 @@ mod tests {
                 };
                 let b = c.batch();
                 let want = reference(&c.q, &c.k, &c.v, &b, &sh).unwrap();
-                let got = attention_with(&c.q, &c.k, &c.v, &b, &sh, false).unwrap();
+                let got =
+                    attention_with(&c.q, KvPool::F32(&c.k), KvPool::F32(&c.v), &b, &sh, false)
+                        .unwrap();
                 testing::assert_close(&got, &want, 1e-5, &format!("portable {seqs:?} d={d}"));
                 if Isa::test_has(Isa::Avx2) {
-                    let got = attention_with(&c.q, &c.k, &c.v, &b, &sh, true).unwrap();
+                    let got =
+                        attention_with(&c.q, KvPool::F32(&c.k), KvPool::F32(&c.v), &b, &sh, true)
+                            .unwrap();
                     testing::assert_close(&got, &want, 1e-5, &format!("avx2 {seqs:?} d={d}"));
                 }
             }
@@ -615,9 +650,59 @@ mod tests {
                     if avx2 && !Isa::test_has(Isa::Avx2) {
                         continue;
                     }
-                    let got = pool.install(|| attention_with(&c.q, &c.k, &c.v, &b, &sh, avx2));
+                    let got = pool.install(|| {
+                        attention_with(&c.q, KvPool::F32(&c.k), KvPool::F32(&c.v), &b, &sh, avx2)
+                    });
                     let what = format!("{threads} threads, avx2 {avx2}, {seqs:?}");
                     testing::assert_close(&got.unwrap(), &want, 1e-5, &what);
+                }
+            }
+        }
+    }
+
+    /// f16 and bf16 pools: the kernels widen each element as they load it, so they match the
+    /// reference on the same values rounded to the pool's type (split-K included).
+    #[test]
+    fn half_pools_match_the_reference_on_their_values() {
+        let seqs: &[&[(usize, usize)]] = &[&[(1, 36), (1, 0), (1, 129)], &[(3, 1500)], &[(7, 300)]];
+        for (si, seqs) in seqs.iter().enumerate() {
+            let (nh, kvh, d) = (9, 3, 64);
+            let c = testing::case(seqs, nh, kvh, d, 90 + si as u64);
+            let sh = Shape {
+                num_heads: nh,
+                num_kv_heads: kvh,
+                head_dim: d,
+                scale: 0.3,
+            };
+            let b = c.batch();
+            let f16s = |x: &[f32]| -> Vec<half::f16> {
+                x.iter().map(|&v| half::f16::from_f32(v)).collect()
+            };
+            let bf16s = |x: &[f32]| -> Vec<half::bf16> {
+                x.iter().map(|&v| half::bf16::from_f32(v)).collect()
+            };
+            let (kh, vh) = (f16s(&c.k), f16s(&c.v));
+            let (kb, vb) = (bf16s(&c.k), bf16s(&c.v));
+            let cases = [
+                (KvPool::F16(&kh), KvPool::F16(&vh), "f16"),
+                (KvPool::Bf16(&kb), KvPool::Bf16(&vb), "bf16"),
+            ];
+            for (k, v, name) in cases {
+                let (mut kw, mut vw) = (vec![0f32; k.len()], vec![0f32; v.len()]);
+                k.read_f32(0, &mut kw);
+                v.read_f32(0, &mut vw);
+                let want = reference(&c.q, &kw, &vw, &b, &sh).unwrap();
+                for avx2 in [false, true] {
+                    if avx2 && !Isa::test_has(Isa::Avx2) {
+                        continue;
+                    }
+                    let got = attention_with(&c.q, k, v, &b, &sh, avx2).unwrap();
+                    testing::assert_close(
+                        &got,
+                        &want,
+                        1e-5,
+                        &format!("{name} avx2 {avx2} {seqs:?}"),
+                    );
                 }
             }
         }
@@ -649,6 +734,13 @@ mod tests {
             scale: 1.0,
         };
         let short = &c.k[..8];
+        let short = KvPool::F32(short);
         assert!(attention(&c.q, short, short, &c.batch(), &sh).is_err());
+        let h: Vec<half::f16> = c.v.iter().map(|&x| half::f16::from_f32(x)).collect();
+        let e = attention(&c.q, KvPool::F32(&c.k), KvPool::F16(&h), &c.batch(), &sh);
+        assert!(e
+            .unwrap_err()
+            .to_string()
+            .contains("different element types"));
     }
 }

@@ -72,9 +72,11 @@ impl KvStore {
 
     /// Writes rows `k`, `v` ([N, kv_heads, head_dim]) of layer `layer` into `slots`
     /// (expanded to [N, kv_heads, head_dim] u32 by the caller, once per step).
+    /// Rows in another dtype than the store's are rounded to it (round to nearest even).
     pub(crate) fn write(&self, layer: usize, slots: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
-        self.k[layer].scatter_set(slots, &k.contiguous()?, 0)?;
-        self.v[layer].scatter_set(slots, &v.contiguous()?, 0)?;
+        let dt = self.dtype();
+        self.k[layer].scatter_set(slots, &k.to_dtype(dt)?.contiguous()?, 0)?;
+        self.v[layer].scatter_set(slots, &v.to_dtype(dt)?.contiguous()?, 0)?;
         Ok(())
     }
 

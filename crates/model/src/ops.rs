@@ -3,7 +3,7 @@
 //! CPU has the instruction set) or candle's op does (other devices, dtypes, CPUs); the model
 //! calls only these.
 
-use alora_kernels::{flash, paged, rowops, AttnBatch, Shape};
+use alora_kernels::{flash, paged, rowops, AttnBatch, KvPool, Shape};
 use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor};
 
 use crate::error::{ModelError, Result};
@@ -129,17 +129,29 @@ pub(crate) fn attention_in_place(
     sh: &Shape,
 ) -> Result<Tensor> {
     let q = q.to_dtype(DType::F32)?.contiguous()?;
-    let out = with_f32(&q, |qd| {
-        with_f32(k_pool, |kd| {
-            with_f32(v_pool, |vd| match kernel {
-                InPlace::Paged => paged::attention(qd, kd, vd, batch, sh),
-                InPlace::Flash => flash::attention(qd, kd, vd, batch, sh),
-            })
-        })
-    })????;
+    let (kg, vg) = (k_pool.storage_and_layout(), v_pool.storage_and_layout());
+    let (kp, vp) = (kv_contents(&kg.0, kg.1)?, kv_contents(&vg.0, vg.1)?);
+    let out = with_f32(&q, |qd| match kernel {
+        InPlace::Paged => paged::attention(qd, kp, vp, batch, sh),
+        InPlace::Flash => flash::attention(qd, kp, vp, batch, sh),
+    })??;
     Ok(Tensor::from_vec(
         out,
         (batch.num_tokens(), sh.num_heads, sh.head_dim),
         &Device::Cpu,
     )?)
+}
+
+/// A KV pool's contiguous CPU contents in its element type (f32, f16 or bf16).
+fn kv_contents<'a>(storage: &'a Storage, layout: &Layout) -> Result<KvPool<'a>> {
+    let err = |msg: &str| ModelError::Batch(format!("CPU attention: {msg}"));
+    let (a, b) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| err("expects contiguous KV pools"))?;
+    Ok(match storage {
+        Storage::Cpu(CpuStorage::F32(d)) => KvPool::F32(&d[a..b]),
+        Storage::Cpu(CpuStorage::F16(d)) => KvPool::F16(&d[a..b]),
+        Storage::Cpu(CpuStorage::BF16(d)) => KvPool::Bf16(&d[a..b]),
+        _ => return Err(err("expects f32, f16 or bf16 KV pools on the CPU")),
+    })
 }

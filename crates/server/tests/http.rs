@@ -200,6 +200,47 @@ async fn request_phase_histograms_count_each_request() {
     }
 }
 
+/// `--kv-cache-dtype f16` / `bf16`: the same budget holds twice the blocks, and the engine
+/// serves base turns and an aLoRA call that reuses the base turn's (half-precision) blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_precision_kv_cache_doubles_blocks_and_serves() {
+    let f32_blocks = {
+        let s = start(Opts::default()).await;
+        s.state.info().unwrap().num_blocks
+    };
+    for dt in [candle_core::DType::F16, candle_core::DType::BF16] {
+        let mut o = Opts::default();
+        o.engine.kv_cache_dtype = Some(dt);
+        let s = start(o).await;
+        let info = s.state.info().unwrap();
+        assert_eq!((info.kv_cache_dtype, info.num_blocks), (dt, 2 * f32_blocks));
+        let conv = user("a conversation long enough for a few blocks of four");
+        let (st, base) = s
+            .post(
+                "/v1/chat/completions",
+                json!({"messages": conv, "max_tokens": 4, "ignore_eos": true}),
+            )
+            .await;
+        assert_eq!(st, 200, "{base}");
+        let mut msgs = conv.as_array().unwrap().clone();
+        msgs.push(
+            json!({"role": "assistant", "content": base["choices"][0]["message"]["content"]}),
+        );
+        let (st, call) = s
+            .post(
+                "/v1/chat/completions",
+                json!({"model": "alora", "messages": msgs, "max_tokens": 2, "ignore_eos": true}),
+            )
+            .await;
+        assert_eq!(st, 200, "{call}");
+        let cached = call["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        assert!(cached >= 8, "{dt:?}: the call reused {cached} tokens");
+        assert_eq!(s.metric("alora:kv_blocks_in_use").await, 0.0);
+    }
+}
+
 /// A client that disconnects mid-stream gets its KV blocks back to the pool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disconnect_mid_stream_frees_blocks() {

@@ -37,7 +37,7 @@ pub enum AttentionImpl {
     Auto,
     /// Per-sequence matmul + mask + softmax: any device and dtype.
     Reference,
-    /// The CPU paged kernel for every step (f32 on the CPU only; tests).
+    /// The CPU paged kernel for every step (f32 activations on the CPU only; tests).
     Paged,
     /// The CPU flash kernel for every step (f32 on AVX-512 CPUs, head_dim 16/32/64/128; tests).
     Flash,
@@ -71,10 +71,13 @@ impl AttnPath {
         forced: AttentionImpl,
         device: &Device,
         dtype: DType,
+        kv_dtype: DType,
         head_dim: usize,
         seqlens_q: &[usize],
     ) -> Result<AttnPath> {
         let cpu_f32 = device.is_cpu() && dtype == DType::F32;
+        // The CPU kernels read f32, f16 and bf16 pools alike; candle's f16 kernel only f16.
+        let kv_f16 = kv_dtype == DType::F16;
         let flash_runs = cpu_f32 && flash_available(head_dim);
         let decode_like = device.is_cpu() && seqlens_q.iter().all(|&n| n < FLASH_MAX_QUERY);
         Ok(match forced {
@@ -89,7 +92,9 @@ impl AttnPath {
             AttentionImpl::Reference => AttnPath::Reference,
             AttentionImpl::Auto if decode_like && dtype == DType::F32 => AttnPath::Paged,
             AttentionImpl::Auto if flash_runs => AttnPath::Flash,
-            AttentionImpl::Auto if decode_like && dtype == DType::F16 => AttnPath::CandleFlashF16,
+            AttentionImpl::Auto if decode_like && dtype == DType::F16 && kv_f16 => {
+                AttnPath::CandleFlashF16
+            }
             AttentionImpl::Auto => AttnPath::Reference,
         })
     }

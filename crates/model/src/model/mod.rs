@@ -242,6 +242,22 @@ impl CausalLm {
         KvStore::new(&self.cfg, num_blocks, block_size, self.dtype, &self.device)
     }
 
+    /// A KV store whose K/V are kept as `dtype` (f32, f16 or bf16) whatever the model
+    /// computes in: written rounded to it, read back widened (`--kv-cache-dtype`).
+    pub fn new_kv_store_as(
+        &self,
+        num_blocks: usize,
+        block_size: usize,
+        dtype: DType,
+    ) -> Result<KvStore> {
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(ModelError::Config(format!(
+                "KV cache dtype {dtype:?}: f32, f16 or bf16"
+            )));
+        }
+        KvStore::new(&self.cfg, num_blocks, block_size, dtype, &self.device)
+    }
+
     /// One step over a ragged batch: writes the new tokens' K/V into their slots and returns
     /// logits (f32) for each sequence's last token, or all its new tokens when asked.
     pub fn forward(&self, seqs: &[SeqStep<'_>], kv: &KvStore) -> Result<StepLogits> {
@@ -256,11 +272,10 @@ impl CausalLm {
         if seqs.is_empty() {
             return Err(ModelError::Batch("empty batch".into()));
         }
-        if kv.dtype() != self.dtype {
+        if !matches!(kv.dtype(), DType::F32 | DType::F16 | DType::BF16) {
             return Err(ModelError::Batch(format!(
-                "KV store is {:?}, model is {:?}",
-                kv.dtype(),
-                self.dtype
+                "KV store is {:?}: f32, f16 or bf16",
+                kv.dtype()
             )));
         }
         let prep = Prepared::new(seqs, kv, self.rope.max_positions(), &self.device)?;
@@ -281,6 +296,7 @@ impl CausalLm {
             self.attention,
             &self.device,
             self.dtype,
+            kv.dtype(),
             self.cfg.head_dim,
             &prep.seqlens_q,
         )?;

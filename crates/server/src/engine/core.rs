@@ -82,7 +82,8 @@ impl Engine {
             name,
         } = load()?;
         let mc = model.config().clone();
-        let dtype_bytes = model.dtype().size_in_bytes();
+        let kv_dtype = cfg.kv_cache_dtype.unwrap_or(model.dtype());
+        let dtype_bytes = kv_dtype.size_in_bytes();
         let cache_cfg = CacheConfig::from_budget(
             cfg.kv_cache_bytes,
             cfg.block_size,
@@ -97,7 +98,7 @@ impl Engine {
                 cfg.kv_cache_bytes, cfg.block_size
             )));
         }
-        let kv = model.new_kv_store(cache_cfg.num_blocks, cfg.block_size)?;
+        let kv = model.new_kv_store_as(cache_cfg.num_blocks, cfg.block_size, kv_dtype)?;
         let cache = KvCacheManager::new(cache_cfg, BlockHasher::random());
         let max_model_len = model
             .max_positions()
@@ -110,6 +111,7 @@ impl Engine {
             device: model.device().clone(),
             max_model_len,
             num_blocks: cache_cfg.num_blocks,
+            kv_cache_dtype: kv_dtype,
             grammars: Default::default(),
             token_bytes: Default::default(),
         };

@@ -32,6 +32,9 @@ pub struct EngineConfig {
     pub block_size: usize,
     /// KV cache budget in bytes; the block count follows from the model's shape.
     pub kv_cache_bytes: usize,
+    /// What K/V are kept as (f32, f16, bf16); `None`: the model's dtype (f32 on the CPU,
+    /// exact against PEFT). Half precision halves the bytes per block and per step.
+    pub kv_cache_dtype: Option<candle_core::DType>,
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
     /// Tokens still to compute past which a sequence is a long prefill; long prefills share
@@ -48,6 +51,7 @@ impl Default for EngineConfig {
         EngineConfig {
             block_size: 4,
             kv_cache_bytes: 1 << 30,
+            kv_cache_dtype: None,
             max_num_seqs: 64,
             max_num_batched_tokens: 2048,
             long_prefill_token_threshold: DEFAULT_LONG_PREFILL_TOKENS,
@@ -68,6 +72,8 @@ pub struct ModelInfo {
     /// what the KV cache can hold for one sequence.
     pub max_model_len: usize,
     pub num_blocks: usize,
+    /// What the KV cache keeps K/V as.
+    pub kv_cache_dtype: candle_core::DType,
     /// The structured-output compiler, built on first use (`ModelInfo::grammars`).
     pub grammars: std::sync::OnceLock<Result<alora_model::grammar::Grammars, String>>,
     /// Every token's bytes (`ModelInfo::token_bytes`), built on first use.
