@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use plotters::coord::types::RangedCoordf64;
+use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use crate::report::Report;
@@ -35,6 +37,55 @@ fn ttft_points(r: &Report) -> (Points, Points) {
     (pts, med)
 }
 
+type TtftChart<'a, 'b> =
+    ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, LogCoord<f64>>>;
+
+/// A white chart of TTFT (ms, log scale from `y`) against `x_desc` on `0..xmax`.
+fn ttft_chart<'a, 'b>(
+    root: &'a DrawingArea<SVGBackend<'b>, Shift>,
+    caption: &str,
+    x_desc: &str,
+    xmax: f64,
+    (ymin, ymax): (f64, f64),
+) -> anyhow::Result<TtftChart<'a, 'b>> {
+    root.fill(&WHITE).map_err(err)?;
+    let mut chart = ChartBuilder::on(root)
+        .caption(caption, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0f64..xmax, (ymin.min(ymax / 10.0)..ymax).log_scale())
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc("TTFT (ms, log)")
+        .draw()
+        .map_err(err)?;
+    Ok(chart)
+}
+
+/// The legend at `pos`, then the file written.
+fn finish<'a, 'b: 'a, X, Y>(
+    chart: &mut ChartContext<'a, SVGBackend<'b>, Cartesian2d<X, Y>>,
+    root: &DrawingArea<SVGBackend<'b>, Shift>,
+    pos: SeriesLabelPosition,
+) -> anyhow::Result<()>
+where
+    X: Ranged,
+    Y: Ranged,
+{
+    chart
+        .configure_series_labels()
+        .position(pos)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)?;
+    Ok(())
+}
+
 /// TTFT (log scale) against prompt length, per report. Writes `path`.
 pub fn ttft_vs_length(reports: &[Report], path: &Path) -> anyhow::Result<()> {
     let series: Vec<_> = reports.iter().map(ttft_points).collect();
@@ -48,23 +99,13 @@ pub fn ttft_vs_length(reports: &[Report], path: &Path) -> anyhow::Result<()> {
         / 1.5;
     let ymax = all.map(|p| p.1).fold(1.0, f64::max) * 1.5;
     let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
-    root.fill(&WHITE).map_err(err)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Time to first token of adapter calls vs conversation length",
-            ("sans-serif", 20),
-        )
-        .margin(12)
-        .x_label_area_size(44)
-        .y_label_area_size(64)
-        .build_cartesian_2d(0f64..xmax, (ymin.min(ymax / 10.0)..ymax).log_scale())
-        .map_err(err)?;
-    chart
-        .configure_mesh()
-        .x_desc("prompt tokens")
-        .y_desc("TTFT (ms, log)")
-        .draw()
-        .map_err(err)?;
+    let mut chart = ttft_chart(
+        &root,
+        "Time to first token of adapter calls vs conversation length",
+        "prompt tokens",
+        xmax,
+        (ymin, ymax),
+    )?;
     for (i, (r, (pts, med))) in reports.iter().zip(&series).enumerate() {
         let c = Palette99::pick(i).to_rgba();
         chart
@@ -76,15 +117,7 @@ pub fn ttft_vs_length(reports: &[Report], path: &Path) -> anyhow::Result<()> {
             .label(format!("{} (median)", r.label))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
-    root.present().map_err(err)?;
-    Ok(())
+    finish(&mut chart, &root, SeriesLabelPosition::UpperLeft)
 }
 
 /// The requests a latency CDF is about: the adapter calls when a run has any (the intrinsics
@@ -152,15 +185,7 @@ pub fn cdf(
             .label(r.label.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
-    root.present().map_err(err)?;
-    Ok(())
+    finish(&mut chart, &root, SeriesLabelPosition::LowerRight)
 }
 
 /// Each request's TTFT (log) against when it was sent, per report: intrinsic calls as dots, base
@@ -179,23 +204,13 @@ pub fn ttft_timeline(reports: &[Report], path: &Path) -> anyhow::Result<()> {
     let ymax = all.clone().map(|p| p.1).fold(1.0, f64::max) * 1.5;
     let ymin = all.map(|p| p.1).fold(f64::INFINITY, f64::min).max(1e-3) / 1.5;
     let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
-    root.fill(&WHITE).map_err(err)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Time to first token over the run (dots: adapter calls, crosses: base turns)",
-            ("sans-serif", 20),
-        )
-        .margin(12)
-        .x_label_area_size(44)
-        .y_label_area_size(64)
-        .build_cartesian_2d(0f64..xmax, (ymin.min(ymax / 10.0)..ymax).log_scale())
-        .map_err(err)?;
-    chart
-        .configure_mesh()
-        .x_desc("request sent (s from the start)")
-        .y_desc("TTFT (ms, log)")
-        .draw()
-        .map_err(err)?;
+    let mut chart = ttft_chart(
+        &root,
+        "Time to first token over the run (dots: adapter calls, crosses: base turns)",
+        "request sent (s from the start)",
+        xmax,
+        (ymin, ymax),
+    )?;
     for (i, (r, pts)) in reports.iter().zip(&series).enumerate() {
         let c = Palette99::pick(i).to_rgba();
         chart
@@ -215,15 +230,7 @@ pub fn ttft_timeline(reports: &[Report], path: &Path) -> anyhow::Result<()> {
             .label(r.label.clone())
             .legend(move |(x, y)| Circle::new((x + 10, y), 4, c.filled()));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
-    root.present().map_err(err)?;
-    Ok(())
+    finish(&mut chart, &root, SeriesLabelPosition::UpperRight)
 }
 
 /// All plots for `reports` into `dir`; returns the files written.

@@ -591,6 +591,15 @@ mod tests {
     use super::*;
     use crate::attention::{reference, testing};
 
+    fn shape(num_heads: usize, num_kv_heads: usize, head_dim: usize) -> Shape {
+        Shape {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            scale: 0.3,
+        }
+    }
+
     const SHAPES: [(usize, usize, usize); 4] = [(4, 2, 16), (9, 3, 64), (2, 1, 64), (4, 2, 128)];
 
     /// The portable and the AVX2 kernel against the f64 reference: decode steps over
@@ -603,12 +612,7 @@ mod tests {
         for (si, seqs) in seqs.iter().enumerate() {
             for (hi, &(nh, kvh, d)) in SHAPES.iter().enumerate() {
                 let c = testing::case(seqs, nh, kvh, d, (si * 10 + hi) as u64);
-                let sh = Shape {
-                    num_heads: nh,
-                    num_kv_heads: kvh,
-                    head_dim: d,
-                    scale: 0.3,
-                };
+                let sh = shape(nh, kvh, d);
                 let b = c.batch();
                 let want = reference(&c.q, &c.k, &c.v, &b, &sh).unwrap();
                 let got =
@@ -638,12 +642,7 @@ mod tests {
             for (si, seqs) in seqs.iter().enumerate() {
                 let (nh, kvh, d) = (9, 3, 64);
                 let c = testing::case(seqs, nh, kvh, d, 70 + si as u64);
-                let sh = Shape {
-                    num_heads: nh,
-                    num_kv_heads: kvh,
-                    head_dim: d,
-                    scale: 0.3,
-                };
+                let sh = shape(nh, kvh, d);
                 let b = c.batch();
                 let want = reference(&c.q, &c.k, &c.v, &b, &sh).unwrap();
                 for avx2 in [false, true] {
@@ -668,12 +667,7 @@ mod tests {
         for (si, seqs) in seqs.iter().enumerate() {
             let (nh, kvh, d) = (9, 3, 64);
             let c = testing::case(seqs, nh, kvh, d, 90 + si as u64);
-            let sh = Shape {
-                num_heads: nh,
-                num_kv_heads: kvh,
-                head_dim: d,
-                scale: 0.3,
-            };
+            let sh = shape(nh, kvh, d);
             let b = c.batch();
             let f16s = |x: &[f32]| -> Vec<half::f16> {
                 x.iter().map(|&v| half::f16::from_f32(v)).collect()
