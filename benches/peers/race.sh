@@ -19,6 +19,7 @@ PYTHON=${PYTHON:-python3}
 ALORA=${ALORA:-target/release/alora}
 BENCH=${BENCH:-target/release/alora-bench}
 N=${N:-8} C=${C:-4} ROUNDS=${ROUNDS:-3} LEN=${LEN:-1000}
+KV=${KV:-auto}   # alora's --kv-cache-dtype
 mkdir -p "$OUT"
 
 # The adapters, as PEFT directories for alora and GGUF files for llama-server.
@@ -65,7 +66,7 @@ run() { # label url adapters workload extra-args...
 idle() { run "$1-idle" "$2" "$3" intrinsics --turns 1 --concurrency 1 --num-prompts 5 --seed 11 "${@:4}"; }
 race() { run "$1" "$2" "$3" race --turns "$ROUNDS" --concurrency "$C" --num-prompts "$N" --seed 7 "${@:4}"; }
 
-"$ALORA" serve --model "$MODEL" --port 8000 --no-demo-adapter \
+"$ALORA" serve --model "$MODEL" --port 8000 --no-demo-adapter --kv-cache-dtype "$KV" \
   --adapter topic="$A/topic" --adapter certainty="$A/certainty" \
   --adapter topic_lora="$A/topic_lora" --adapter certainty_lora="$A/certainty_lora" >"$OUT/alora.log" 2>&1 &
 PID=$!

@@ -87,6 +87,8 @@ pub struct Outcome {
 
 pub struct Client {
     http: reqwest::Client,
+    /// Keeps no idle connection: a retry through it always opens a new one.
+    fresh: reqwest::Client,
     pub target: Target,
     /// `AdapterField::Lora`: llama-server's adapters by every name they answer to.
     loras: HashMap<String, LoraAdapter>,
@@ -97,8 +99,12 @@ impl Client {
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(1024)
             .build()?;
+        let fresh = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()?;
         Ok(Client {
             http,
+            fresh,
             target,
             loras: HashMap::new(),
         })
@@ -170,7 +176,9 @@ impl Client {
     async fn send(&self, path: &str, body: &Value) -> Result<reqwest::Response, String> {
         match self.post(path, body).send().await {
             Err(e) if !e.is_timeout() && e.status().is_none() => {
-                self.post(path, body).send().await.map_err(|e| chain(&e))
+                // Not the pool again: it may hold more connections the server closed.
+                let retry = self.fresh.post(self.url(path)).json(body);
+                self.authed(retry).send().await.map_err(|e| chain(&e))
             }
             r => r.map_err(|e| chain(&e)),
         }
