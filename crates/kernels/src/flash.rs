@@ -40,7 +40,7 @@ const NR: usize = 32;
 
 /// Whether this CPU and head size run the kernel.
 pub fn available(head_dim: usize) -> bool {
-    crate::gemm::available() && matches!(head_dim, 16 | 32 | 64 | 128)
+    crate::isa::Isa::has_avx512() && matches!(head_dim, 16 | 32 | 64 | 128)
 }
 
 /// One work item: query positions `j0 .. j0 + len` of a sequence, one KV head.

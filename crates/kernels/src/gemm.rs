@@ -1,11 +1,14 @@
-//! `y = x W^T` in f32 for many rows (prefill) on CPUs with AVX-512, the weights given as dense
-//! f32 rows or as GGML blocks decoded while they are packed.
+//! `y = x W^T` in f32 for many rows (prefill) on CPUs with AVX-512 or AVX2, the weights given
+//! as dense f32 rows or as GGML blocks decoded while they are packed.
 //!
 //! Why not candle's gemm: the `gemm` crate it calls only has AVX2 kernels on stable Rust
 //! (its AVX-512 ones are behind a nightly feature), and a perf profile of a 512-token SmolLM2
 //! prefill was ~63% in its AVX2 microkernel. torch's oneDNN runs the same shapes at ~240
 //! GFLOP/s on the 2 cores BENCHMARKS.md uses; this module is the AVX-512 counterpart, with
-//! the usual structure (GotoBLAS / BLIS):
+//! the usual structure (GotoBLAS / BLIS). On AVX2-only CPUs the same driver runs an 8-lane
+//! register tile of 6 rows x 16 columns (each 32-column strip in two halves), which spares
+//! the candle route its dequantization of the whole matrix on every call (`Micro` says what
+//! an instruction set supplies):
 //!
 //! ```text
 //!   x [m, k] -> packed once per call: tiles of MR rows, k-major   xp[tile][k][MR]
@@ -25,8 +28,11 @@ use crate::isa::Isa;
 use crate::qmatmul::BlockMatrix;
 use crate::simd::SendPtr;
 
-/// Rows of x per register tile (2 * MR accumulators + 2 weight registers of the 32).
+/// Rows of x per AVX-512 register tile (2 * MR accumulators + 2 weight registers of the 32).
 pub const MR: usize = 14;
+/// Rows of x per AVX2 register tile (2 * 6 accumulators, 2 weight registers of a half strip
+/// and one broadcast: 15 of the 16 ymm registers).
+pub const MR_AVX2: usize = 6;
 /// Weight rows (output columns) per strip: two 16-lane registers.
 pub const NR: usize = 32;
 /// Packed x larger than this (f32; 4 MB) runs in blocks of `L2_FLOATS`: below it, streaming
@@ -50,10 +56,51 @@ pub enum WeightRows<'a> {
     Blocks(&'a BlockMatrix),
 }
 
-/// Whether this CPU runs the AVX-512 kernel (elsewhere [`matmul_t`] runs a portable loop,
-/// correct but slow: callers with a faster gemm at hand use theirs then).
+/// Whether this CPU runs a SIMD kernel, AVX-512 or AVX2 (elsewhere [`matmul_t`] runs a
+/// portable loop, correct but slow: callers with a faster gemm at hand use theirs then).
 pub fn available() -> bool {
-    Isa::has_avx512()
+    Isa::has_avx2()
+}
+
+/// What one instruction set supplies to the driver: the register tile and the two packings.
+#[cfg(target_arch = "x86_64")]
+trait Micro {
+    /// Rows of x per register tile (the packed x is [tile][k][MR]).
+    const MR: usize;
+    /// One tile of x packed k-major: dst[kk * MR + i] = x[i * k + kk] for i < live (<= MR),
+    /// zero for live <= i < MR.
+    ///
+    /// # Safety
+    /// The CPU has the instruction set; x holds `live` rows of k floats, dst MR * k.
+    unsafe fn pack_x_tile(x: *const f32, live: usize, k: usize, dst: *mut f32);
+    /// wp[kk][j] = src[j * stride + off + kk] for j < rows (<= 32), kk < kc; zero for j >= rows.
+    ///
+    /// # Safety
+    /// The CPU has the instruction set.
+    unsafe fn transpose_into(
+        src: &[f32],
+        stride: usize,
+        off: usize,
+        rows: usize,
+        kc: usize,
+        wp: &mut [f32],
+    );
+    /// `rows` (1..=MR) rows of output, columns `..cols` (<= 32) of a strip, from xp [kc][MR]
+    /// and wp [kc][32]; adds to y when `accumulate` (a later k chunk).
+    ///
+    /// # Safety
+    /// The CPU has the instruction set; the pointers hold what the shapes say.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile(
+        rows: usize,
+        xp: *const f32,
+        wp: *const f32,
+        kc: usize,
+        y: *mut f32,
+        ldy: usize,
+        cols: usize,
+        accumulate: bool,
+    );
 }
 
 /// The k chunks: as few as fit `KC_MAX`, of equal size rounded up to 32 (block boundaries).
@@ -125,27 +172,28 @@ impl Blocking {
 
 /// x [m, k] packed per tile of MR rows, k-major (xp[tile][k][MR]), rows past m zero.
 #[cfg(target_arch = "x86_64")]
-fn pack_x(x: &[f32], m: usize, k: usize) -> Vec<Line> {
-    let tiles = m.div_ceil(MR);
+fn pack_x<K: Micro>(x: &[f32], m: usize, k: usize) -> Vec<Line> {
+    let mr = K::MR;
+    let tiles = m.div_ceil(mr);
     // Not zeroed first (memset was ~3% of a prefill): the packing writes every element
     // (zeros for rows past m) and the length is set once that is done.
-    let mut xp_buf: Vec<Line> = Vec::with_capacity((tiles * MR * k).div_ceil(16));
+    let mut xp_buf: Vec<Line> = Vec::with_capacity((tiles * mr * k).div_ceil(16));
     let xp_ptr = SendPtr(xp_buf.as_mut_ptr().cast::<f32>());
     (0..tiles).into_par_iter().for_each(|t| {
-        let live = MR.min(m - t * MR);
+        let live = mr.min(m - t * mr);
         // SAFETY: tile t owns xp[t * MR * k ..][.. MR * k], inside the capacity reserved
-        // above; x holds rows t * MR .. + live of k floats; the caller asserted `available()`.
+        // above; x holds rows t * MR .. + live of k floats; the caller checked the CPU for K.
         unsafe {
-            avx512::pack_x_tile(
-                x.as_ptr().add(t * MR * k),
+            K::pack_x_tile(
+                x.as_ptr().add(t * mr * k),
                 live,
                 k,
-                xp_ptr.get().add(t * MR * k),
+                xp_ptr.get().add(t * mr * k),
             )
         };
     });
-    let lines = (tiles * MR * k).div_ceil(16);
-    for i in tiles * MR * k..lines * 16 {
+    let lines = (tiles * mr * k).div_ceil(16);
+    for i in tiles * mr * k..lines * 16 {
         // SAFETY: the tail of the last Line, inside the capacity.
         unsafe { *xp_ptr.get().add(i) = 0.0 };
     }
@@ -171,15 +219,30 @@ fn matmul_t_many(
     if m == 0 {
         return ws.iter().map(|_| Vec::new()).collect();
     }
+    matmul_isa(x, m, k, ws, blocking, Isa::get())
+}
+
+/// The product with the kernel of `isa` (at most this CPU's level).
+fn matmul_isa(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    ws: &[(WeightRows<'_>, usize)],
+    blocking: Blocking,
+    isa: Isa,
+) -> Vec<Vec<f32>> {
+    debug_assert!(isa <= Isa::get());
     #[cfg(target_arch = "x86_64")]
-    if available() {
-        return matmul_avx512(x, m, k, ws, blocking);
+    match isa {
+        Isa::Avx512 => return matmul_simd::<avx512::Kernel>(x, m, k, ws, blocking),
+        Isa::Avx2 => return matmul_simd::<avx2::Kernel>(x, m, k, ws, blocking),
+        Isa::Portable => {}
     }
-    let _ = blocking;
+    let _ = (blocking, isa);
     ws.iter().map(|&(w, n)| reference(x, m, k, w, n)).collect()
 }
 
-/// The portable product (the fallback off AVX-512): per output row, W's rows (decoded for
+/// The portable product (the fallback without AVX2): per output row, W's rows (decoded for
 /// blocks) dotted with x's.
 pub fn reference(x: &[f32], m: usize, k: usize, w: WeightRows<'_>, n: usize) -> Vec<f32> {
     let mut y = vec![0f32; m * n];
@@ -199,9 +262,9 @@ pub fn reference(x: &[f32], m: usize, k: usize, w: WeightRows<'_>, n: usize) -> 
     y
 }
 
-/// The AVX-512 driver (shapes checked by the caller, the CPU by `available`).
+/// The driver for kernel K (shapes checked by the caller, the CPU by `matmul_isa`).
 #[cfg(target_arch = "x86_64")]
-fn matmul_avx512(
+fn matmul_simd<K: Micro>(
     x: &[f32],
     m: usize,
     k: usize,
@@ -219,35 +282,36 @@ fn matmul_avx512(
         .flat_map(|(j, &(_, n))| (0..n.div_ceil(NR)).map(move |s| (j, s * NR)))
         .collect();
     let strips = strip_of.len();
-    let tiles = m.div_ceil(MR);
-    let xp_buf = pack_x(x, m, k);
+    let mr = K::MR;
+    let tiles = m.div_ceil(mr);
+    let xp_buf = pack_x::<K>(x, m, k);
     // SAFETY: Lines are 16 initialised f32 each (repr(C), no padding).
     let xp: &[f32] =
-        unsafe { std::slice::from_raw_parts(xp_buf.as_ptr().cast::<f32>(), tiles * MR * k) };
+        unsafe { std::slice::from_raw_parts(xp_buf.as_ptr().cast::<f32>(), tiles * mr * k) };
     let chunks = k_chunks(k);
     // Packs strip `s`'s chunk (k0, kc) into wp.
     let pack = |s: usize, k0: usize, kc: usize, wp: &mut [f32], scratch: &mut Vec<f32>| {
         let (j, n0) = strip_of[s];
         let (w, n) = ws[j];
-        pack_strip(w, k, n0, NR.min(n - n0), k0, kc, wp, scratch);
+        pack_strip::<K>(w, k, n0, NR.min(n - n0), k0, kc, wp, scratch);
     };
     // One register tile: rows of tile t, columns of strip s, from wp (strip s's chunk c).
     let run_tile = |t: usize, s: usize, c: usize, wp: *const f32| {
         let (k0, kc) = chunks[c];
         let (j, n0) = strip_of[s];
         let n = ws[j].1;
-        // SAFETY: `available()` was asserted; xp holds tile t's [k][MR] and wp the strip's
-        // [kc][32]; output rows t*MR.. and columns n0..n0+32 (clipped) lie inside y_j (capacity
-        // m * n), and only the task that owns strip s writes its columns.
+        // SAFETY: the CPU has K's instructions (`matmul_isa`); xp holds tile t's [k][MR] and
+        // wp the strip's [kc][32]; output rows t*MR.. and columns n0..n0+32 (clipped) lie
+        // inside y_j (capacity m * n), and only the task that owns strip s writes its columns.
         unsafe {
-            let xt = xp.as_ptr().add(t * MR * k + k0 * MR);
-            let yt = outs[j].get().add(t * MR * n + n0);
-            avx512::tile(MR.min(m - t * MR), xt, wp, kc, yt, n, NR.min(n - n0), c > 0);
+            let xt = xp.as_ptr().add(t * mr * k + k0 * mr);
+            let yt = outs[j].get().add(t * mr * n + n0);
+            K::tile(mr.min(m - t * mr), xt, wp, kc, yt, n, NR.min(n - n0), c > 0);
         }
     };
     // Tiles of x per block so a block of packed x stays in L2 (~512 KB).
-    let mc = (blocking.l2_floats / k / MR).max(4);
-    if tiles * MR * k <= blocking.x_blocked_floats || tiles <= mc {
+    let mc = (blocking.l2_floats / k / mr).max(4);
+    if tiles * mr * k <= blocking.x_blocked_floats || tiles <= mc {
         // x fits: each task packs its strip chunk by chunk (in L1/L2) and runs every tile.
         (0..strips).into_par_iter().for_each_init(
             || (Vec::<Line>::new(), Vec::new()),
@@ -301,7 +365,7 @@ fn matmul_avx512(
 /// (zero past `cols`).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-fn pack_strip(
+fn pack_strip<K: Micro>(
     w: WeightRows<'_>,
     k: usize,
     n0: usize,
@@ -319,16 +383,54 @@ fn pack_strip(
             (&scratch[..cols * kc], kc, 0)
         }
     };
-    // SAFETY: the caller checked the CPU (`available`); `src` holds `cols` rows of `stride`
-    // floats with columns off .. off + kc inside, wp holds kc * 32.
-    unsafe { avx512::transpose_into(src, stride, off, cols, kc, wp) };
+    // SAFETY: the caller checked the CPU for K; `src` holds `cols` rows of `stride` floats
+    // with columns off .. off + kc inside, wp holds kc * 32.
+    unsafe { K::transpose_into(src, stride, off, cols, kc, wp) };
 }
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{MR, NR};
+    use super::{Micro, MR, NR};
+
+    /// The 16-lane kernel: 14 x 32 register tiles, 16 x 16 transposes in the packings.
+    pub(super) struct Kernel;
+
+    impl Micro for Kernel {
+        const MR: usize = MR;
+
+        unsafe fn pack_x_tile(x: *const f32, live: usize, k: usize, dst: *mut f32) {
+            // SAFETY: as the trait says (the caller checked the CPU).
+            unsafe { pack_x_tile(x, live, k, dst) }
+        }
+
+        unsafe fn transpose_into(
+            src: &[f32],
+            stride: usize,
+            off: usize,
+            rows: usize,
+            kc: usize,
+            wp: &mut [f32],
+        ) {
+            // SAFETY: as the trait says.
+            unsafe { transpose_into(src, stride, off, rows, kc, wp) }
+        }
+
+        unsafe fn tile(
+            rows: usize,
+            xp: *const f32,
+            wp: *const f32,
+            kc: usize,
+            y: *mut f32,
+            ldy: usize,
+            cols: usize,
+            accumulate: bool,
+        ) {
+            // SAFETY: as the trait says.
+            unsafe { tile(rows, xp, wp, kc, y, ldy, cols, accumulate) }
+        }
+    }
 
     /// `tile` for a const row count: the register tile itself.
     #[inline]
@@ -518,6 +620,202 @@ pub(crate) mod avx512 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! The 8-lane kernel: a tile is 6 rows x 16 columns (half a strip) in 12 accumulators,
+    //! the strip's two halves one after the other; W is packed through 8 x 8 transposes.
+
+    use std::arch::x86_64::*;
+
+    use super::{Micro, MR_AVX2, NR};
+
+    pub(super) struct Kernel;
+
+    impl Micro for Kernel {
+        const MR: usize = MR_AVX2;
+
+        unsafe fn pack_x_tile(x: *const f32, live: usize, k: usize, dst: *mut f32) {
+            // SAFETY: as the trait says: x holds `live` rows of k, dst MR * k floats. (Scalar:
+            // packing x is O(m k) against the tiles' O(m k n).)
+            unsafe {
+                for kk in 0..k {
+                    for i in 0..MR_AVX2 {
+                        *dst.add(kk * MR_AVX2 + i) =
+                            if i < live { *x.add(i * k + kk) } else { 0.0 };
+                    }
+                }
+            }
+        }
+
+        unsafe fn transpose_into(
+            src: &[f32],
+            stride: usize,
+            off: usize,
+            rows: usize,
+            kc: usize,
+            wp: &mut [f32],
+        ) {
+            // SAFETY: as the trait says (the caller checked the CPU).
+            unsafe { transpose_into(src, stride, off, rows, kc, wp) }
+        }
+
+        unsafe fn tile(
+            rows: usize,
+            xp: *const f32,
+            wp: *const f32,
+            kc: usize,
+            y: *mut f32,
+            ldy: usize,
+            cols: usize,
+            accumulate: bool,
+        ) {
+            // SAFETY: as the trait says; each half reads its 16 lanes of every wp row and
+            // writes its columns of y.
+            unsafe {
+                for half in 0..2 {
+                    let live = cols.saturating_sub(16 * half).min(16);
+                    if live == 0 {
+                        continue;
+                    }
+                    let (wh, yh) = (wp.add(16 * half), y.add(16 * half));
+                    macro_rules! dispatch {
+                        ($($r:literal)*) => {
+                            match rows {
+                                $($r => half_r::<$r>(xp, wh, kc, yh, ldy, live, accumulate),)*
+                                _ => unreachable!("tile rows 1..={MR_AVX2}"),
+                            }
+                        };
+                    }
+                    dispatch!(1 2 3 4 5 6);
+                }
+            }
+        }
+    }
+
+    /// Lanes `0..n` of 8 set (n clamped to 0..=8), as a mask for maskload / maskstore.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn lanes(n: isize) -> __m256i {
+        let n = n.clamp(0, 8) as i32;
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(n),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
+    }
+
+    /// `R` rows x `cols` (1..=16) columns: xp [kc][MR_AVX2], wp rows of the strip (stride 32,
+    /// this half's 16 lanes at wp).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn half_r<const R: usize>(
+        xp: *const f32,
+        wp: *const f32,
+        kc: usize,
+        y: *mut f32,
+        ldy: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        // SAFETY: the caller upholds this function's contract (the CPU has its target features;
+        // every pointer and index stays inside the buffers the caller passed, as it says at the call).
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            for kk in 0..kc {
+                let w0 = _mm256_loadu_ps(wp.add(kk * NR));
+                let w1 = _mm256_loadu_ps(wp.add(kk * NR + 8));
+                let a = xp.add(kk * MR_AVX2);
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let xi = _mm256_broadcast_ss(&*a.add(i));
+                    acc[0] = _mm256_fmadd_ps(xi, w0, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(xi, w1, acc[1]);
+                }
+            }
+            let (m0, m1) = (lanes(cols as isize), lanes(cols as isize - 8));
+            for (i, acc) in acc.iter().enumerate() {
+                let row = y.add(i * ldy);
+                let (mut a0, mut a1) = (acc[0], acc[1]);
+                if accumulate {
+                    a0 = _mm256_add_ps(a0, _mm256_maskload_ps(row, m0));
+                    a1 = _mm256_add_ps(a1, _mm256_maskload_ps(row.add(8), m1));
+                }
+                _mm256_maskstore_ps(row, m0, a0);
+                _mm256_maskstore_ps(row.add(8), m1, a1);
+            }
+        }
+    }
+
+    /// Transposes 8 registers (rows) of 8 lanes in place: `r[c]` lane `j` becomes the old
+    /// `r[j]` lane `c`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn transpose8(r: &mut [__m256; 8]) {
+        let mut a = [_mm256_setzero_ps(); 8];
+        for i in 0..4 {
+            a[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            a[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        // Per 128-bit lane L, b[4i + c] holds column 4L + c of rows 4i .. 4i + 4.
+        let mut b = [_mm256_setzero_ps(); 8];
+        for i in 0..2 {
+            b[4 * i] = _mm256_shuffle_ps::<0x44>(a[4 * i], a[4 * i + 2]);
+            b[4 * i + 1] = _mm256_shuffle_ps::<0xEE>(a[4 * i], a[4 * i + 2]);
+            b[4 * i + 2] = _mm256_shuffle_ps::<0x44>(a[4 * i + 1], a[4 * i + 3]);
+            b[4 * i + 3] = _mm256_shuffle_ps::<0xEE>(a[4 * i + 1], a[4 * i + 3]);
+        }
+        for c in 0..4 {
+            r[c] = _mm256_permute2f128_ps::<0x20>(b[c], b[4 + c]);
+            r[4 + c] = _mm256_permute2f128_ps::<0x31>(b[c], b[4 + c]);
+        }
+    }
+
+    /// wp[kk][j] = src[j * stride + off + kk] for j < rows (<= 32), kk < kc; zero for
+    /// j >= rows: per 8 rows, 8 columns at a time through `transpose8`.
+    #[target_feature(enable = "avx2")]
+    unsafe fn transpose_into(
+        src: &[f32],
+        stride: usize,
+        off: usize,
+        rows: usize,
+        kc: usize,
+        wp: &mut [f32],
+    ) {
+        // SAFETY: the caller upholds this function's contract (the CPU has its target features;
+        // every pointer and index stays inside the buffers the caller passed, as it says at the call).
+        unsafe {
+            debug_assert!(rows <= NR && wp.len() >= kc * NR);
+            debug_assert!(rows == 0 || (rows - 1) * stride + off + kc <= src.len());
+            let full = kc / 8 * 8;
+            for j0 in (0..NR).step_by(8) {
+                let live = rows.saturating_sub(j0).min(8);
+                // Row j0 may lie past `src` when live is 0; nothing is read from it then.
+                let s = src.as_ptr().wrapping_add(j0 * stride + off);
+                let dst = wp.as_mut_ptr().add(j0);
+                let mut kk = 0;
+                while kk < full {
+                    let mut r = [_mm256_setzero_ps(); 8];
+                    for (j, r) in r.iter_mut().enumerate().take(live) {
+                        *r = _mm256_loadu_ps(s.add(j * stride + kk));
+                    }
+                    transpose8(&mut r);
+                    for (c, r) in r.iter().enumerate() {
+                        _mm256_storeu_ps(dst.add((kk + c) * NR), *r);
+                    }
+                    kk += 8;
+                }
+                for kk in full..kc {
+                    for j in 0..8 {
+                        *dst.add(kk * NR + j) = if j < live {
+                            *s.add(j * stride + kk)
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -543,6 +841,14 @@ pub(crate) mod tests {
             .fold(0.0, f32::max)
     }
 
+    /// The SIMD kernels this CPU runs (each test checks every one of them).
+    fn kernels() -> Vec<Isa> {
+        [Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|&l| Isa::test_has(l))
+            .collect()
+    }
+
     fn randn(len: usize, seed: u64) -> Vec<f32> {
         use rand::{Rng, SeedableRng};
         let mut r = rand::rngs::StdRng::seed_from_u64(seed);
@@ -554,32 +860,36 @@ pub(crate) mod tests {
     /// in f64.
     #[test]
     fn dense_matches_reference() {
-        if !Isa::test_has(Isa::Avx512) {
-            return;
-        }
-        for &(m, k, n) in &[
-            (1, 16, 1),
-            (13, 40, 33),
-            (MR * 2 + 5, 96, 64),
-            (37, KC_MAX + 200, 70),
-            (5, 3 * KC_MAX + 8, 31),
-            (MR * 9 + 1, 2 * KC_MAX + 40, 5 * NR + 3),
-        ] {
-            let x = randn(m * k, 1);
-            let w = randn(n * k, 2);
-            let want = reference_f64(&x, m, k, &w, n);
-            let got = matmul_t(&x, m, k, WeightRows::Dense(&w), n);
-            let d = max_diff(&got, &want);
-            assert!(d < 1e-4, "[{m},{k}] x [{n},{k}]^T: max |diff| {d}");
-            // The blocked order (x in blocks of 4 tiles, W in blocks of 2 strips).
-            let small = Blocking {
-                x_blocked_floats: 0,
-                l2_floats: 4 * MR * k,
-                nc_strips: 2,
-            };
-            let got = matmul_t_many(&x, m, k, &[(WeightRows::Dense(&w), n)], small).remove(0);
-            let d = max_diff(&got, &want);
-            assert!(d < 1e-4, "blocked [{m},{k}] x [{n},{k}]^T: max |diff| {d}");
+        for isa in kernels() {
+            for &(m, k, n) in &[
+                (1, 16, 1),
+                (7, 8, 9),
+                (13, 40, 33),
+                (MR * 2 + 5, 96, 64),
+                (37, KC_MAX + 200, 70),
+                (5, 3 * KC_MAX + 8, 31),
+                (MR * 9 + 1, 2 * KC_MAX + 40, 5 * NR + 3),
+            ] {
+                let x = randn(m * k, 1);
+                let w = randn(n * k, 2);
+                let want = reference_f64(&x, m, k, &w, n);
+                let dense = [(WeightRows::Dense(&w), n)];
+                let got = matmul_isa(&x, m, k, &dense, Blocking::MEASURED, isa).remove(0);
+                let d = max_diff(&got, &want);
+                assert!(d < 1e-4, "{isa:?} [{m},{k}] x [{n},{k}]^T: max |diff| {d}");
+                // The blocked order (x in blocks of 4 tiles, W in blocks of 2 strips).
+                let small = Blocking {
+                    x_blocked_floats: 0,
+                    l2_floats: 4 * MR * k,
+                    nc_strips: 2,
+                };
+                let got = matmul_isa(&x, m, k, &dense, small, isa).remove(0);
+                let d = max_diff(&got, &want);
+                assert!(
+                    d < 1e-4,
+                    "{isa:?} blocked [{m},{k}] x [{n},{k}]^T: max |diff| {d}"
+                );
+            }
         }
     }
 
@@ -587,9 +897,12 @@ pub(crate) mod tests {
     /// each product equals the plain loop, in both loop orders.
     #[test]
     fn shared_x_matches_each_product() {
-        if !Isa::test_has(Isa::Avx512) {
-            return;
+        for isa in kernels() {
+            shared_x_matches_with(isa);
         }
+    }
+
+    fn shared_x_matches_with(isa: Isa) {
         let (m, k) = (MR * 5 + 3, KC_MAX + 96);
         let x = randn(m * k, 7);
         let w1 = randn(70 * k, 8);
@@ -612,13 +925,13 @@ pub(crate) mod tests {
             nc_strips: 3,
         };
         for got in [
-            matmul_t_shared(&x, m, k, &ws),
-            matmul_t_many(&x, m, k, &ws, small),
+            matmul_isa(&x, m, k, &ws, Blocking::MEASURED, isa),
+            matmul_isa(&x, m, k, &ws, small, isa),
         ] {
             assert_eq!(got.len(), 3);
             for (j, (g, w)) in got.iter().zip(&want).enumerate() {
                 let d = max_diff(g, w);
-                assert!(d < 1e-3, "W{j}: max |diff| {d}");
+                assert!(d < 1e-3, "{isa:?} W{j}: max |diff| {d}");
             }
         }
     }
@@ -626,22 +939,28 @@ pub(crate) mod tests {
     /// Block weights give the product with their dequantized values.
     #[test]
     fn blocks_match_their_dequantized_values() {
-        if !Isa::test_has(Isa::Avx512) {
-            return;
+        for isa in kernels() {
+            for fmt in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
+                let (m, k, n) = (29, KC_MAX + 64, 45);
+                let b = BlockMatrix::quantize(fmt, n, k, &randn(n * k, 11)).unwrap();
+                let dense = b.dequantize();
+                let x = randn(m * k, 3);
+                let blocks = [(WeightRows::Blocks(&b), n)];
+                let got = matmul_isa(&x, m, k, &blocks, Blocking::MEASURED, isa).remove(0);
+                let want = reference_f64(&x, m, k, &dense, n);
+                let d = max_diff(&got, &want);
+                assert!(d < 1e-3, "{isa:?} {fmt:?}: max |diff| {d}");
+            }
         }
-        for fmt in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
-            let (m, k, n) = (29, KC_MAX + 64, 45);
-            let b = BlockMatrix::quantize(fmt, n, k, &randn(n * k, 11)).unwrap();
-            let dense = b.dequantize();
-            let x = randn(m * k, 3);
-            let got = matmul_t(&x, m, k, WeightRows::Blocks(&b), n);
-            let want = reference_f64(&x, m, k, &dense, n);
-            let d = max_diff(&got, &want);
-            assert!(d < 1e-3, "{fmt:?}: max |diff| {d}");
-        }
+        // What the public entry runs here (the CPU's best kernel, or the portable loop).
+        let b = BlockMatrix::quantize(BlockFormat::Q4_1, 40, 64, &randn(40 * 64, 4)).unwrap();
+        let x = randn(20 * 64, 5);
+        let got = matmul_t(&x, 20, 64, WeightRows::Blocks(&b), 40);
+        let d = max_diff(&got, &reference_f64(&x, 20, 64, &b.dequantize(), 40));
+        assert!(d < 1e-3, "matmul_t: max |diff| {d}");
     }
 
-    /// The portable fallback (what runs off AVX-512) against the f64 loop, dense and blocks.
+    /// The portable fallback (what runs without AVX2) against the f64 loop, dense and blocks.
     #[test]
     fn portable_fallback_matches_reference() {
         let (m, k, n) = (5, 96, 7);

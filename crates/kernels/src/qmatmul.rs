@@ -236,20 +236,24 @@ impl BlockMatrix {
     /// this).
     pub(crate) fn decode_rows(&self, r0: usize, k0: usize, kc: usize, out: &mut [f32]) {
         debug_assert!(k0.is_multiple_of(BLOCK) && kc.is_multiple_of(BLOCK));
-        let simd = Isa::get() == Isa::Avx512;
+        let isa = Isa::get();
         for (i, o) in out.chunks_exact_mut(kc).enumerate() {
             let row = self
                 .row(r0 + i)
                 .blocks(self.format, k0 / BLOCK, (k0 + kc) / BLOCK);
+            // SAFETY (both arms): `Isa::detect` checked the features; `row` holds kc / 32
+            // blocks and `o` kc floats.
             #[cfg(target_arch = "x86_64")]
-            if simd {
-                // SAFETY: `Isa::detect` checked the features; `row` holds kc / 32 blocks and
-                // `o` kc floats.
-                unsafe { avx512::decode_run(self.format, row, o) };
-                continue;
+            match isa {
+                Isa::Avx512 => unsafe { avx512::decode_run(self.format, row, o) },
+                Isa::Avx2 => unsafe { avx2::decode_run(self.format, row, o) },
+                Isa::Portable => decode_row(self.format, row, o),
             }
-            let _ = simd;
-            decode_row(self.format, row, o);
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                let _ = isa;
+                decode_row(self.format, row, o);
+            }
         }
     }
 
@@ -485,6 +489,20 @@ mod avx2 {
                 return w.map(|v| _mm256_add_ps(v, m));
             }
             w
+        }
+    }
+
+    /// Decodes a run of blocks of one row into f32 (`out`: 32 per block).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn decode_run(format: BlockFormat, row: Row<'_>, out: &mut [f32]) {
+        // SAFETY: the caller upholds this function's contract (the CPU has its target features;
+        // every pointer and index stays inside the buffers the caller passed, as it says at the call).
+        unsafe {
+            for (b, o) in out.chunks_exact_mut(BLOCK).enumerate() {
+                for (i, w) in weights(format, row, b).into_iter().enumerate() {
+                    _mm256_storeu_ps(o.as_mut_ptr().add(8 * i), w);
+                }
+            }
         }
     }
 
