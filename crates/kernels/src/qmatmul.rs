@@ -241,11 +241,12 @@ impl BlockMatrix {
             let row = self
                 .row(r0 + i)
                 .blocks(self.format, k0 / BLOCK, (k0 + kc) / BLOCK);
-            // SAFETY (both arms): `Isa::detect` checked the features; `row` holds kc / 32
-            // blocks and `o` kc floats.
             #[cfg(target_arch = "x86_64")]
             match isa {
+                // SAFETY: `Isa::detect` checked the features; `row` holds kc / 32 blocks and
+                // `o` kc floats.
                 Isa::Avx512 => unsafe { avx512::decode_run(self.format, row, o) },
+                // SAFETY: as above.
                 Isa::Avx2 => unsafe { avx2::decode_run(self.format, row, o) },
                 Isa::Portable => decode_row(self.format, row, o),
             }
