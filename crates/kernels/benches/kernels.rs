@@ -1,7 +1,7 @@
 //! The kernels alone on SmolLM2's shapes (hidden 576, MLP 1536, 9 heads over 3 KV heads of
 //! 64), on slices as the model calls them:
 //! - `qmatmul`: Q4_1 blocks (the default GGUF's format) x 1..16 rows, the decode path;
-//! - `gemm`: dense f32 and Q4_1 blocks x 128..2048 rows, the prefill path (AVX-512 only);
+//! - `gemm`: dense f32 and Q4_1 blocks x 128..2048 rows, the prefill path (AVX-512 or AVX2);
 //! - `paged` / `flash`: one layer's attention for a decode step and a 7-token aLoRA tail
 //!   after 2,048 cached tokens, and a 512-token prefill chunk;
 //! - `rowops`: RMS norm with the residual add, RoPE, `silu * up` over 512 rows.
@@ -41,7 +41,7 @@ fn projections(c: &mut Criterion) {
     }
     g.finish();
     if !gemm::available() {
-        eprintln!("gemm: no AVX-512 on this CPU, skipped");
+        eprintln!("gemm: no AVX2 on this CPU, skipped");
         return;
     }
     let mut g = c.benchmark_group("gemm_1536x576");
