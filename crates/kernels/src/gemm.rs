@@ -849,6 +849,15 @@ pub(crate) mod tests {
             .collect()
     }
 
+    /// The register tile's rows of `isa`'s kernel (so the blocked order blocks every kernel).
+    fn tile_rows(isa: Isa) -> usize {
+        if isa == Isa::Avx512 {
+            MR
+        } else {
+            MR_AVX2
+        }
+    }
+
     fn randn(len: usize, seed: u64) -> Vec<f32> {
         use rand::{Rng, SeedableRng};
         let mut r = rand::rngs::StdRng::seed_from_u64(seed);
@@ -880,7 +889,7 @@ pub(crate) mod tests {
                 // The blocked order (x in blocks of 4 tiles, W in blocks of 2 strips).
                 let small = Blocking {
                     x_blocked_floats: 0,
-                    l2_floats: 4 * MR * k,
+                    l2_floats: 4 * tile_rows(isa) * k,
                     nc_strips: 2,
                 };
                 let got = matmul_isa(&x, m, k, &dense, small, isa).remove(0);
@@ -921,7 +930,7 @@ pub(crate) mod tests {
         ];
         let small = Blocking {
             x_blocked_floats: 0,
-            l2_floats: 2 * MR * k,
+            l2_floats: 2 * tile_rows(isa) * k,
             nc_strips: 3,
         };
         for got in [
