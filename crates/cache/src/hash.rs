@@ -75,25 +75,32 @@ impl RequestKey {
     ///
     /// The salt goes into the first block only: every later hash chains through it.
     pub fn extra_key(&self, block_index: usize, block_size: usize) -> ExtraKey<'_> {
-        let block_end = (block_index + 1) * block_size;
-        let adapter = match self.adapter {
-            AdapterKey::Base => None,
-            AdapterKey::Lora(d) => Some((d, None)),
-            // A block that ends at or before s holds only base-model KV.
-            AdapterKey::ALora {
-                activation_start, ..
-            } if block_end <= activation_start => None,
-            AdapterKey::ALora {
-                digest,
-                activation_start,
-            } => Some((digest, Some(activation_start))),
-        };
+        // A block is keyed by its last row: a block that ends at or before s holds only
+        // base-model KV, and one that reaches s holds adapted rows.
+        let adapter = self.row_key((block_index + 1) * block_size - 1);
         let salt = if block_index == 0 {
             self.cache_salt.as_deref()
         } else {
             None
         };
         ExtraKey { adapter, salt }
+    }
+
+    /// How the K/V row at absolute position `pos` is computed: `None` for the base model, else
+    /// the adapter digest and, for aLoRA, its activation start. Two requests whose prefixes
+    /// agree up to `pos` hold the same row there iff their row keys (and salts) agree.
+    pub fn row_key(&self, pos: usize) -> Option<(AdapterDigest, Option<usize>)> {
+        match self.adapter {
+            AdapterKey::Base => None,
+            AdapterKey::Lora(d) => Some((d, None)),
+            AdapterKey::ALora {
+                activation_start, ..
+            } if pos < activation_start => None,
+            AdapterKey::ALora {
+                digest,
+                activation_start,
+            } => Some((digest, Some(activation_start))),
+        }
     }
 }
 

@@ -15,5 +15,5 @@ pub mod pool;
 
 pub use config::CacheConfig;
 pub use hash::{AdapterDigest, AdapterKey, BlockHash, BlockHasher, ExtraKey, RequestKey};
-pub use manager::{CacheStats, KvCacheManager, PrefixHit, SeqBlocks};
+pub use manager::{BlockCopy, CacheStats, KvCacheManager, PartialHit, PrefixHit, SeqBlocks};
 pub use pool::{BlockId, BlockPool};

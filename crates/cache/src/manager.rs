@@ -4,13 +4,22 @@
 //! Life of a request's blocks:
 //!
 //! ```text
-//!   lookup(prompt)        -> PrefixHit { blocks: [b7, b2], num_computed_tokens: 32 }
+//!   lookup(prompt)        -> PrefixHit { blocks: [b7, b2], partial: (b5, 3 rows),
+//!                                        num_computed_tokens: 32 + 3 }
 //!   allocate(hit, key, n) -> SeqBlocks [b7, b2, b9, b4]   (hits touched, 2 new blocks)
-//!   ... model writes KV for tokens 32..n into b9, b4 ...
+//!   take_copy()           -> BlockCopy { src: b5, dst: b9, rows: 3 }
+//!   ... model copies rows 0..3 of b5 into b9, then writes KV for tokens 35..n into b9, b4 ...
 //!   commit(seq, tokens)   -> b9 (now full) registered under its hash; b4 not full yet
 //!   grow(seq, n + 1)      -> another block when decode crosses a block boundary
 //!   free(seq) / drop(seq) -> refs dropped tail first: b4, b9, b2, b7
 //! ```
+//!
+//! The partial hit: the hash chain covers whole blocks, so a prompt that leaves it inside a
+//! block (an aLoRA call on a conversation whose last block was part-filled) would recompute
+//! that block's shared rows. Instead the block that holds them donates: the new request's first
+//! new block gets a copy of those rows ([`BlockCopy`]) before its step writes the rest. A donor
+//! can be free, and even handed out again by this same step's allocations: that is safe because
+//! K/V only changes in a forward, and the runner makes every copy of a step before its forward.
 //!
 //! **Invariant:** only the manager mutates the pool; a [`SeqBlocks`] dropped without
 //! [`KvCacheManager::free`] returns its blocks through a channel the manager drains on its next
@@ -39,28 +48,54 @@ pub struct CacheStats {
 /// until passed to [`KvCacheManager::allocate`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrefixHit {
+    /// Whole blocks of the hash chain.
     pub blocks: Vec<BlockId>,
-    /// Tokens whose KV the hit blocks hold (whole blocks).
+    /// Rows of the next block that another block holds: they are copied, not recomputed.
+    pub partial: Option<PartialHit>,
+    /// Tokens whose KV the hit holds: the whole blocks, then the partial rows.
     pub num_computed_tokens: usize,
-    /// Of those, tokens in blocks keyed as base-model KV.
+    /// Of those, tokens held as base-model KV.
     pub num_base_tokens: usize,
     hashes: Vec<BlockHash>,
     num_query_tokens: usize,
+    block_size: usize,
+}
+
+/// The leading `rows` rows of block `donor` are the rows a prompt wants right after its whole
+/// block hits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartialHit {
+    pub donor: BlockId,
+    pub rows: usize,
+    /// Of those, rows of base-model KV.
+    pub base_rows: usize,
 }
 
 impl PrefixHit {
-    /// Keeps the whole blocks of the hit within the first `max_tokens` tokens (0: a miss).
+    /// Keeps what of the hit lies within the first `max_tokens` tokens (0: a miss): whole
+    /// blocks, and the partial rows only if all of them fit.
     pub fn truncate(&mut self, max_tokens: usize) {
-        let bs = match self.blocks.len() {
-            0 => return,
-            n => self.num_computed_tokens / n,
-        };
+        let bs = self.block_size;
         let keep = (max_tokens / bs).min(self.blocks.len());
+        let whole_base = self.num_base_tokens - self.partial.map_or(0, |p| p.base_rows);
+        if keep < self.blocks.len() || max_tokens < self.num_computed_tokens {
+            self.partial = None;
+        }
         self.blocks.truncate(keep);
         self.hashes.truncate(keep);
-        self.num_computed_tokens = keep * bs;
-        self.num_base_tokens = self.num_base_tokens.min(self.num_computed_tokens);
+        let partial = self.partial.map_or((0, 0), |p| (p.rows, p.base_rows));
+        self.num_computed_tokens = keep * bs + partial.0;
+        self.num_base_tokens = whole_base.min(keep * bs) + partial.1;
     }
+}
+
+/// Rows `0..rows` of block `src` are to be copied into block `dst` (all layers, K and V)
+/// before the step that first writes `dst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockCopy {
+    pub src: BlockId,
+    pub dst: BlockId,
+    pub rows: usize,
 }
 
 /// The blocks one sequence holds, in position order. Dropping it returns them to the pool.
@@ -71,6 +106,10 @@ pub struct SeqBlocks {
     /// Hashes of the first `hashes.len()` blocks, which are full and registered (or were hits).
     hashes: Vec<BlockHash>,
     num_cached_tokens: usize,
+    /// Tokens already listed as donated rows (from position 0).
+    num_donated: usize,
+    /// The partial hit's copy, until the runner takes it.
+    copy: Option<BlockCopy>,
     release: Sender<Vec<BlockId>>,
 }
 
@@ -87,6 +126,12 @@ impl SeqBlocks {
     /// Prompt tokens that were served from the cache at admission.
     pub fn num_cached_tokens(&self) -> usize {
         self.num_cached_tokens
+    }
+
+    /// The copy a partial hit needs, once: the runner must make it before the sequence's first
+    /// step runs (before any forward that writes K/V).
+    pub fn take_copy(&mut self) -> Option<BlockCopy> {
+        self.copy.take()
     }
 
     fn take_reversed(&mut self) -> Vec<BlockId> {
@@ -159,18 +204,22 @@ impl KvCacheManager {
         self.pool.num_used()
     }
 
-    /// The longest cached prefix of `tokens` under `key`, in whole blocks, never the whole
-    /// prompt: the last prompt token must still run to produce logits.
+    /// The longest cached prefix of `tokens` under `key`: whole blocks along the hash chain,
+    /// then the rows of the next block some block holds. Never the whole prompt: the last
+    /// prompt token must still run to produce logits.
     pub fn lookup(&mut self, tokens: &[u32], key: &RequestKey) -> PrefixHit {
         self.drain_released();
         let bs = self.pool.block_size();
-        let max_blocks = tokens.len().saturating_sub(1) / bs;
+        let limit = tokens.len().saturating_sub(1);
+        let max_blocks = limit / bs;
         let mut hit = PrefixHit {
             blocks: Vec::new(),
+            partial: None,
             num_computed_tokens: 0,
             num_base_tokens: 0,
             hashes: Vec::new(),
             num_query_tokens: tokens.len(),
+            block_size: bs,
         };
         let mut parent = None;
         for (i, chunk) in tokens.chunks_exact(bs).take(max_blocks).enumerate() {
@@ -186,7 +235,24 @@ impl KvCacheManager {
             }
             parent = Some(h);
         }
-        hit.num_computed_tokens = hit.blocks.len() * bs;
+        let start = hit.blocks.len() * bs;
+        hit.num_computed_tokens = start;
+        let rest = &tokens[start..limit.min(start + bs).max(start)];
+        if rest.is_empty() {
+            return hit;
+        }
+        if let Some((donor, rows)) = self.pool.best_donor(parent, start, rest, key) {
+            let base_rows = (start..start + rows)
+                .filter(|&p| key.row_key(p).is_none())
+                .count();
+            hit.partial = Some(PartialHit {
+                donor,
+                rows,
+                base_rows,
+            });
+            hit.num_computed_tokens += rows;
+            hit.num_base_tokens += base_rows;
+        }
         hit
     }
 
@@ -200,7 +266,11 @@ impl KvCacheManager {
     ) -> Option<SeqBlocks> {
         self.drain_released();
         let bs = self.pool.block_size();
-        let need = num_tokens.div_ceil(bs).saturating_sub(hit.blocks.len());
+        // A partial hit's rows go into a new block, which the sequence must have.
+        let need = num_tokens
+            .div_ceil(bs)
+            .saturating_sub(hit.blocks.len())
+            .max(usize::from(hit.partial.is_some()));
         // Hits sitting in the free queue stop being free once touched.
         let hits_free = hit.blocks.iter().filter(|b| self.pool.is_free(**b)).count();
         if need + hits_free > self.pool.num_free() {
@@ -213,6 +283,12 @@ impl KvCacheManager {
         if key.adapter != AdapterKey::Base {
             self.stats.adapter_hit_tokens_from_base += hit.num_base_tokens as u64;
         }
+        let copy = hit.partial.map(|p| BlockCopy {
+            src: p.donor,
+            dst: new[0],
+            rows: p.rows,
+        });
+        let num_donated = hit.blocks.len() * bs;
         let mut blocks = hit.blocks;
         blocks.extend(new);
         Some(SeqBlocks {
@@ -220,6 +296,8 @@ impl KvCacheManager {
             blocks,
             hashes: hit.hashes,
             num_cached_tokens: hit.num_computed_tokens,
+            num_donated,
+            copy,
             release: self.release_tx.clone(),
         })
     }
@@ -240,10 +318,12 @@ impl KvCacheManager {
     }
 
     /// Registers every block of `seq` that `tokens` (the tokens whose KV is now computed, from
-    /// position 0) fills, so later requests can find it.
+    /// position 0) fills, so later requests can find it, and lists the rows of each block it
+    /// wrote into (the last one part-filled, maybe) as donated.
     pub fn commit(&mut self, seq: &mut SeqBlocks, tokens: &[u32]) {
         let bs = self.pool.block_size();
-        let full = (tokens.len() / bs).min(seq.blocks.len());
+        let len = tokens.len().min(seq.blocks.len() * bs);
+        let full = len / bs;
         for i in seq.hashes.len()..full {
             let chunk = &tokens[i * bs..(i + 1) * bs];
             let parent = seq.hashes.last().copied();
@@ -253,6 +333,17 @@ impl KvCacheManager {
                 .register(seq.blocks[i], StoredKey::new(h, parent, chunk, &extra));
             seq.hashes.push(h);
         }
+        if len <= seq.num_donated {
+            return;
+        }
+        for i in seq.num_donated / bs..len.div_ceil(bs) {
+            let start = i * bs;
+            let parent = i.checked_sub(1).map(|p| seq.hashes[p]);
+            let rows = &tokens[start..len.min(start + bs)];
+            self.pool
+                .set_donor(seq.blocks[i], parent, start, rows, &seq.key);
+        }
+        seq.num_donated = len;
     }
 
     /// Returns `seq`'s blocks now, tail first.

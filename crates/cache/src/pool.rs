@@ -4,17 +4,28 @@
 //! Free blocks stay findable by hash until their memory is handed out again (lazy eviction):
 //!
 //! ```text
-//!   free queue:  head -> [unhashed ...][oldest hashed ... newest hashed] <- tail
+//!   free queue:  head -> [nothing findable ...][oldest findable ... newest findable] <- tail
 //!   allocate pops from the head, so a block with nothing findable goes first and, among
-//!   findable ones, the least recently freed.
+//!   findable ones (hashed or donor), the least recently freed.
 //! ```
+//!
+//! Besides full blocks under their hashes, a block whose rows were written is a *donor*: listed
+//! under its parent's hash with the tokens it holds so far and the key they were computed under,
+//! so that a request whose prompt leaves the hash chain inside that block can copy the rows it
+//! shares (the partial last block of a conversation, which an aLoRA call on it extends). Free
+//! donors queue with the hashed blocks: they too have something findable.
 //!
 //! **Invariant:** a block is in the free queue iff its `ref_cnt` is 0.
 //! **Invariant:** a hash maps to at most one block, and that block's stored key has that hash.
+//! **Invariant:** a block is listed under a parent in `donors` iff its `donor` names that parent.
 
 use std::collections::HashMap;
 
-use crate::hash::{AdapterDigest, BlockHash, ExtraKey};
+use crate::hash::{AdapterDigest, BlockHash, ExtraKey, RequestKey};
+
+/// Donors kept under one parent; past this the oldest listed stops being one. Prompts that
+/// leave one prefix in many ways (a shared system prompt) would otherwise make lookups slow.
+const MAX_DONORS_PER_PARENT: usize = 16;
 
 /// Index of a block in the pool (and in the model's K/V tensors).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -61,10 +72,41 @@ impl StoredKey {
     }
 }
 
+/// The rows a block holds, as a copy source for prompts that share some of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Donor {
+    /// Hash of the previous block of the sequence that wrote it (`None`: block 0).
+    pub parent: Option<BlockHash>,
+    /// Absolute position of the block's first row.
+    pub start: usize,
+    /// Tokens whose K/V the block holds, from its first row.
+    pub tokens: Vec<u32>,
+    pub key: RequestKey,
+}
+
+impl Donor {
+    /// How many leading rows of `tokens` (positions from `self.start`), wanted under `key`,
+    /// this block holds exactly.
+    fn shared_rows(&self, tokens: &[u32], key: &RequestKey) -> usize {
+        if self.key.cache_salt != key.cache_salt {
+            return 0;
+        }
+        tokens
+            .iter()
+            .zip(&self.tokens)
+            .enumerate()
+            .take_while(|&(r, (a, b))| {
+                a == b && self.key.row_key(self.start + r) == key.row_key(self.start + r)
+            })
+            .count()
+    }
+}
+
 #[derive(Debug, Default)]
 struct Block {
     ref_cnt: u32,
     key: Option<StoredKey>,
+    donor: Option<Donor>,
     // Links of the intrusive free list; meaningful only while `in_free`.
     prev: Option<u32>,
     next: Option<u32>,
@@ -77,6 +119,8 @@ pub struct BlockPool {
     blocks: Vec<Block>,
     block_size: usize,
     cached: HashMap<BlockHash, BlockId>,
+    /// Donor blocks by parent hash, oldest listed first.
+    donors: HashMap<Option<BlockHash>, Vec<BlockId>>,
     head: Option<u32>,
     tail: Option<u32>,
     num_free: usize,
@@ -92,6 +136,7 @@ impl BlockPool {
             blocks: (0..num_blocks).map(|_| Block::default()).collect(),
             block_size,
             cached: HashMap::new(),
+            donors: HashMap::new(),
             head: None,
             tail: None,
             num_free: 0,
@@ -176,11 +221,15 @@ impl BlockPool {
             let i = self.head.expect("free count and free queue disagree");
             self.unlink(i);
             let b = &mut self.blocks[i as usize];
+            let donor = b.donor.take();
             if let Some(key) = b.key.take() {
                 self.cached.remove(&key.hash);
                 self.evictions += 1;
             }
             b.ref_cnt = 1;
+            if let Some(d) = donor {
+                self.unlist_donor(BlockId(i), d.parent);
+            }
             out.push(BlockId(i));
         }
         Some(out)
@@ -197,7 +246,7 @@ impl BlockPool {
             assert!(b.ref_cnt > 0, "double free of block {}", id.0);
             b.ref_cnt -= 1;
             if b.ref_cnt == 0 {
-                if b.key.is_some() {
+                if b.key.is_some() || b.donor.is_some() {
                     self.push_back(id.0);
                 } else {
                     self.push_front(id.0);
@@ -219,15 +268,98 @@ impl BlockPool {
         true
     }
 
-    /// Forgets the hash of every free block (held blocks keep theirs): the prefix cache is
-    /// emptied of everything no request is using. Returns how many blocks were forgotten.
+    /// Lists held block `id` as a donor of `tokens` (from position `start`, computed under
+    /// `key`, after the block hashed `parent`), replacing what it listed before.
+    pub(crate) fn set_donor(
+        &mut self,
+        id: BlockId,
+        parent: Option<BlockHash>,
+        start: usize,
+        tokens: &[u32],
+        key: &RequestKey,
+    ) {
+        let b = &mut self.blocks[id.index()];
+        assert!(b.ref_cnt > 0, "donating free block {}", id.0);
+        debug_assert!(!tokens.is_empty() && tokens.len() <= self.block_size);
+        if let Some(d) = &mut b.donor {
+            if d.parent == parent && d.start == start && &d.key == key {
+                d.tokens.clear();
+                d.tokens.extend_from_slice(tokens);
+                return;
+            }
+        }
+        if let Some(old) = b.donor.take() {
+            self.unlist_donor(id, old.parent);
+        }
+        self.blocks[id.index()].donor = Some(Donor {
+            parent,
+            start,
+            tokens: tokens.to_vec(),
+            key: key.clone(),
+        });
+        let list = self.donors.entry(parent).or_default();
+        list.push(id);
+        if list.len() > MAX_DONORS_PER_PARENT {
+            let oldest = list.remove(0);
+            self.blocks[oldest.index()].donor = None;
+            // A free block with nothing findable left goes where unhashed free blocks go.
+            let b = &self.blocks[oldest.index()];
+            if b.in_free && b.key.is_none() {
+                self.unlink(oldest.0);
+                self.push_front(oldest.0);
+            }
+        }
+    }
+
+    /// The donor under `parent` sharing the most leading rows with `tokens` (positions from
+    /// `start`, wanted under `key`), and how many rows; `None` when none shares a row.
+    pub(crate) fn best_donor(
+        &self,
+        parent: Option<BlockHash>,
+        start: usize,
+        tokens: &[u32],
+        key: &RequestKey,
+    ) -> Option<(BlockId, usize)> {
+        self.donors
+            .get(&parent)?
+            .iter()
+            .filter_map(|&id| {
+                let d = self.blocks[id.index()].donor.as_ref()?;
+                (d.start == start).then(|| (id, d.shared_rows(tokens, key)))
+            })
+            .filter(|&(_, rows)| rows > 0)
+            // The most rows; among equals the newest listed.
+            .max_by_key(|&(_, rows)| rows)
+    }
+
+    fn unlist_donor(&mut self, id: BlockId, parent: Option<BlockHash>) {
+        if let Some(list) = self.donors.get_mut(&parent) {
+            list.retain(|&b| b != id);
+            if list.is_empty() {
+                self.donors.remove(&parent);
+            }
+        }
+    }
+
+    /// Forgets the hash and donated rows of every free block (held blocks keep theirs): the
+    /// prefix cache is emptied of everything no request is using. Returns how many blocks had
+    /// something forgotten.
     pub fn evict_free_cached(&mut self) -> usize {
         let mut n = 0;
-        for b in self.blocks.iter_mut().filter(|b| b.in_free) {
-            if let Some(k) = b.key.take() {
-                self.cached.remove(&k.hash);
-                n += 1;
+        for i in 0..self.blocks.len() {
+            let b = &mut self.blocks[i];
+            if !b.in_free {
+                continue;
             }
+            let donor = b.donor.take();
+            let key = b.key.take();
+            if let Some(k) = &key {
+                self.cached.remove(&k.hash);
+            }
+            if let Some(d) = &donor {
+                self.unlist_donor(BlockId(i as u32), d.parent);
+            }
+            n += usize::from(key.is_some() || donor.is_some());
         }
         n
     }
@@ -293,6 +425,32 @@ impl BlockPool {
                 Some(k) if k.hash == *h => {}
                 _ => return Err(format!("map entry for block {} is stale", id.0)),
             }
+        }
+        let mut listed = 0;
+        for (parent, ids) in &self.donors {
+            if ids.is_empty() || ids.len() > MAX_DONORS_PER_PARENT {
+                return Err(format!("{} donors under one parent", ids.len()));
+            }
+            for id in ids {
+                match &self.blocks[id.index()].donor {
+                    Some(d) if d.parent == *parent => {}
+                    _ => return Err(format!("donor entry for block {} is stale", id.0)),
+                }
+            }
+            listed += ids.len();
+        }
+        for (i, b) in self.blocks.iter().enumerate() {
+            if let Some(d) = &b.donor {
+                if d.tokens.is_empty() || d.tokens.len() > self.block_size {
+                    return Err(format!("block {i}: donor of {} tokens", d.tokens.len()));
+                }
+                if d.start % self.block_size != 0 {
+                    return Err(format!("block {i}: donor starts at {}", d.start));
+                }
+            }
+        }
+        if listed != self.blocks.iter().filter(|b| b.donor.is_some()).count() {
+            return Err("a donor block is not listed".into());
         }
         if self.num_free + self.num_used() != self.blocks.len() {
             return Err("free + used != total".into());

@@ -2,6 +2,11 @@
 //! drop, eviction under pressure, several adapters, random s), checking after every step that
 //! no block is both free and held, ref counts equal holders, every hashed block re-hashes to its
 //! key, capacity holds, and every block a request holds carries that request's tokens.
+//!
+//! A shadow K/V store stands in for the model: each slot records which row was written there
+//! (the token prefix up to it, its row key, the salt); the walk writes every computed row, makes
+//! every partial hit's copy, and checks that every row a request is told is cached is exactly
+//! the row it would have computed.
 
 use alora_cache::{
     AdapterDigest, AdapterKey, BlockHasher, CacheConfig, KvCacheManager, RequestKey, SeqBlocks,
@@ -15,6 +20,45 @@ const NUM_BLOCKS: usize = 48;
 struct Live {
     seq: SeqBlocks,
     tokens: Vec<u32>,
+}
+
+/// What a K/V row is: (a hash of) the tokens up to and including it, how it was computed,
+/// whether it is salted (the walk has one salt).
+type RowId = (u64, Option<(AdapterDigest, Option<usize>)>, bool);
+
+fn row_id(tokens: &[u32], key: &RequestKey, pos: usize) -> RowId {
+    let mut h = std::hash::DefaultHasher::new();
+    std::hash::Hash::hash(&tokens[..=pos], &mut h);
+    (
+        std::hash::Hasher::finish(&h),
+        key.row_key(pos),
+        key.cache_salt.is_some(),
+    )
+}
+
+/// The model's K/V, as row identities per slot.
+struct Shadow(Vec<Option<RowId>>);
+
+impl Shadow {
+    fn slot(seq: &SeqBlocks, pos: usize) -> usize {
+        seq.blocks()[pos / BS].index() * BS + pos % BS
+    }
+
+    fn write(&mut self, seq: &SeqBlocks, tokens: &[u32], from: usize) {
+        for p in from..tokens.len() {
+            self.0[Self::slot(seq, p)] = Some(row_id(tokens, seq.key(), p));
+        }
+    }
+
+    fn assert_holds(&self, seq: &SeqBlocks, tokens: &[u32], upto: usize) {
+        for p in 0..upto {
+            assert_eq!(
+                self.0[Self::slot(seq, p)].as_ref(),
+                Some(&row_id(tokens, seq.key(), p)),
+                "cached row {p} is not the request's own"
+            );
+        }
+    }
 }
 
 fn random_key(rng: &mut StdRng, len: usize) -> RequestKey {
@@ -84,7 +128,8 @@ fn random_walk_keeps_invariants() {
         .map(|_| (0..40).map(|_| rng.random_range(0..5)).collect())
         .collect();
     let mut live: Vec<Live> = Vec::new();
-    let (mut admitted, mut refused, mut hits) = (0u32, 0u32, 0u64);
+    let mut shadow = Shadow(vec![None; NUM_BLOCKS * BS]);
+    let (mut admitted, mut refused, mut hits, mut copied) = (0u32, 0u32, 0u64, 0u64);
     for _ in 0..100_000 {
         match rng.random_range(0..10) {
             0..=3 => {
@@ -102,6 +147,16 @@ fn random_walk_keeps_invariants() {
                 hits += hit.num_computed_tokens as u64;
                 match m.allocate(hit, key, tokens.len()) {
                     Some(mut seq) => {
+                        if let Some(c) = seq.take_copy() {
+                            assert!(c.rows > 0 && c.rows <= BS);
+                            for r in 0..c.rows {
+                                shadow.0[c.dst.index() * BS + r] = shadow.0[c.src.index() * BS + r];
+                            }
+                            copied += c.rows as u64;
+                        }
+                        let cached = seq.num_cached_tokens();
+                        shadow.assert_holds(&seq, &tokens, cached);
+                        shadow.write(&seq, &tokens, cached);
                         m.commit(&mut seq, &tokens);
                         live.push(Live { seq, tokens });
                         admitted += 1;
@@ -115,9 +170,11 @@ fn random_walk_keeps_invariants() {
                 let n = rng.random_range(1..=5);
                 let new_len = l.tokens.len() + n;
                 if m.grow(&mut l.seq, new_len) {
+                    let from = l.tokens.len();
                     for _ in 0..n {
                         l.tokens.push(rng.random_range(0..3));
                     }
+                    shadow.write(&l.seq, &l.tokens, from);
                     m.commit(&mut l.seq, &l.tokens);
                 }
             }
@@ -140,8 +197,8 @@ fn random_walk_keeps_invariants() {
         "walk must exercise both: {admitted} {refused}"
     );
     assert!(
-        hits > 0 && m.stats().evictions > 1_000,
-        "walk must hit and evict"
+        hits > 0 && copied > 1_000 && m.stats().evictions > 1_000,
+        "walk must hit, copy partial blocks and evict: {hits} {copied}"
     );
     live.clear();
     assert_eq!(m.num_used_blocks(), 0);

@@ -1,9 +1,10 @@
 //! Scripted scenarios: exact block ids, hit counts and free-queue order, and the keying rule
-//! of docs/ALORA.md ("What the prefix cache keys on") as a table.
+//! of docs/ALORA.md ("What the prefix cache keys on") as a table. A cached-token count is the
+//! whole blocks of the hash chain plus the rows of the next block copied from a donor.
 
 use alora_cache::{
-    AdapterDigest, AdapterKey, BlockHasher, BlockId, CacheConfig, KvCacheManager, RequestKey,
-    SeqBlocks,
+    AdapterDigest, AdapterKey, BlockCopy, BlockHasher, BlockId, CacheConfig, KvCacheManager,
+    RequestKey, SeqBlocks,
 };
 
 const BS: usize = 4;
@@ -89,30 +90,31 @@ fn keying_rule_table() {
     // (case, first request, second request, cached tokens seen by the second)
     type Request = (Vec<u32>, RequestKey);
     let cases: Vec<(&str, Request, Request, usize)> = vec![
-        // s = 18: blocks [0,4) .. [12,16) end before s; [16,20) straddles it.
+        // s = 18: blocks [0,4) .. [12,16) end before s; [16,20) straddles it, its rows 16 and
+        // 17 are base KV.
         (
-            "base then aLoRA: every full block before s",
+            "base then aLoRA: every row before s (16 whole + 2 copied)",
             (conv.clone(), RequestKey::base()),
             (inv_a.clone(), alora(1, s)),
-            16,
+            18,
         ),
         (
-            "aLoRA then same aLoRA: hits past s too",
+            "aLoRA then same aLoRA: hits past s too (20 + 1, the last token runs)",
             (inv_a.clone(), alora(1, s)),
             (inv_a.clone(), alora(1, s)),
-            20,
+            21,
         ),
         (
             "aLoRA A then aLoRA B: only the base part",
             (inv_a.clone(), alora(1, s)),
             (inv_b.clone(), alora(2, s)),
-            16,
+            18,
         ),
         (
             "same invocation tokens, other adapter digest",
             (inv_a.clone(), alora(1, s)),
             (inv_a.clone(), alora(2, s)),
-            16,
+            18,
         ),
         (
             "plain LoRA after base: nothing",
@@ -121,28 +123,28 @@ fn keying_rule_table() {
             0,
         ),
         (
-            "LoRA then same LoRA: everything but the last token's block",
+            "LoRA then same LoRA: everything but the last token",
             (inv_a.clone(), lora(1)),
             (inv_a.clone(), lora(1)),
-            20,
+            21,
         ),
         (
             "aLoRA then base: the base part serves base requests",
             (inv_a.clone(), alora(1, s)),
             (conv.clone(), RequestKey::base()),
-            16,
+            17,
         ),
         (
-            "block straddling s is adapted KV: base cannot use it",
+            "block straddling s: base takes its rows before s only",
             (inv_a.clone(), alora(1, s)),
             (inv_a.clone(), RequestKey::base()),
-            16,
+            18,
         ),
         (
-            "same tokens, different s: no hit on adapted blocks",
+            "same tokens, different s: no adapted rows",
             (inv_a.clone(), alora(1, s)),
             (shifted.clone(), alora(1, 21)),
-            16,
+            18,
         ),
         (
             "different cache_salt: nothing",
@@ -154,7 +156,7 @@ fn keying_rule_table() {
             "same cache_salt: hits",
             (conv.clone(), base_salt_a.clone()),
             (conv.clone(), base_salt_a),
-            16,
+            17,
         ),
         (
             "salted vs unsalted: nothing",
@@ -183,24 +185,36 @@ fn keying_rule_table() {
 #[test]
 fn base_turn_then_alora_exact_blocks() {
     // Scenario: a base turn on 18 tokens leaves blocks 0..=4 (block 4 half full); the aLoRA call
-    // on the same conversation finds blocks 0..=3 and computes from position 16.
+    // on the same conversation finds blocks 0..=3, copies block 4's two rows into a new block
+    // and computes from position 18.
     let mut m = manager(16);
     let conv = conversation();
     let (base, cached) = serve(&mut m, &conv, &RequestKey::base());
     assert_eq!(cached, 0);
     assert_eq!(base.blocks(), &ids(&[0, 1, 2, 3, 4])[..]);
     m.free(base);
-    // Freed tail first; block 4 was never full, so it is unhashed and goes to the head.
+    // Freed tail first; block 4 was never full, but it donates its rows, so it queues with the
+    // hashed blocks, at the tail end.
     assert_eq!(
         m.pool().free_queue(),
-        ids(&[4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 3, 2, 1, 0])
+        ids(&[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 4, 3, 2, 1, 0])
     );
 
     let (inv, s) = with_invocation(&conv, &[1, 2]);
-    let (al, cached) = serve(&mut m, &inv, &alora(9, s));
-    assert_eq!(cached, 16);
-    // Hits 0..=3, then two fresh blocks from the head of the free queue.
-    assert_eq!(al.blocks(), &ids(&[0, 1, 2, 3, 4, 5])[..]);
+    let (mut al, cached) = serve(&mut m, &inv, &alora(9, s));
+    assert_eq!(cached, 18);
+    // Hits 0..=3, then two fresh blocks from the head of the free queue; the first gets the
+    // donor's rows.
+    assert_eq!(al.blocks(), &ids(&[0, 1, 2, 3, 5, 6])[..]);
+    assert_eq!(
+        al.take_copy(),
+        Some(BlockCopy {
+            src: BlockId(4),
+            dst: BlockId(5),
+            rows: 2
+        })
+    );
+    assert_eq!(al.take_copy(), None, "a copy is handed out once");
     let st = m.stats();
     assert_eq!(
         (
@@ -208,7 +222,7 @@ fn base_turn_then_alora_exact_blocks() {
             st.hit_tokens,
             st.adapter_hit_tokens_from_base
         ),
-        (18 + 22, 16, 16)
+        (18 + 22, 18, 18)
     );
     assert_eq!(m.num_used_blocks(), 6);
     m.free(al);
@@ -221,8 +235,10 @@ fn lookup_never_covers_the_last_prompt_token() {
     let toks: Vec<u32> = (0..16).collect();
     let (a, _) = serve(&mut m, &toks, &RequestKey::base());
     m.free(a);
-    // 16 tokens, all four blocks cached: only three count, the last token must run.
-    assert_eq!(m.lookup(&toks, &RequestKey::base()).num_computed_tokens, 12);
+    // 16 tokens, all four blocks cached: three whole blocks and three rows of the fourth, the
+    // last token must run.
+    let hit = m.lookup(&toks, &RequestKey::base());
+    assert_eq!((hit.blocks.len(), hit.num_computed_tokens), (3, 15));
     // One more token: all four blocks count.
     let mut longer = toks.clone();
     longer.push(99);
@@ -313,7 +329,9 @@ fn decode_growth_registers_blocks_as_they_fill() {
     assert_eq!(seq.blocks().len(), 3);
     m.free(seq);
     toks.push(77);
-    assert_eq!(m.lookup(&toks, &RequestKey::base()).num_computed_tokens, 8);
+    // Two whole blocks and the third's two rows.
+    let hit = m.lookup(&toks, &RequestKey::base());
+    assert_eq!((hit.blocks.len(), hit.num_computed_tokens), (2, 10));
 }
 
 #[test]
@@ -324,7 +342,8 @@ fn reset_prefix_cache_forgets_free_blocks_only() {
     let b: Vec<u32> = (50..59).collect();
     let (freed, _) = serve(&mut m, &b, &RequestKey::base());
     m.free(freed);
-    assert_eq!(m.reset_prefix_cache(), 2);
+    // Two hashed blocks and the donated last one.
+    assert_eq!(m.reset_prefix_cache(), 3);
     assert_eq!(m.lookup(&b, &RequestKey::base()).num_computed_tokens, 0);
     assert_eq!(
         m.lookup(&a, &RequestKey::base()).num_computed_tokens,
@@ -363,4 +382,97 @@ fn a_truncated_hit_recomputes_into_new_blocks_and_keeps_the_cached_copies() {
     m.free(b);
     assert_eq!(m.lookup(&toks, &RequestKey::base()).blocks, ids(&[0, 1]));
     m.free(a);
+}
+
+#[test]
+fn a_partial_hit_truncates_whole_and_is_dropped_when_it_does_not_fit() {
+    let mut m = manager(8);
+    let toks: Vec<u32> = (0..10).collect();
+    let (a, _) = serve(&mut m, &toks, &RequestKey::base());
+    let mut longer = toks.clone();
+    longer.extend([50, 51]);
+    let mut hit = m.lookup(&longer, &RequestKey::base());
+    assert_eq!((hit.blocks.len(), hit.num_computed_tokens), (2, 10));
+    assert_eq!(
+        hit.partial.map(|p| (p.donor, p.rows)),
+        Some((BlockId(2), 2))
+    );
+    hit.truncate(10);
+    assert_eq!(hit.num_computed_tokens, 10, "all of it fits");
+    hit.truncate(9);
+    assert_eq!(
+        (hit.partial, hit.num_computed_tokens, hit.num_base_tokens),
+        (None, 8, 8)
+    );
+    m.free(a);
+}
+
+#[test]
+fn a_donor_shares_only_rows_with_the_same_tokens_and_key() {
+    // Base conversation of 6 tokens; block 1 holds rows 4, 5.
+    let mut m = manager(8);
+    let conv: Vec<u32> = (0..6).collect();
+    let (a, _) = serve(&mut m, &conv, &RequestKey::base());
+    // Same first row, then a different token: one row.
+    let hit = m.lookup(&[0, 1, 2, 3, 4, 9, 9], &RequestKey::base());
+    assert_eq!(hit.num_computed_tokens, 5);
+    // An aLoRA starting at 5: row 4 is base KV and shared, row 5 is adapted.
+    let hit = m.lookup(&[0, 1, 2, 3, 4, 5, 9], &alora(1, 5));
+    assert_eq!((hit.num_computed_tokens, hit.num_base_tokens), (5, 5));
+    // Another salt shares nothing, a LoRA shares nothing.
+    let salted = RequestKey {
+        adapter: AdapterKey::Base,
+        cache_salt: Some("t".into()),
+    };
+    assert_eq!(
+        m.lookup(&[0, 1, 2, 3, 4, 5, 9], &salted)
+            .num_computed_tokens,
+        0
+    );
+    assert_eq!(
+        m.lookup(&[0, 1, 2, 3, 4, 5, 9], &lora(1))
+            .num_computed_tokens,
+        0
+    );
+    m.free(a);
+    m.check_invariants(&[0; 8]).unwrap();
+}
+
+#[test]
+fn a_donor_is_forgotten_when_its_block_is_handed_out_or_many_newer_ones_come() {
+    let mut m = manager(40);
+    let conv: Vec<u32> = (0..6).collect();
+    let (a, _) = serve(&mut m, &conv, &RequestKey::base());
+    m.free(a);
+    let mut probe = conv.clone();
+    probe.push(9);
+    assert_eq!(m.lookup(&probe, &RequestKey::base()).num_computed_tokens, 6);
+    // Seventeen other continuations of the same first block (in blocks 2, 3, ...): the donor
+    // list under that parent keeps sixteen. Ours drops out at the sixteenth, its block goes to
+    // the head of the free queue and the seventeenth takes it; that one pushes out the first
+    // continuation's block 2, which heads the queue now.
+    for t in 0..17u32 {
+        let (s, _) = serve(&mut m, &[0, 1, 2, 3, 100 + t, 7], &RequestKey::base());
+        m.free(s);
+    }
+    assert_eq!(m.lookup(&probe, &RequestKey::base()).num_computed_tokens, 4);
+    assert_eq!(m.pool().free_queue()[0], BlockId(2));
+    m.check_invariants(&[0; 40]).unwrap();
+    // Handed out again: the newest donor's block stops donating when it is reused.
+    let newest: Vec<u32> = vec![0, 1, 2, 3, 116, 7, 9];
+    assert_eq!(
+        m.lookup(&newest, &RequestKey::base()).num_computed_tokens,
+        6
+    );
+    let (held, _) = serve(
+        &mut m,
+        &(200..360).collect::<Vec<u32>>(),
+        &RequestKey::base(),
+    );
+    assert_eq!(
+        m.lookup(&newest, &RequestKey::base()).num_computed_tokens,
+        0
+    );
+    m.free(held);
+    m.check_invariants(&[0; 40]).unwrap();
 }

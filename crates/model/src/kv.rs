@@ -80,6 +80,35 @@ impl KvStore {
         Ok(())
     }
 
+    /// Copies the K/V rows at slots `src` to slots `dst`, in every layer (a partial prefix
+    /// hit's rows into the block that continues them). Each layer reads all of `src` before it
+    /// writes any of `dst`.
+    pub fn copy_slots(&self, src: &[u32], dst: &[u32]) -> Result<()> {
+        if src.len() != dst.len() {
+            return Err(crate::error::ModelError::Batch(format!(
+                "copy of {} slots into {}",
+                src.len(),
+                dst.len()
+            )));
+        }
+        if src.is_empty() {
+            return Ok(());
+        }
+        let dev = self.k[0].device();
+        let (_, heads, dim) = self.k[0].dims3()?;
+        let src = Tensor::new(src, dev)?;
+        let dst = Tensor::new(dst, dev)?
+            .reshape((dst.len(), 1, 1))?
+            .broadcast_as((dst.len(), heads, dim))?
+            .contiguous()?;
+        for l in 0..self.k.len() {
+            let (k, v) = self.gather(l, &src)?;
+            self.k[l].scatter_set(&dst, &k, 0)?;
+            self.v[l].scatter_set(&dst, &v, 0)?;
+        }
+        Ok(())
+    }
+
     /// K and V of `slots` ([T] u32): [T, kv_heads, head_dim] each.
     pub(crate) fn gather(&self, layer: usize, slots: &Tensor) -> Result<(Tensor, Tensor)> {
         Ok((

@@ -119,7 +119,8 @@ async fn intrinsics_reuse_the_base_turn_as_alora_and_not_as_lora() {
 
     // The same conversations with a plain LoRA named in the `adapter` field: the first call
     // on each conversation finds none of the base turn's blocks (at most the chat template's
-    // first block, cached by the other conversation's LoRA call).
+    // leading tokens both conversations share, 6 here, cached by the other conversation's LoRA
+    // call: a block and two rows).
     let t2 = target(&s.url, AdapterField::Adapter).await;
     let out = go(&t2, workload(Kind::Intrinsics, &["lora"]), &closed(1, 2)).await;
     for r in out
@@ -134,7 +135,7 @@ async fn intrinsics_reuse_the_base_turn_as_alora_and_not_as_lora() {
             .unwrap()];
         let cached = r.out.cached_tokens.unwrap();
         assert!(
-            cached <= 4 && cached < base.out.prompt_tokens / 4 * 4,
+            cached <= 6 && cached < base.out.prompt_tokens / 4 * 4,
             "LoRA call reused {cached}"
         );
     }

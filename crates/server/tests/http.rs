@@ -56,7 +56,8 @@ async fn batching_is_invariant_across_adapters() {
 }
 
 /// A base chat turn, then an aLoRA call on the same conversation: the aLoRA request finds
-/// every full block before its activation start, and its output equals a cold run.
+/// every row the base turn computed before its activation start (whole blocks, then the part-
+/// filled last block's rows copied), and its tokens and log-probabilities equal a cold run's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alora_after_base_turn_reuses_base_blocks() {
     let s = start(Opts::default()).await;
@@ -72,7 +73,8 @@ async fn alora_after_base_turn_reuses_base_blocks() {
     let base_prompt = base["usage"]["prompt_tokens"].as_u64().unwrap();
     let base_out = base["usage"]["completion_tokens"].as_u64().unwrap();
     let convo = json!([{"role": "user", "content": q}, {"role": "assistant", "content": answer}]);
-    let req = json!({"messages": convo, "adapter": "alora", "max_tokens": 6, "temperature": 0, "ignore_eos": true});
+    let req = json!({"messages": convo, "adapter": "alora", "max_tokens": 6, "temperature": 0,
+        "ignore_eos": true, "logprobs": true, "top_logprobs": 3});
     let (st, warm) = s.post("/v1/chat/completions", req.clone()).await;
     assert_eq!(st, 200, "{warm}");
     // Invocation "abc" (3 tokens) is appended at the end: s = prompt_tokens - 3.
@@ -80,13 +82,15 @@ async fn alora_after_base_turn_reuses_base_blocks() {
     // The base turn computed KV for its prompt and all but its last output token; the chat
     // template closes the assistant turn with tokens the base turn never saw.
     let base_computed = base_prompt + base_out - 1;
-    let bs = 4;
-    let expect = (s_pos.min(base_computed) / bs) * bs;
-    assert!(expect >= 40, "scenario must share a real prefix: {expect}");
+    let expect = s_pos.min(base_computed);
+    assert!(
+        expect >= 40 && expect % 4 != 0,
+        "scenario must share a real prefix ending inside a block: {expect}"
+    );
     assert_eq!(
         cached(&warm),
         expect,
-        "every full block before s from the base turn"
+        "every row before s from the base turn"
     );
     assert!(
         s.metric("alora:adapter_tokens_from_base_blocks_total")
@@ -98,6 +102,20 @@ async fn alora_after_base_turn_reuses_base_blocks() {
     let (_, cold) = s.post("/v1/chat/completions", req).await;
     assert_eq!(cached(&cold), 0);
     assert_eq!(content(&cold), content(&warm), "cached and cold runs agree");
+    let logprobs = |v: &Value| -> Vec<f64> {
+        v["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|t| t["top_logprobs"].as_array().unwrap().clone())
+            .map(|t| t["logprob"].as_f64().unwrap())
+            .collect()
+    };
+    let (w, c) = (logprobs(&warm), logprobs(&cold));
+    assert_eq!(w.len(), 6 * 3);
+    for (a, b) in w.iter().zip(&c) {
+        assert!((a - b).abs() < 1e-4, "warm {w:?}\ncold {c:?}");
+    }
 }
 
 /// A plain LoRA after a base turn reports 0 cached tokens; an adapter reloaded with different

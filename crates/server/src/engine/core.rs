@@ -152,8 +152,9 @@ impl Engine {
                 self.handle(m);
             }
             self.drop_cancelled();
-            let out = self.sched.schedule();
+            let mut out = self.sched.schedule();
             self.on_schedule(&out);
+            self.copy_kv(&mut out);
             if !out.scheduled.is_empty() {
                 self.step(&out);
             }
@@ -229,6 +230,38 @@ impl Engine {
     fn fail(&mut self, id: u64, err: EngineError) {
         if let Some(s) = self.remove(id) {
             let _ = s.tx.send(Event::Error(err));
+        }
+    }
+
+    /// Makes the step's partial-hit copies: the rows a new sequence shares with a donor block
+    /// go into its own block before the forward, which may write over the donor. A failed copy
+    /// fails the sequences that needed it, and only those.
+    fn copy_kv(&mut self, out: &mut SchedulerOutput) {
+        if out.copies.is_empty() {
+            return;
+        }
+        let bs = self.kv.block_size();
+        let slots = |b: alora_cache::BlockId, rows: usize| {
+            (0..rows).map(move |r| (b.index() * bs + r) as u32)
+        };
+        let src: Vec<u32> = out
+            .copies
+            .iter()
+            .flat_map(|(_, c)| slots(c.src, c.rows))
+            .collect();
+        let dst: Vec<u32> = out
+            .copies
+            .iter()
+            .flat_map(|(_, c)| slots(c.dst, c.rows))
+            .collect();
+        if let Err(e) = self.kv.copy_slots(&src, &dst) {
+            tracing::error!(rows = src.len(), "K/V copy failed: {e}");
+            let ids: Vec<u64> = out.copies.iter().map(|(id, _)| *id).collect();
+            out.scheduled.retain(|s| !ids.contains(&s.id));
+            for id in ids {
+                self.shared.metrics.step_failed_requests.inc();
+                self.fail(id, EngineError::Step);
+            }
         }
     }
 

@@ -29,7 +29,7 @@
 
 use std::collections::VecDeque;
 
-use alora_cache::{BlockId, KvCacheManager, RequestKey, SeqBlocks};
+use alora_cache::{BlockCopy, BlockId, KvCacheManager, RequestKey, SeqBlocks};
 
 use super::request::EngineError;
 
@@ -107,6 +107,9 @@ pub(crate) struct SchedulerOutput {
     pub preempted: Vec<u64>,
     /// Removed for good: they can never be scheduled.
     pub rejected: Vec<(u64, EngineError)>,
+    /// K/V rows admitted sequences take from partial prefix hits, by sequence id: the runner
+    /// copies them, in this order, before the step's forward.
+    pub copies: Vec<(u64, BlockCopy)>,
 }
 
 impl SchedulerOutput {
@@ -348,7 +351,11 @@ impl Scheduler {
                 }
                 break;
             };
+            let mut blocks = blocks;
             let mut s = self.waiting.remove(i).expect("index in range");
+            if let Some(c) = blocks.take_copy() {
+                out.copies.push((s.id, c));
+            }
             if !std::mem::replace(&mut s.admitted, true) {
                 out.admitted.push(Admitted {
                     id: s.id,
@@ -580,10 +587,12 @@ mod tests {
     }
 
     #[test]
-    fn a_repeated_prompt_hits_whole_blocks_but_still_runs_its_last_token() {
+    fn a_repeated_prompt_hits_all_but_its_last_token() {
         let mut s = scheduler(64, 8, 100);
         s.add(1, prompt(10, 1), RequestKey::base());
         let out = s.schedule();
+        assert!(out.copies.is_empty(), "a cold prompt copies nothing");
+        let first = s.seq(1).unwrap().block_table().to_vec();
         run(&mut s, &out);
         s.remove(1);
         s.add(2, prompt(10, 1), RequestKey::base());
@@ -592,14 +601,29 @@ mod tests {
             out.admitted,
             vec![Admitted {
                 id: 2,
-                cached_tokens: 8
+                cached_tokens: 9
             }]
         );
-        assert_eq!(plan(&out), vec![(2, 8, 2)]);
-        // Exactly a block multiple: the last block is not a hit, its last token must run.
+        // Two whole blocks, then row 8 copied from the first request's third block.
+        assert_eq!(plan(&out), vec![(2, 9, 1)]);
+        let second = s.seq(2).unwrap().block_table().to_vec();
+        assert_eq!(second[..2], first[..2]);
+        assert_eq!(
+            out.copies,
+            vec![(
+                2,
+                BlockCopy {
+                    src: first[2],
+                    dst: second[2],
+                    rows: 1
+                }
+            )]
+        );
+        // Exactly a block multiple: one whole block and three rows of the next, the last
+        // token runs.
         s.add(3, prompt(8, 1), RequestKey::base());
         let out = s.schedule();
-        assert_eq!(plan(&out).last(), Some(&(3, 4, 4)));
+        assert_eq!(plan(&out).last(), Some(&(3, 7, 1)));
         s.remove(2);
         s.remove(3);
         // A salted request never shares the unsalted blocks.
@@ -625,7 +649,8 @@ mod tests {
         let out = s.schedule();
         run(&mut s, &out);
         s.remove(1);
-        // The invocation starts at 10: blocks [0,4) and [4,8) are base KV, [8,12) is not.
+        // The invocation starts at 10: blocks [0,4) and [4,8) are base KV, [8,12) is not, but
+        // its rows 8 and 9 are.
         let mut alora = conversation[..10].to_vec();
         alora.extend([7, 7, 7]);
         let key = RequestKey {
@@ -637,9 +662,11 @@ mod tests {
         };
         s.add(2, alora.clone(), key.clone());
         let out = s.schedule();
-        assert_eq!(out.admitted[0].cached_tokens, 8);
-        assert_eq!(plan(&out), vec![(2, 8, 5)]);
-        assert_eq!(s.cache().stats().adapter_hit_tokens_from_base, 8);
+        // Two whole blocks and rows 8, 9 of the third: every row before s.
+        assert_eq!(out.admitted[0].cached_tokens, 10);
+        assert_eq!(plan(&out), vec![(2, 10, 3)]);
+        assert_eq!(out.copies.len(), 1);
+        assert_eq!(s.cache().stats().adapter_hit_tokens_from_base, 10);
         // A plain LoRA on the same tokens adapts every token: no hit.
         s.add(
             3,
