@@ -237,7 +237,7 @@ impl KvCacheManager {
         }
         let start = hit.blocks.len() * bs;
         hit.num_computed_tokens = start;
-        let rest = &tokens[start..limit.min(start + bs).max(start)];
+        let rest = &tokens[start..limit.min(start + bs)];
         if rest.is_empty() {
             return hit;
         }

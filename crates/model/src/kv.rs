@@ -95,18 +95,25 @@ impl KvStore {
             return Ok(());
         }
         let dev = self.k[0].device();
-        let (_, heads, dim) = self.k[0].dims3()?;
         let src = Tensor::new(src, dev)?;
-        let dst = Tensor::new(dst, dev)?
-            .reshape((dst.len(), 1, 1))?
-            .broadcast_as((dst.len(), heads, dim))?
-            .contiguous()?;
+        let dst = self.expand_slots(&Tensor::new(dst, dev)?)?;
         for l in 0..self.k.len() {
             let (k, v) = self.gather(l, &src)?;
             self.k[l].scatter_set(&dst, &k, 0)?;
             self.v[l].scatter_set(&dst, &v, 0)?;
         }
         Ok(())
+    }
+
+    /// Slots ([N] u32) expanded to the K/V row shape [N, kv_heads, head_dim], as
+    /// `scatter_set` takes them (once per step for its writes).
+    pub(crate) fn expand_slots(&self, slots: &Tensor) -> Result<Tensor> {
+        let (_, heads, dim) = self.k[0].dims3()?;
+        let n = slots.dim(0)?;
+        Ok(slots
+            .reshape((n, 1, 1))?
+            .broadcast_as((n, heads, dim))?
+            .contiguous()?)
     }
 
     /// K and V of `slots` ([T] u32): [T, kv_heads, head_dim] each.

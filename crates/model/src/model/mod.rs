@@ -280,12 +280,7 @@ impl CausalLm {
         }
         let prep = Prepared::new(seqs, kv, self.rope.max_positions(), &self.device)?;
         let (cos, sin) = self.rope.gather(&prep.positions)?;
-        let kv_shape = (prep.num_tokens, self.cfg.num_kv_heads, self.cfg.head_dim);
-        let write_idx = prep
-            .write_slots
-            .reshape((prep.num_tokens, 1, 1))?
-            .broadcast_as(kv_shape)?
-            .contiguous()?;
+        let write_idx = kv.expand_slots(&prep.write_slots)?;
         let attn = alora_kernels::AttnBatch::new(
             &prep.seqlens_q,
             &prep.seqlens_k,

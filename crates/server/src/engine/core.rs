@@ -241,19 +241,12 @@ impl Engine {
             return;
         }
         let bs = self.kv.block_size();
-        let slots = |b: alora_cache::BlockId, rows: usize| {
-            (0..rows).map(move |r| (b.index() * bs + r) as u32)
-        };
-        let src: Vec<u32> = out
+        let slot = |b: alora_cache::BlockId, r: usize| (b.index() * bs + r) as u32;
+        let (src, dst): (Vec<u32>, Vec<u32>) = out
             .copies
             .iter()
-            .flat_map(|(_, c)| slots(c.src, c.rows))
-            .collect();
-        let dst: Vec<u32> = out
-            .copies
-            .iter()
-            .flat_map(|(_, c)| slots(c.dst, c.rows))
-            .collect();
+            .flat_map(|(_, c)| (0..c.rows).map(move |r| (slot(c.src, r), slot(c.dst, r))))
+            .unzip();
         if let Err(e) = self.kv.copy_slots(&src, &dst) {
             tracing::error!(rows = src.len(), "K/V copy failed: {e}");
             let ids: Vec<u64> = out.copies.iter().map(|(id, _)| *id).collect();
