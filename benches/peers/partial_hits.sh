@@ -6,6 +6,10 @@
 #
 #   OLD=/tmp/old/alora LLAMA_SERVER=/path/to/llama-server PYTHON=venv/bin/python \
 #     N=12 ROUNDS=1 benches/peers/partial_hits.sh [OUT_DIR]
+#
+# OLD_ARGS / NEW_ARGS are extra `alora serve` flags (one binary both ways: OLD=target/release/alora
+# OLD_ARGS=--no-close-turns), BENCH_ARGS extra alora-bench flags for every server
+# (BENCH_ARGS=--no-ignore-eos: turns stop at EOS, so replies come back as the model ended them).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-/tmp/partial-hits}
@@ -13,6 +17,9 @@ MODEL=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
 LLAMA_SERVER=${LLAMA_SERVER:?set LLAMA_SERVER to a llama-server binary}
 OLD=${OLD:?set OLD to the alora binary to compare against}
 NEW=${NEW:-target/release/alora}
+OLD_ARGS=${OLD_ARGS:-}
+NEW_ARGS=${NEW_ARGS:-}
+BENCH_ARGS=${BENCH_ARGS:-}
 PYTHON=${PYTHON:-python3}
 BENCH=${BENCH:-target/release/alora-bench}
 N=${N:-12}
@@ -27,17 +34,17 @@ wait_up() { for _ in $(seq 600); do curl -sf "$1/health" >/dev/null 2>&1 && retu
 run() { local label=$1 url=$2; shift 2
   "$BENCH" run --base-url "$url" --workload intrinsics --adapter topic \
     --turns 1 --output-len 32 --intrinsic-output-len 4 --concurrency 1 --seed 21 --warmup 1 --no-progress \
-    --label "$label" --result-json "$OUT/$label.json" "$@" > "$OUT/$label.txt"; }
-alora() { "$2" serve --model "$MODEL" --port 8000 --no-demo-adapter --adapter topic="$A/topic" >"$OUT/$1.log" 2>&1 &
+    --label "$label" --result-json "$OUT/$label.json" $BENCH_ARGS "$@" > "$OUT/$label.txt"; }
+alora() { "$2" serve --model "$MODEL" --port 8000 --no-demo-adapter --adapter topic="$A/topic" $3 >"$OUT/$1.log" 2>&1 &
   PID=$!; wait_up http://127.0.0.1:8000; run "$1" http://127.0.0.1:8000 $ALL; kill $PID; wait $PID 2>/dev/null || true; }
-alora old1 "$OLD"
-alora new1 "$NEW"
+alora old1 "$OLD" "$OLD_ARGS"
+alora new1 "$NEW" "$NEW_ARGS"
 "$LLAMA_SERVER" -m "$MODEL" -t 2 -np 1 -c 8192 --port 8081 --no-prefill-assistant --lora "$A/topic.gguf" >"$OUT/llama.log" 2>&1 &
 PID=$!; wait_up http://127.0.0.1:8081; run llama http://127.0.0.1:8081 --adapter-field lora $ALL; kill $PID; wait $PID 2>/dev/null || true
 NAMES="old1 new1 llama"
 if [ "$ROUNDS" -gt 1 ]; then
-  alora old2 "$OLD"
-  alora new2 "$NEW"
+  alora old2 "$OLD" "$OLD_ARGS"
+  alora new2 "$NEW" "$NEW_ARGS"
   NAMES="$NAMES old2 new2"
 fi
 "$PYTHON" - "$OUT" $NAMES <<'PY'

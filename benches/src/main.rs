@@ -107,6 +107,10 @@ struct RunArgs {
     /// SLOs for goodput, vLLM style: ttft:MS tpot:MS e2el:MS.
     #[arg(long, num_args = 1..)]
     goodput: Vec<String>,
+    /// Milliseconds a conversation pauses before each request after its first (a user or an
+    /// agent reading the reply; not timed).
+    #[arg(long, default_value_t = 0.0)]
+    think_time_ms: f64,
     /// Let the model stop at EOS (by default `ignore_eos` fixes the output length).
     #[arg(long)]
     no_ignore_eos: bool,
@@ -178,6 +182,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         duration: a.duration.map(Duration::from_secs_f64),
         progress: !a.no_progress,
         seed: a.seed,
+        think_time: Duration::from_secs_f64(a.think_time_ms / 1e3),
     };
     if a.warmup > 0 {
         let mut w = wl.clone();

@@ -30,6 +30,9 @@ pub struct LoadConfig {
     pub duration: Option<Duration>,
     pub progress: bool,
     pub seed: u64,
+    /// A pause before each request that follows another in its conversation (a user or an
+    /// agent reading the reply), not timed; zero by default.
+    pub think_time: Duration,
 }
 
 /// One request's measurements, as saved in the JSON result.
@@ -86,6 +89,7 @@ struct Shared {
     deadline: Option<Instant>,
     remaining: Mutex<Option<usize>>,
     bar: ProgressBar,
+    think_time: Duration,
 }
 
 impl Shared {
@@ -134,6 +138,9 @@ impl Live {
 /// cannot go on without the failed turn's answer).
 async fn run_step(sh: &Shared, live: &mut Live) -> bool {
     let i = live.next;
+    if i > 0 && !sh.think_time.is_zero() {
+        tokio::time::sleep(sh.think_time).await;
+    }
     let s = &live.session;
     let conv = &mut live.conv;
     let start = sh.t0.elapsed().as_secs_f64();
@@ -325,6 +332,7 @@ pub async fn run(
         deadline: cfg.duration.map(|d| t0 + d),
         remaining: Mutex::new(cfg.num_sessions),
         bar: bar(cfg),
+        think_time: cfg.think_time,
     });
     let arrivals = |rate: f64| -> anyhow::Result<Option<Exp<f64>>> {
         Ok((rate.is_finite() && rate > 0.0)

@@ -130,6 +130,7 @@ async fn race_against_llama_server_style_adapters() {
         duration: None,
         progress: false,
         seed: 0,
+        think_time: std::time::Duration::ZERO,
     };
     let out = alora_bench::run(client, Workload::new(wl, None).unwrap(), &load)
         .await

@@ -48,6 +48,7 @@ fn closed(n: usize, sessions: usize) -> LoadConfig {
         duration: None,
         progress: false,
         seed: 1,
+        think_time: Duration::ZERO,
     }
 }
 
@@ -122,7 +123,24 @@ async fn intrinsics_reuse_the_base_turn_as_alora_and_not_as_lora() {
     // leading tokens both conversations share, 6 here, cached by the other conversation's LoRA
     // call: a block and two rows).
     let t2 = target(&s.url, AdapterField::Adapter).await;
-    let out = go(&t2, workload(Kind::Intrinsics, &["lora"]), &closed(1, 2)).await;
+    // With a think time: each request after a conversation's first starts that long after
+    // the one before it ended.
+    let think = LoadConfig {
+        think_time: Duration::from_millis(30),
+        ..closed(1, 2)
+    };
+    let out = go(&t2, workload(Kind::Intrinsics, &["lora"]), &think).await;
+    for w in out.records.windows(2) {
+        if w[0].session == w[1].session {
+            let gap = w[1].start - (w[0].start + w[0].out.e2e);
+            assert!(
+                gap >= 0.03,
+                "{gap} s between steps {} and {}",
+                w[0].step,
+                w[1].step
+            );
+        }
+    }
     for r in out
         .records
         .iter()
@@ -170,7 +188,7 @@ async fn intrinsics_reuse_the_base_turn_as_alora_and_not_as_lora() {
             "{f:?}"
         );
     }
-    assert_eq!(s.metric("alora:kv_blocks_in_use").await, 0.0);
+    assert_eq!(s.blocks_in_use_settled().await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -303,5 +321,5 @@ async fn race_interleaves_live_conversations() {
     .err()
     .unwrap();
     assert!(e.to_string().contains("number of conversations"), "{e}");
-    assert_eq!(s.metric("alora:kv_blocks_in_use").await, 0.0);
+    assert_eq!(s.blocks_in_use_settled().await, 0.0);
 }
