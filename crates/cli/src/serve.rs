@@ -113,6 +113,10 @@ pub struct ServeArgs {
     /// Log prompts and outputs (off by default: prompts are user data).
     #[arg(long, env = "ALORA_LOG_PROMPTS")]
     log_prompts: bool,
+    /// Compute a finished chat reply's turn end (`<|im_end|>\n`) ahead, for a later call on the
+    /// conversation (one sent right after the reply waits for that step instead).
+    #[arg(long, env = "ALORA_CLOSE_TURNS")]
+    close_turns: bool,
 }
 
 /// Parses sizes like `512MiB`, `2GiB`, `1.5GB`, `1000000`.
@@ -194,6 +198,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             long_prefill_token_threshold: a.long_prefill_token_threshold,
             max_queue_requests: a.max_queue,
             max_queue_tokens: a.max_queue_tokens,
+            ..EngineConfig::default()
         },
         http: HttpConfig {
             served_model_name: a.served_model_name.clone(),
@@ -212,6 +217,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             max_connections: (a.max_connections > 0).then_some(a.max_connections),
             reject_unknown_fields: a.reject_unknown_fields,
             tool_call_parser: a.tool_call_parser.0,
+            close_turns: a.close_turns,
         },
         adapters: adapters.clone(),
     };

@@ -64,6 +64,8 @@ pub struct Metrics {
     pub prefix_cache_queries: Counter,
     pub prefix_cache_hits: Counter,
     pub adapter_tokens_from_base_blocks: Counter,
+    /// Turn-end tokens computed ahead after finished chat replies.
+    pub turn_end_tokens: Counter,
     pub prompt_tokens: Counter,
     pub generation_tokens: Counter,
     pub num_preemptions: Counter,
@@ -110,6 +112,7 @@ impl Metrics {
             prefix_cache_queries: Counter::default(),
             prefix_cache_hits: Counter::default(),
             adapter_tokens_from_base_blocks: Counter::default(),
+            turn_end_tokens: Counter::default(),
             prompt_tokens: Counter::default(),
             generation_tokens: Counter::default(),
             num_preemptions: Counter::default(),
@@ -211,6 +214,11 @@ impl Metrics {
             "alora:adapter_tokens_from_base_blocks",
             "Prompt tokens of adapter requests served from base-model KV blocks",
             m.adapter_tokens_from_base_blocks.clone(),
+        );
+        r.register(
+            "alora:turn_end_tokens",
+            "Chat template turn-end tokens computed ahead after finished replies",
+            m.turn_end_tokens.clone(),
         );
         r.register(
             "alora:adapter_requests",

@@ -38,6 +38,10 @@ pub struct HttpConfig {
     /// How `tool_choice: "auto"` outputs are read (`--tool-call-parser`); `None`: the format
     /// the chat template shows, else Hermes.
     pub tool_call_parser: Option<alora_model::tools::ToolFormat>,
+    /// Compute a finished chat reply's turn end ahead (the template's `<|im_end|>\n` after it),
+    /// so a later call on the conversation (an intrinsic) finds it cached (`--close-turns`).
+    /// Off by default: a call sent right after the reply waits for that step (BENCHMARKS.md).
+    pub close_turns: bool,
 }
 
 #[derive(Clone)]

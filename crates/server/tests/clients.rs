@@ -254,5 +254,5 @@ async fn recorded_client_requests_are_served() {
     }
     assert!(structured >= 6, "{structured} structured requests");
     assert!(forced_replays >= 7, "{forced_replays} forced tool calls");
-    assert_eq!(s.metric("alora:kv_blocks_in_use").await, 0.0);
+    assert_eq!(s.blocks_in_use_settled().await, 0.0);
 }

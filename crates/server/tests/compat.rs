@@ -80,7 +80,7 @@ async fn client_extras_are_ignored_and_output_changers_refused() {
     for (k, v) in [
         ("guided_choice", json!(["a", "b"])),
         ("functions", json!([{"name": "f"}])),
-        ("min_tokens", json!(4)),
+        ("bad_words", json!(["dust"])),
         ("chat_template", json!("{{ messages }}")),
     ] {
         let mut b = plain.clone();
@@ -386,7 +386,7 @@ async fn structured_outputs_constrain_every_choice() {
         assert_eq!(st, 400, "{body}: {v}");
         assert_eq!(v["error"]["param"], param, "{body}: {v}");
     }
-    assert_eq!(s.metric("alora:kv_blocks_in_use").await, 0.0);
+    assert_eq!(s.blocks_in_use_settled().await, 0.0);
 }
 
 /// The `token` strings of `logprobs.content` join exactly to the message content, also when a
@@ -444,13 +444,16 @@ async fn logprob_tokens_join_to_the_content() {
 /// conversation up to the invocation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_intrinsic_call_the_granite_common_way() {
-    let s = start(Opts {
+    let mut o = Opts {
         chat_template: Some(
             "{% for d in documents or [] %}<|im_start|>document\n{{ d.text }}<|im_end|>\n{% endfor %}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
         ),
         ..Opts::default()
-    })
-    .await;
+    };
+    // Turns closed ahead (`--close-turns`): a call that comes after the turn end was computed
+    // (the grace passed with nothing else to run; the test waits for it) finds it cached.
+    o.http.close_turns = true;
+    let s = start(o).await;
     let documents =
         json!([{"doc_id": "1", "text": "the red planet has dust storms that can last for months"}]);
     let q = "what is the weather like on mars?";
@@ -464,6 +467,11 @@ async fn an_intrinsic_call_the_granite_common_way() {
         .await;
     assert_eq!(st, 200, "{base}");
     let answer = content(&base);
+    assert_eq!(
+        s.blocks_in_use_settled().await,
+        0.0,
+        "the turn end computed, blocks freed"
+    );
     let base_computed = base["usage"]["prompt_tokens"].as_u64().unwrap()
         + base["usage"]["completion_tokens"].as_u64().unwrap()
         - 1;
@@ -496,15 +504,18 @@ async fn an_intrinsic_call_the_granite_common_way() {
     for e in entries {
         assert_eq!(e["top_logprobs"].as_array().unwrap().len(), 10, "{e}");
     }
-    // The invocation "abc" ends the prompt; every row before it that the base turn computed
-    // comes from the base turn (whole blocks, then the part-filled last block's rows).
+    // The invocation "abc" ends the prompt. The base turn computed its prompt and all but its
+    // last output token, and when it finished, that token and the turn end `<|im_end|>\n`
+    // ahead: every row before the invocation comes from the base turn (whole blocks, then the
+    // part-filled last block's rows).
     let s_pos = v["usage"]["prompt_tokens"].as_u64().unwrap() - 3;
-    let expect = s_pos.min(base_computed);
+    assert_eq!(s_pos, base_computed + 3, "reply then `<|im_end|>\n`");
     assert!(
-        expect >= 80,
-        "the documents and the question are shared: {expect}"
+        s_pos >= 80,
+        "the documents and the question are shared: {s_pos}"
     );
-    assert_eq!(cached(&v), expect, "{v}");
+    assert_eq!(s.metric("alora:turn_end_tokens_total").await, 2.0);
+    assert_eq!(cached(&v), s_pos, "{v}");
 }
 
 /// `x-request-id` is echoed when the client sends one (visible ASCII, at most 128 bytes) and
@@ -558,6 +569,77 @@ async fn an_emitted_eos_is_a_completion_token() {
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
     assert_eq!(v["choices"][0]["text"], "");
     assert_eq!(v["usage"]["completion_tokens"], 1, "{v}");
+}
+
+/// `min_tokens` (vLLM's): no EOS or stop id is sampled, and no stop string ends the output,
+/// before that many tokens; a limit above `max_tokens` or below 0 is a 400 naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_tokens_holds_off_eos_stop_ids_and_stop_strings() {
+    let s = start(Opts::default()).await;
+    let (_, t) = s.post("/tokenize", json!({"prompt": "<|im_end|>"})).await;
+    let eos = t["tokens"][0].as_u64().unwrap();
+    let eager = json!({"prompt": "ab", "max_tokens": 8, "temperature": 0,
+        "logit_bias": {eos.to_string(): 100}});
+    for (min, key) in [(3, "logit_bias"), (2, "stop_token_ids")] {
+        let mut b = eager.clone();
+        if key == "stop_token_ids" {
+            // The EOS ignored, but the same id is a stop id.
+            b["ignore_eos"] = json!(true);
+            b["stop_token_ids"] = json!([eos]);
+        }
+        b["min_tokens"] = json!(min);
+        let (st, v) = s.post("/v1/completions", b).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{key}: {v}");
+        assert_eq!(
+            v["usage"]["completion_tokens"],
+            min + 1,
+            "{key}: {min} tokens, then the favoured stop: {v}"
+        );
+    }
+    // A stop string: the first character of the plain output ends it at once without
+    // `min_tokens`, and is passed over before it.
+    let plain = json!({"prompt": "ab", "max_tokens": 6, "temperature": 0});
+    let (_, p) = s.post("/v1/completions", plain.clone()).await;
+    let text = p["choices"][0]["text"].as_str().unwrap().to_string();
+    let first = text.chars().next().unwrap().to_string();
+    let mut b = plain.clone();
+    b["stop"] = json!([first]);
+    let (_, cut) = s.post("/v1/completions", b.clone()).await;
+    assert_eq!(cut["choices"][0]["text"], "", "{cut}");
+    b["min_tokens"] = json!(2);
+    let (_, held) = s.post("/v1/completions", b).await;
+    let got = held["choices"][0]["text"].as_str().unwrap();
+    assert!(
+        got.starts_with(&first) && text.starts_with(got),
+        "{got:?} is the plain output {text:?} up to a later {first:?}"
+    );
+    for (body, msg) in [
+        (
+            json!({"prompt": "ab", "max_tokens": 2, "min_tokens": 3}),
+            "must be <= `max_tokens`",
+        ),
+        (json!({"prompt": "ab", "min_tokens": -1}), "must be >= 0"),
+    ] {
+        let (st, e) = s.post("/v1/completions", body).await;
+        assert_eq!(st, 400, "{e}");
+        assert_eq!(e["error"]["param"], "min_tokens", "{e}");
+        assert!(e["error"]["message"].as_str().unwrap().contains(msg), "{e}");
+    }
+    let (st, e) = s
+        .post(
+            "/v1/chat/completions",
+            json!({"messages": user("hi"), "max_completion_tokens": 1, "min_tokens": 2}),
+        )
+        .await;
+    assert_eq!(st, 400, "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`max_completion_tokens`"),
+        "{e}"
+    );
 }
 
 /// `/tokenize` with an aLoRA shows the ids its chat request runs: the conversation without a

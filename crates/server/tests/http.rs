@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{cached, content, start, user, Opts};
+use common::{cached, content, start, user, Opts, Server};
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -58,9 +58,26 @@ async fn batching_is_invariant_across_adapters() {
 /// A base chat turn, then an aLoRA call on the same conversation: the aLoRA request finds
 /// every row the base turn computed before its activation start (whole blocks, then the part-
 /// filled last block's rows copied), and its tokens and log-probabilities equal a cold run's.
+/// With turns closed ahead (`--close-turns`) and the call coming after the turn end was
+/// computed, that is every row before the invocation; when the call comes within the grace
+/// (the turn end is dropped) or turns are not closed, the call computes the reply's last token
+/// and the template's `<|im_end|>\n` itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alora_after_base_turn_reuses_base_blocks() {
-    let s = start(Opts::default()).await;
+    // (close turns, grace, wait for the turn end before the call)
+    for (close, grace, wait) in [
+        (true, Duration::from_millis(50), true),
+        (true, Duration::from_secs(600), false),
+        (false, Duration::from_millis(50), false),
+    ] {
+        let mut opts = Opts::default();
+        opts.http.close_turns = close;
+        opts.engine.close_turn_grace = grace;
+        alora_after_base_turn(start(opts).await, wait).await;
+    }
+}
+
+async fn alora_after_base_turn(s: Server, closed: bool) {
     let q = "what is the weather like on mars today?";
     let (st, base) = s
         .post(
@@ -70,6 +87,13 @@ async fn alora_after_base_turn_reuses_base_blocks() {
         .await;
     assert_eq!(st, 200, "{base}");
     let answer = content(&base);
+    if closed {
+        assert_eq!(
+            s.blocks_in_use_settled().await,
+            0.0,
+            "the turn end computed"
+        );
+    }
     let base_prompt = base["usage"]["prompt_tokens"].as_u64().unwrap();
     let base_out = base["usage"]["completion_tokens"].as_u64().unwrap();
     let convo = json!([{"role": "user", "content": q}, {"role": "assistant", "content": answer}]);
@@ -79,10 +103,17 @@ async fn alora_after_base_turn_reuses_base_blocks() {
     assert_eq!(st, 200, "{warm}");
     // Invocation "abc" (3 tokens) is appended at the end: s = prompt_tokens - 3.
     let s_pos = warm["usage"]["prompt_tokens"].as_u64().unwrap() - 3;
-    // The base turn computed KV for its prompt and all but its last output token; the chat
-    // template closes the assistant turn with tokens the base turn never saw.
-    let base_computed = base_prompt + base_out - 1;
-    let expect = s_pos.min(base_computed);
+    assert_eq!(
+        s_pos,
+        base_prompt + base_out + 2,
+        "reply, then `<|im_end|>\n`"
+    );
+    // The base turn computed KV for its prompt and all but its last output token, and with
+    // turns closed, that token and the turn end once it finished.
+    let expect = match closed {
+        true => s_pos,
+        false => base_prompt + base_out - 1,
+    };
     assert!(
         expect >= 40 && expect % 4 != 0,
         "scenario must share a real prefix ending inside a block: {expect}"
@@ -92,6 +123,8 @@ async fn alora_after_base_turn_reuses_base_blocks() {
         expect,
         "every row before s from the base turn"
     );
+    let ahead = if closed { 2.0 } else { 0.0 };
+    assert_eq!(s.metric("alora:turn_end_tokens_total").await, ahead);
     assert!(
         s.metric("alora:adapter_tokens_from_base_blocks_total")
             .await
@@ -255,7 +288,7 @@ async fn half_precision_kv_cache_doubles_blocks_and_serves() {
             .as_u64()
             .unwrap();
         assert!(cached >= 8, "{dt:?}: the call reused {cached} tokens");
-        assert_eq!(s.metric("alora:kv_blocks_in_use").await, 0.0);
+        assert_eq!(s.blocks_in_use_settled().await, 0.0);
     }
 }
 
@@ -854,7 +887,7 @@ async fn preemption_by_recompute_keeps_outputs() {
         tight.metric("vllm:num_preemptions_total").await > 0.0,
         "the scenario must preempt"
     );
-    assert_eq!(tight.metric("alora:kv_blocks_in_use").await, 0.0);
+    assert_eq!(tight.blocks_in_use_settled().await, 0.0);
 }
 
 /// An engine thread that dies (here it panics while loading) turns `/health` to 503 and every
@@ -1058,5 +1091,5 @@ async fn echo_with_logprobs_scores_the_prompt() {
     assert_eq!(v["choices"][0]["text"], "abc");
     assert!(v["choices"][0]["logprobs"].is_null());
     // No block is left behind by any of it.
-    assert_eq!(s.metric("alora:kv_blocks_in_use").await, 0.0);
+    assert_eq!(s.blocks_in_use_settled().await, 0.0);
 }

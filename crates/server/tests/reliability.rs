@@ -292,7 +292,7 @@ async fn case_01_bad_adapters_fail_only_their_own_request() {
         .post("/v1/completions", json!({"prompt": "ok", "max_tokens": 2}))
         .await;
     assert_eq!(st, 200, "{v}");
-    assert_eq!(s.metric("alora:kv_blocks_in_use").await, 0.0);
+    assert_eq!(s.blocks_in_use_settled().await, 0.0);
 }
 
 /// Reads what the server sends on `stream` until it closes the connection (or 5 s pass).
@@ -926,6 +926,6 @@ fn random_bodies_never_get_a_5xx_and_always_an_openai_error() {
     rt.block_on(async {
         let (status, v) = s.post("/v1/completions", completion).await;
         assert_eq!(status, 200, "{v}");
-        assert_eq!(s.metric("alora:kv_blocks_in_use").await, 0.0);
+        assert_eq!(s.blocks_in_use_settled().await, 0.0);
     });
 }

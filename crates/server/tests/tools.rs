@@ -146,7 +146,7 @@ async fn forced_calls_follow_their_schemas() {
             }
         }
     }
-    assert_eq!(s.metric("alora:kv_blocks_in_use").await, 0.0);
+    assert_eq!(s.blocks_in_use_settled().await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

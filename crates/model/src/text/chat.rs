@@ -231,6 +231,50 @@ impl ChatTemplate {
         )
     }
 
+    /// The text this template puts between an assistant turn's content and the next message
+    /// (ChatML: `<|im_end|>\n`), for the assistant turn that `prompt_text` (`messages` rendered
+    /// with `args`, a generation prompt among them) opens. Found by rendering the conversation
+    /// continued by a placeholder reply, with and without a placeholder user message after it,
+    /// and keeping what both put right after the reply. `None` when the template does not
+    /// render the reply as `prompt_text` followed by its content (one that rewrites earlier
+    /// turns once a reply exists), or puts nothing after it.
+    pub fn turn_end(
+        &self,
+        messages: &[ChatMessage],
+        args: &RenderArgs,
+        prompt_text: &str,
+    ) -> Option<String> {
+        // Private Use Area placeholders: no real turn holds them.
+        const REPLY: &str = "\u{E000}alora-reply\u{E000}";
+        const NEXT: &str = "\u{E000}alora-next\u{E000}";
+        let args = RenderArgs {
+            add_generation_prompt: false,
+            continue_final_message: false,
+            ..args.clone()
+        };
+        let after_reply = |convo: &[ChatMessage]| -> Option<String> {
+            let text = self.render_with(convo, &args).ok()?;
+            Some(
+                text.strip_prefix(prompt_text)?
+                    .strip_prefix(REPLY)?
+                    .to_string(),
+            )
+        };
+        let mut convo = messages.to_vec();
+        convo.push(ChatMessage::new("assistant", REPLY));
+        let last = after_reply(&convo)?;
+        convo.push(ChatMessage::new("user", NEXT));
+        let mut going_on = after_reply(&convo)?;
+        going_on.truncate(going_on.find(NEXT)?);
+        let common: usize = last
+            .chars()
+            .zip(going_on.chars())
+            .take_while(|(a, b)| a == b)
+            .map(|(a, _)| a.len_utf8())
+            .sum();
+        (common > 0).then(|| last[..common].to_string())
+    }
+
     /// Renders `messages` with `args` (documents, template kwargs, continuing the final
     /// message).
     pub fn render_with(&self, messages: &[ChatMessage], args: &RenderArgs) -> Result<String> {

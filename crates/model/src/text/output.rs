@@ -38,6 +38,12 @@ pub struct OutputLimits {
     pub stop: Vec<String>,
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
+    /// Tokens to generate before EOS, a stop id or a stop string may end the output (vLLM's
+    /// `min_tokens`): until then the sampler must not pick an EOS or stop id
+    /// ([`OutputStream::is_stop_id`], [`OutputStream::may_stop`]), and stop strings that
+    /// complete are passed over (one completing at the `min_tokens`-th token or later ends
+    /// the output, even if it began earlier).
+    pub min_tokens: usize,
     /// Keep special tokens' text in the output (vLLM's `skip_special_tokens: false`).
     pub keep_special_tokens: bool,
     /// Keep a matched stop string in the output (vLLM's `include_stop_str_in_output`).
@@ -88,6 +94,18 @@ impl OutputStream {
         self.generated
     }
 
+    /// Whether the next sampled token may be an EOS or a stop id: `min_tokens` tokens are out
+    /// (vLLM bans them while fewer are).
+    pub fn may_stop(&self) -> bool {
+        self.generated >= self.limits.min_tokens
+    }
+
+    /// An id that ends the output when sampled (an EOS unless ignored, or a stop id): what the
+    /// sampler must not pick while [`Self::may_stop`] is false.
+    pub fn is_stop_id(&self, t: u32) -> bool {
+        self.eos_token_ids.contains(&t) || self.limits.stop_token_ids.contains(&t)
+    }
+
     /// Whether the limit allows no token at all (then nothing should be sampled).
     pub fn is_empty_limit(&self) -> bool {
         self.limits.max_tokens == 0
@@ -101,7 +119,7 @@ impl OutputStream {
     /// Feeds one sampled token. A detokenization failure is logged and yields no text (the
     /// token still counts).
     pub fn push(&mut self, tok: &Tokenizer, t: u32) -> Pushed {
-        if self.eos_token_ids.contains(&t) || self.limits.stop_token_ids.contains(&t) {
+        if self.is_stop_id(t) {
             return Pushed {
                 appended: false,
                 text: String::new(),
@@ -109,9 +127,10 @@ impl OutputStream {
             };
         }
         self.generated += 1;
+        let can_stop = self.generated >= self.limits.min_tokens;
         let mut finish = None;
         let text = match self.decoder.push(tok, t) {
-            Ok(Some(piece)) => match self.stops.push(&piece) {
+            Ok(Some(piece)) => match self.stops.push_with(&piece, can_stop) {
                 StopCheck::Continue(x) => x,
                 StopCheck::Stopped(x) => {
                     finish = Some(FinishReason::Stop);

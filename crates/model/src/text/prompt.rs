@@ -91,8 +91,14 @@ pub fn chat_prompt_with(
     adapter: PromptAdapter<'_>,
     opts: &ChatOptions,
 ) -> Result<(String, Prompt)> {
+    let text = template.render_with(messages, &render_args(adapter, opts))?;
+    let ids = tokenizer.encode(&text)?;
+    Ok((text, ids_prompt_appending(ids, adapter)))
+}
+
+fn render_args(adapter: PromptAdapter<'_>, opts: &ChatOptions) -> RenderArgs {
     let alora = matches!(adapter, PromptAdapter::ALora { .. });
-    let args = RenderArgs {
+    RenderArgs {
         add_generation_prompt: opts
             .add_generation_prompt
             .unwrap_or(!alora && !opts.continue_final_message),
@@ -100,10 +106,35 @@ pub fn chat_prompt_with(
         documents: opts.documents.clone(),
         tools: opts.tools.clone(),
         kwargs: opts.kwargs.clone(),
-    };
-    let text = template.render_with(messages, &args)?;
-    let ids = tokenizer.encode(&text)?;
-    Ok((text, ids_prompt_appending(ids, adapter)))
+    }
+}
+
+/// What a chat template writes after an assistant turn's content when the conversation goes
+/// on (ChatML: `<|im_end|>\n`), as text and as the ids it tokenizes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TurnEnd {
+    pub text: String,
+    pub ids: Vec<u32>,
+}
+
+/// The turn end of the assistant turn that a base or LoRA chat prompt opens (`prompt_text`,
+/// as [`chat_prompt_with`] rendered it for `messages` and `opts`; see
+/// [`ChatTemplate::turn_end`]). `None` when the prompt opens no assistant turn or the
+/// template shows none.
+pub fn turn_end(
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    messages: &[ChatMessage],
+    opts: &ChatOptions,
+    prompt_text: &str,
+) -> Option<TurnEnd> {
+    let args = render_args(PromptAdapter::Base, opts);
+    if !args.add_generation_prompt {
+        return None;
+    }
+    let text = template.turn_end(messages, &args, prompt_text)?;
+    let ids = tokenizer.encode(&text).ok()?;
+    Some(TurnEnd { text, ids })
 }
 
 /// An aLoRA's invocation appended to `ids` unless they already end with it; the activation

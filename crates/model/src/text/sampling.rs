@@ -364,6 +364,12 @@ impl StopStrings {
     }
 
     pub fn push(&mut self, piece: &str) -> StopCheck {
+        self.push_with(piece, true)
+    }
+
+    /// [`Self::push`]; with `can_stop` false a stop string completing in `piece` is passed
+    /// over (`min_tokens` not reached), the matchers still advance.
+    pub fn push_with(&mut self, piece: &str, can_stop: bool) -> StopCheck {
         let base = self.text.len();
         self.text.push_str(piece);
         for (i, &b) in piece.as_bytes().iter().enumerate() {
@@ -373,7 +379,7 @@ impl StopStrings {
                     longest = longest.max(m.pat.len());
                 }
             }
-            if longest > 0 {
+            if longest > 0 && can_stop {
                 // A stop string starts with a char's first byte, so `at` is a char boundary.
                 let end = base + i + 1;
                 let at = if self.include_stop {
@@ -522,6 +528,17 @@ mod tests {
         assert_eq!(s.push("Hello </"), StopCheck::Continue("Hello ".into()));
         assert_eq!(s.push("end> more"), StopCheck::Stopped("</end>".into()));
         assert_eq!(s.text_so_far(), "Hello </end>");
+    }
+
+    #[test]
+    fn a_stop_string_completing_before_min_tokens_is_passed_over() {
+        let mut s = StopStrings::new(vec!["ab".into()]);
+        assert_eq!(s.push_with("xab", false), StopCheck::Continue("x".into()));
+        assert_eq!(s.push_with("c", true), StopCheck::Continue("abc".into()));
+        // One that began before and completes once stopping is allowed ends the output.
+        assert_eq!(s.push_with("a", false), StopCheck::Continue("".into()));
+        assert_eq!(s.push_with("b!", true), StopCheck::Stopped("".into()));
+        assert_eq!(s.text_so_far(), "xabc");
     }
 
     /// The output a whole text gets: cut before the stop string that ends first (the longer

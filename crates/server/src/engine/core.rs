@@ -31,6 +31,11 @@ struct Engine {
     shared: Arc<Shared>,
     max_model_len: usize,
     last_stats: CacheStats,
+    /// When the last reply that closes its turn finished: requests submitted after it wait
+    /// for the next step (which computes the turn end), so one sent after the response finds
+    /// the turn end cached.
+    closed_at: Option<Instant>,
+    close_grace: Duration,
 }
 
 pub(super) fn run<F>(cfg: EngineConfig, load: F, shared: Arc<Shared>, rx: Receiver<Msg>)
@@ -133,6 +138,8 @@ impl Engine {
             shared,
             max_model_len,
             last_stats: CacheStats::default(),
+            closed_at: None,
+            close_grace: cfg.close_turn_grace,
         })
     }
 
@@ -148,8 +155,36 @@ impl Engine {
                     Err(RecvTimeoutError::Disconnected) => return,
                 }
             }
+            if let Some(t) = self.closed_at.filter(|_| self.sched.only_closing()) {
+                // A reply just finished and nothing else runs: a request sent right after it
+                // (the call on the conversation) computes the turn end itself rather than
+                // wait behind a speculative step; only if none comes is it computed ahead.
+                let left = self.close_grace.saturating_sub(t.elapsed());
+                if !left.is_zero() {
+                    match rx.recv_timeout(left) {
+                        Ok(m @ Msg::Submit(_)) => {
+                            self.drop_closing();
+                            self.closed_at = None;
+                            self.handle(m);
+                        }
+                        Ok(m) => {
+                            self.handle(m);
+                            continue;
+                        }
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+            }
+            let closed_at = self.closed_at.take();
+            let mut after_close = Vec::new();
             while let Ok(m) = rx.try_recv() {
-                self.handle(m);
+                match m {
+                    Msg::Submit(seq) if closed_at.is_some_and(|t| seq.arrival >= t) => {
+                        after_close.push(Msg::Submit(seq));
+                    }
+                    m => self.handle(m),
+                }
             }
             self.drop_cancelled();
             let mut out = self.sched.schedule();
@@ -157,6 +192,9 @@ impl Engine {
             self.copy_kv(&mut out);
             if !out.scheduled.is_empty() {
                 self.step(&out);
+            }
+            for m in after_close {
+                self.handle(m);
             }
             self.publish_gauges();
         }
@@ -192,11 +230,30 @@ impl Engine {
         Some(s)
     }
 
+    /// Sequence `id` has answered and computes its turn end ([`Scheduler::close`]).
+    fn is_closing(&self, id: u64) -> bool {
+        self.sched.seq(id).is_some_and(|s| s.is_closing())
+    }
+
+    /// Gives up the turn ends not computed yet.
+    fn drop_closing(&mut self) {
+        let ids: Vec<u64> = self
+            .sched
+            .running()
+            .filter(|s| s.is_closing())
+            .map(|s| s.id())
+            .collect();
+        for id in ids {
+            self.remove(id);
+        }
+    }
+
     fn drop_cancelled(&mut self) {
         let gone: Vec<u64> = self
             .seqs
             .values()
-            .filter(|s| s.is_cancelled())
+            // A closing sequence has answered: its client is gone by design.
+            .filter(|s| s.is_cancelled() && !self.is_closing(s.id))
             .map(|s| s.id)
             .collect();
         for id in gone {
@@ -222,6 +279,9 @@ impl Engine {
             unqueue(&self.shared, s);
         }
         m.num_preemptions.inc_by(out.preempted.len() as u64);
+        for id in &out.dropped {
+            self.remove(*id);
+        }
         for (id, err) in &out.rejected {
             self.fail(*id, err.clone());
         }
@@ -341,6 +401,17 @@ impl Engine {
     fn complete(&mut self, out: &SchedulerOutput, ran: &[&Scheduled], rows: &[&[Vec<f32>]]) {
         self.sched.computed(out);
         for (sch, rows) in ran.iter().zip(rows) {
+            if self.is_closing(sch.id) {
+                if sch.samples {
+                    let s = self.seqs.get(&sch.id);
+                    let n = s
+                        .and_then(|s| s.turn_end.as_ref())
+                        .map_or(0, |e| e.ids.len());
+                    self.shared.metrics.turn_end_tokens.inc_by(n as u64);
+                    self.remove(sch.id); // its turn end is in the prefix cache now
+                }
+                continue;
+            }
             self.score_prompt(sch, rows);
             if !sch.samples {
                 continue; // mid-prefill chunk
@@ -435,12 +506,23 @@ impl Engine {
             .seqs
             .get_mut(&sch.id)
             .expect("scheduled sequences exist");
+        // Before `min_tokens`, no EOS or stop id (vLLM's min-tokens logits processor); a
+        // grammar that allows nothing else still gets its way.
+        let hold = !s.output.may_stop();
+        let output = &s.output;
         let sampled = match &mut s.constraint {
-            None => s.sampler.sample(logits),
+            None if !hold => s.sampler.sample(logits),
+            None => s
+                .sampler
+                .sample_allowed(logits, Some(&|t| !output.is_stop_id(t))),
             Some(c) => {
                 let mask = c.allowed().map_err(EngineError::Grammar)?;
-                s.sampler
-                    .sample_allowed(logits, Some(&|t| mask.is_allowed(t)))
+                let both = |t: u32| mask.is_allowed(t) && !output.is_stop_id(t);
+                let hold = hold && (0..logits.len() as u32).any(both);
+                s.sampler.sample_allowed(
+                    logits,
+                    Some(&|t| mask.is_allowed(t) && !(hold && output.is_stop_id(t))),
+                )
             }
         };
         let now = Instant::now();
@@ -484,9 +566,9 @@ impl Engine {
     }
 
     fn finish(&mut self, id: u64, finish: Finish) {
-        // Blocks go back to the pool, and the gauges say so, before the client hears it is
-        // done: whoever reads /metrics after a response sees the blocks free.
-        let Some(mut s) = self.remove(id) else { return };
+        let Some(s) = self.seqs.get_mut(&id) else {
+            return;
+        };
         // Release what was held back (an incomplete character, a possible stop-string prefix)
         // unless a stop string already cut the output.
         let text = s.output.finish(&self.tokenizer);
@@ -495,16 +577,58 @@ impl Engine {
             completion_tokens: s.num_generated,
             cached_tokens: s.cached_tokens.unwrap_or(0),
         };
+        let removed = match self.turn_end_ahead(id) {
+            // The turn end is computed in the next step (before new requests are read); the
+            // client hears now, and the blocks are freed after that step.
+            Some(ids) => {
+                self.sched.close(id, &ids);
+                self.closed_at = Some(Instant::now());
+                None
+            }
+            // Blocks go back to the pool, and the gauges say so, before the client hears it
+            // is done: whoever reads /metrics after a response sees the blocks free.
+            None => {
+                let Some(s) = self.remove(id) else { return };
+                self.publish_kv_gauges();
+                Some(s)
+            }
+        };
+        let Some(s) = removed
+            .as_deref()
+            .or_else(|| self.seqs.get(&id).map(|s| &**s))
+        else {
+            return;
+        };
         self.shared
             .metrics
             .e2e
             .observe(s.arrival.elapsed().as_secs_f64());
-        self.publish_kv_gauges();
         let _ = s.tx.send(Event::Done {
             text,
             finish,
             usage,
         });
+    }
+
+    /// The turn end to compute ahead for finished sequence `id`, if it has one and the
+    /// conversation the client sends back would hold it right after the output: the reply's
+    /// text followed by the turn end tokenizes to the output's tokens followed by the turn
+    /// end's (not so after a stop string cut the text, a special token was skipped, or the
+    /// text re-tokenizes otherwise), and the whole fits the context.
+    fn turn_end_ahead(&self, id: u64) -> Option<Vec<u32>> {
+        let s = self.seqs.get(&id)?;
+        let end = s.turn_end.as_ref()?;
+        let tokens = self.sched.seq(id)?.tokens();
+        if tokens.len() + end.ids.len() > self.max_model_len {
+            return None;
+        }
+        let output = &tokens[s.num_prompt..];
+        let text = format!("{}{}", s.output.text_so_far(), end.text);
+        let ids = self.tokenizer.encode(&text).ok()?;
+        (ids.len() == output.len() + end.ids.len()
+            && ids.starts_with(output)
+            && ids.ends_with(&end.ids))
+        .then(|| end.ids.clone())
     }
 
     fn publish_kv_gauges(&mut self) {
@@ -517,7 +641,8 @@ impl Engine {
     fn publish_gauges(&mut self) {
         self.publish_kv_gauges();
         let m = &self.shared.metrics;
-        m.num_requests_running.set(self.sched.num_running() as i64);
+        let running = self.sched.running().filter(|s| !s.is_closing());
+        m.num_requests_running.set(running.count() as i64);
         m.num_requests_waiting.set(self.sched.num_waiting() as i64);
         let st = self.sched.cache().stats();
         m.prefix_cache_queries
@@ -536,7 +661,14 @@ impl Engine {
             n.join(",")
         };
         let labels = crate::metrics::LoraInfoLabels {
-            running_lora_adapters: names(&mut self.sched.running().map(|s| s.id())).into(),
+            running_lora_adapters: names(
+                &mut self
+                    .sched
+                    .running()
+                    .filter(|s| !s.is_closing())
+                    .map(|s| s.id()),
+            )
+            .into(),
             waiting_lora_adapters: names(&mut self.sched.waiting().map(|s| s.id())).into(),
             max_lora: "0".into(),
         };

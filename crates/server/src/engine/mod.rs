@@ -26,6 +26,10 @@ use seq::Seq;
 /// calls under load slower (BENCHMARKS.md, "Scheduling").
 pub const DEFAULT_LONG_PREFILL_TOKENS: usize = 2048;
 
+/// `EngineConfig::close_turn_grace` by default, in milliseconds: longer than a client takes to
+/// send its next request after a response (a few ms over loopback, tens from Python).
+pub const DEFAULT_CLOSE_TURN_GRACE_MS: u64 = 50;
+
 /// Scheduler and cache limits.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -44,6 +48,10 @@ pub struct EngineConfig {
     pub max_queue_requests: usize,
     /// Bound on prompt tokens of waiting requests.
     pub max_queue_tokens: usize,
+    /// How long a finished reply's turn end waits, when nothing else runs, before it is
+    /// computed ahead (`HttpConfig::close_turns`): a request arriving within it drops the turn
+    /// end instead, so a call sent right after the reply never waits behind that step.
+    pub close_turn_grace: std::time::Duration,
 }
 
 impl Default for EngineConfig {
@@ -57,6 +65,7 @@ impl Default for EngineConfig {
             long_prefill_token_threshold: DEFAULT_LONG_PREFILL_TOKENS,
             max_queue_requests: 256,
             max_queue_tokens: 1 << 20,
+            close_turn_grace: std::time::Duration::from_millis(DEFAULT_CLOSE_TURN_GRACE_MS),
         }
     }
 }

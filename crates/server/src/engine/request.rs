@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use alora_cache::RequestKey;
+use alora_model::text::prompt::TurnEnd;
 use alora_model::{LoraAdapter, SamplingParams};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -24,6 +25,8 @@ pub struct GenRequest {
     pub stop: Vec<String>,
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
+    /// Tokens generated before EOS, a stop id or a stop string may end the output.
+    pub min_tokens: usize,
     /// Keep special tokens' text in the output (`skip_special_tokens: false`).
     pub keep_special_tokens: bool,
     /// Keep a matched stop string in the output (`include_stop_str_in_output`).
@@ -33,6 +36,10 @@ pub struct GenRequest {
     /// What decides this prompt's KV besides its ids (adapter digest, activation start, salt),
     /// computed once with the prompt (`openai::validate`).
     pub cache_key: RequestKey,
+    /// A chat reply's turn end (the template's text after the reply's content, and its ids):
+    /// when the reply finishes and the conversation sent back would render as prompt, reply,
+    /// turn end, the engine computes the turn end's K/V ahead (`HttpConfig::close_turns`).
+    pub turn_end: Option<Arc<TurnEnd>>,
 }
 
 /// Why a sequence finished: the model crate's one finish reason (`alora_model::OutputStream`

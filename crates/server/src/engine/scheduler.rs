@@ -62,6 +62,9 @@ pub(crate) struct SchedSeq {
     /// While waiting: tokens its first prefix-cache lookup found, which classifies it as short
     /// or long (admission looks up again).
     cached_hint: Option<usize>,
+    /// Finished; computing its turn end ahead ([`Scheduler::close`]): lowest priority, never
+    /// preempts and is dropped rather than preempted.
+    closing: bool,
 }
 
 impl SchedSeq {
@@ -71,6 +74,11 @@ impl SchedSeq {
 
     pub fn tokens(&self) -> &[u32] {
         &self.tokens
+    }
+
+    /// Computing its turn end ahead ([`Scheduler::close`]).
+    pub fn is_closing(&self) -> bool {
+        self.closing
     }
 
     /// The block table; empty while waiting.
@@ -110,6 +118,8 @@ pub(crate) struct SchedulerOutput {
     /// K/V rows admitted sequences take from partial prefix hits, by sequence id: the runner
     /// copies them, in this order, before the step's forward.
     pub copies: Vec<(u64, BlockCopy)>,
+    /// Closing sequences given up for blocks that others need: removed, their blocks freed.
+    pub dropped: Vec<u64>,
 }
 
 impl SchedulerOutput {
@@ -154,6 +164,7 @@ impl Scheduler {
             admitted: false,
             reuse_prefix,
             cached_hint: None,
+            closing: false,
         });
     }
 
@@ -173,12 +184,38 @@ impl Scheduler {
         self.waiting.iter()
     }
 
+    #[cfg(test)]
     pub fn num_running(&self) -> usize {
         self.running.len()
     }
 
     pub fn num_waiting(&self) -> usize {
         self.waiting.len()
+    }
+
+    /// Running sequences that hold a seat (`max_num_seqs`): closing ones do not.
+    fn seats_taken(&self) -> usize {
+        self.running.iter().filter(|s| !s.closing).count()
+    }
+
+    /// Nothing but closing sequences to run.
+    pub fn only_closing(&self) -> bool {
+        self.waiting.is_empty()
+            && !self.running.is_empty()
+            && self.running.iter().all(|s| s.closing)
+    }
+
+    /// Running sequence `id` finished: its `turn_end` tokens are appended and computed in a
+    /// later step, after which the engine removes it. Until then it holds its blocks, takes
+    /// no seat, never preempts and is dropped ([`SchedulerOutput::dropped`]) where it would be
+    /// preempted or would have to preempt. False if `id` is not running.
+    pub fn close(&mut self, id: u64, turn_end: &[u32]) -> bool {
+        let Some(s) = self.running.iter_mut().find(|s| s.id == id) else {
+            return false;
+        };
+        s.tokens.extend_from_slice(turn_end);
+        s.closing = true;
+        true
     }
 
     /// The running sequence `id`.
@@ -293,16 +330,29 @@ impl Scheduler {
                     i += 1;
                     break;
                 }
+                if s.closing {
+                    // A turn end is computed ahead only with blocks to spare.
+                    let s = self.running.remove(i);
+                    out.dropped.push(s.id);
+                    self.drop_seq(s);
+                    break;
+                }
                 if long_share.is_some() && !out.scheduled.is_empty() {
                     i += 1; // waits for blocks the running ones will free
                     break;
                 }
-                // Out of blocks: recompute the most recently admitted sequence later. The
-                // victims come from the end, past `i`: none is scheduled yet this step.
+                // Out of blocks: recompute the most recently admitted sequence later (a
+                // closing one is dropped instead). The victims come from the end, past `i`:
+                // none is scheduled yet this step.
                 let victim = self.running.pop().expect("running is not empty");
                 let is_self = self.running.len() == i;
-                out.preempted.push(victim.id);
-                self.preempt(victim);
+                if victim.closing {
+                    out.dropped.push(victim.id);
+                    self.drop_seq(victim);
+                } else {
+                    out.preempted.push(victim.id);
+                    self.preempt(victim);
+                }
                 if is_self {
                     break;
                 }
@@ -321,7 +371,7 @@ impl Scheduler {
     ) {
         let threshold = self.cfg.long_prefill_token_threshold.max(1);
         let mut i = 0;
-        while *budget > 0 && self.running.len() < self.cfg.max_num_seqs && i < self.waiting.len() {
+        while *budget > 0 && self.seats_taken() < self.cfg.max_num_seqs && i < self.waiting.len() {
             let s = &mut self.waiting[i];
             let hint = Self::hint(&mut self.cache, s);
             if (s.tokens.len() - hint.min(s.tokens.len()) > threshold) != long {
@@ -375,6 +425,13 @@ impl Scheduler {
                 *long_share = long_share.saturating_sub(n);
             }
             self.running.push(s);
+        }
+    }
+
+    fn drop_seq(&mut self, s: SchedSeq) {
+        tracing::debug!(seq = s.id, "turn end dropped");
+        if let Some(b) = s.blocks {
+            self.cache.free(b);
         }
     }
 
@@ -532,6 +589,79 @@ mod tests {
         assert_eq!(s.seq(2).unwrap().tokens().len(), 11);
         s.remove(1);
         s.remove(2);
+        assert_no_blocks_held(&mut s);
+    }
+
+    #[test]
+    fn a_closing_turn_runs_its_turn_end_without_a_seat_and_leaves_it_cached() {
+        let mut s = scheduler(64, 1, 100);
+        s.add(1, prompt(6, 1), RequestKey::base());
+        s.add(2, prompt(5, 2), RequestKey::base());
+        let out = s.schedule();
+        assert_eq!(plan(&out), vec![(1, 0, 6)], "one seat");
+        run(&mut s, &out);
+        // 1 finished on an EOS (not appended) after sampling its first token: the turn end
+        // [90, 91] follows the token computed last step.
+        assert!(s.close(1, &[90, 91]));
+        assert!(!s.close(7, &[90]), "not running");
+        let out = s.schedule();
+        assert_eq!(plan(&out), vec![(1, 6, 3), (2, 0, 5)], "2 takes the seat");
+        assert!(out.scheduled[0].samples);
+        s.computed(&out); // the engine samples nothing for a closing turn
+        let mut convo = s.seq(1).unwrap().tokens().to_vec();
+        assert_eq!(convo[6..], [1001, 90, 91]);
+        s.remove(1);
+        // The conversation sent back finds every row of the closed turn.
+        convo.extend([20, 21]);
+        s.add(3, convo, RequestKey::base());
+        s.remove(2);
+        let out = s.schedule();
+        assert_eq!(out.admitted[0].cached_tokens, 9);
+        run(&mut s, &out);
+        s.remove(3);
+        assert_no_blocks_held(&mut s);
+    }
+
+    #[test]
+    fn a_closing_turn_is_dropped_rather_than_preempting_or_being_preempted() {
+        // 4 blocks of 4: 1 (8 tokens) and 2 (7 tokens) hold two blocks each.
+        let mut s = scheduler(4, 8, 100);
+        s.add(1, prompt(8, 1), RequestKey::base());
+        s.add(2, prompt(7, 2), RequestKey::base());
+        let out = s.schedule();
+        run(&mut s, &out);
+        // 1 closes with 2 turn-end tokens (needs a third block); 2 decodes into its own.
+        assert!(s.close(1, &[90, 91]));
+        let out = s.schedule();
+        assert_eq!(
+            out.dropped,
+            vec![1],
+            "no block to spare: the turn end is given up"
+        );
+        assert!(out.preempted.is_empty());
+        assert_eq!(plan(&out), vec![(2, 7, 1)]);
+        run(&mut s, &out);
+        assert!(s.seq(1).is_none());
+        s.remove(2);
+        assert_no_blocks_held(&mut s);
+
+        // Again, the other way round: 2 closes, 1 decodes and needs the last free block.
+        s.add(3, prompt(8, 3), RequestKey::base());
+        s.add(4, prompt(7, 4), RequestKey::base());
+        let out = s.schedule();
+        run(&mut s, &out);
+        assert!(s.close(4, &[90]));
+        let out = s.schedule();
+        assert_eq!(
+            out.dropped,
+            vec![4],
+            "the victim is closing: dropped, not preempted"
+        );
+        assert!(out.preempted.is_empty());
+        assert_eq!(plan(&out), vec![(3, 8, 1)]);
+        run(&mut s, &out);
+        assert_eq!(s.num_waiting(), 0);
+        s.remove(3);
         assert_no_blocks_held(&mut s);
     }
 

@@ -2,9 +2,11 @@
 //! (adapter), sampled (sampler) and streamed (output state, client channel, timings). Its
 //! tokens and blocks live in the scheduler under the same id.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use alora_cache::RequestKey;
+use alora_model::text::prompt::TurnEnd;
 use alora_model::{ActiveAdapter, OutputLimits, OutputStream, Sampler};
 
 use super::request::{EventTx, GenRequest, TokenEvent};
@@ -37,6 +39,8 @@ pub(crate) struct Seq {
     pub cached_tokens: Option<usize>,
     /// Still counted against the waiting-queue bound (until first admission).
     pub queued: bool,
+    /// The reply's turn end, to compute ahead when it finishes (`GenRequest::turn_end`).
+    pub turn_end: Option<Arc<TurnEnd>>,
 }
 
 impl Seq {
@@ -67,6 +71,7 @@ impl Seq {
                 stop: req.stop,
                 stop_token_ids: req.stop_token_ids,
                 ignore_eos: req.ignore_eos,
+                min_tokens: req.min_tokens,
                 keep_special_tokens: req.keep_special_tokens,
                 include_stop_str: req.include_stop_str,
             },
@@ -90,6 +95,7 @@ impl Seq {
             last_token_at: None,
             cached_tokens: None,
             queued: true,
+            turn_end: req.turn_end,
         }
     }
 

@@ -90,7 +90,6 @@ fn refusal(key: &str, v: &Value) -> Option<String> {
         "function_call" => Some(format!(
             "`function_call` {v} is OpenAI's deprecated form of `tool_choice`; send `tool_choice`"
         )),
-        "min_tokens" if v.as_u64() == Some(0) => None,
         "echo" | "use_beam_search" | "return_tokens_as_token_ids" if v == &Value::Bool(false) => {
             None
         }
@@ -98,8 +97,7 @@ fn refusal(key: &str, v: &Value) -> Option<String> {
         "length_penalty" if v.as_f64() == Some(1.0) => None,
         "allowed_token_ids" | "bad_words" | "logits_processors" if empty() => None,
         "modalities" if v.as_array().is_some_and(|a| a.iter().all(|m| m == "text")) => None,
-        "min_tokens"
-        | "echo"
+        "echo"
         | "use_beam_search"
         | "return_tokens_as_token_ids"
         | "spaces_between_special_tokens"
@@ -248,7 +246,6 @@ mod tests {
             (json!({"guided_json": {}}), "guided_json"),
             (json!({"tools": [{"type": "function"}]}), "tools"),
             (json!({"tool_choice": "required"}), "tool_choice"),
-            (json!({"min_tokens": 3}), "min_tokens"),
             (json!({"functions": [{"name": "f"}]}), "functions"),
         ] {
             let (r, _, _) = run(false, body.clone());

@@ -64,6 +64,8 @@ pub struct Sampling {
     pub logit_bias: Option<HashMap<String, f32>>,
     pub n: Option<i64>,
     pub ignore_eos: Option<bool>,
+    /// Tokens to generate before EOS, a stop id or a stop string may end the output (vLLM).
+    pub min_tokens: Option<i64>,
     pub skip_special_tokens: Option<bool>,
     pub include_stop_str_in_output: Option<bool>,
 }
@@ -115,6 +117,7 @@ pub const CHAT_FIELDS: &[&str] = &[
     "logit_bias",
     "n",
     "ignore_eos",
+    "min_tokens",
     "skip_special_tokens",
     "include_stop_str_in_output",
     "logprobs",
@@ -153,6 +156,7 @@ pub const COMPLETION_FIELDS: &[&str] = &[
     "logit_bias",
     "n",
     "ignore_eos",
+    "min_tokens",
     "skip_special_tokens",
     "include_stop_str_in_output",
     "logprobs",

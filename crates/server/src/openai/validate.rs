@@ -240,6 +240,15 @@ pub fn chat(
     if state.config.log_prompts {
         tracing::info!(prompt = %text, "chat prompt");
     }
+    // A base or LoRA reply that the client may send back: the engine can compute the
+    // template's turn end ahead when it finishes. Not for an aLoRA (an intrinsic's answer is
+    // not continued) nor with tools (a call comes back as `tool_calls`, rendered otherwise).
+    let turn_end = match (kind, &tools) {
+        (PromptAdapter::Base | PromptAdapter::Lora, None) if state.config.close_turns => {
+            prompt::turn_end(&info.template, &info.tokenizer, &messages, &opts, &text).map(Arc::new)
+        }
+        _ => None,
+    };
     let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
         (false, Some(_)) => {
             return Err(ApiError::invalid(
@@ -277,7 +286,9 @@ pub fn chat(
         info.max_model_len,
         1,
     )?;
-    let request = gen.request(prompt, adapter, max_tokens, req.cache_salt);
+    gen.check_min_tokens(max_tokens, param)?;
+    let mut request = gen.request(prompt, adapter, max_tokens, req.cache_salt);
+    request.turn_end = turn_end;
     Ok(Validated {
         model_name,
         prompts: vec![ValidPrompt {
@@ -354,6 +365,7 @@ pub fn completion(
             info.max_model_len,
             if req.echo { 0 } else { 1 },
         )?;
+        gen.check_min_tokens(max_tokens, "max_tokens")?;
         let mut request = gen.request(p, adapter.clone(), max_tokens, req.cache_salt.clone());
         // `echo` with `logprobs`: the prompt tokens are scored too (the first has none).
         request.prompt_logprobs = logprobs.filter(|_| req.echo);
@@ -638,6 +650,7 @@ struct Generation {
     stop_token_ids: Vec<u32>,
     n: usize,
     ignore_eos: bool,
+    min_tokens: usize,
     keep_special_tokens: bool,
     include_stop_str: bool,
     /// The compiled structured output, copied into each choice.
@@ -645,6 +658,21 @@ struct Generation {
 }
 
 impl Generation {
+    /// `min_tokens` against the output limit the request ends up with (`param`, or the rest
+    /// of the context when the client set none).
+    fn check_min_tokens(&self, max_tokens: usize, param: &str) -> Result<(), ApiError> {
+        if self.min_tokens <= max_tokens {
+            return Ok(());
+        }
+        Err(ApiError::invalid(
+            "min_tokens",
+            format!(
+                "`min_tokens` must be <= `{param}` ({max_tokens}, or what the context leaves), got {}",
+                self.min_tokens
+            ),
+        ))
+    }
+
     fn request(
         &self,
         prompt: prompt::Prompt,
@@ -664,9 +692,11 @@ impl Generation {
             stop: self.stop.clone(),
             stop_token_ids: self.stop_token_ids.clone(),
             ignore_eos: self.ignore_eos,
+            min_tokens: self.min_tokens,
             keep_special_tokens: self.keep_special_tokens,
             include_stop_str: self.include_stop_str,
             constraint: self.constraint.clone(),
+            turn_end: None,
         }
     }
 }
@@ -763,6 +793,15 @@ fn sampling(s: &Sampling, logprobs: Option<usize>, vocab: usize) -> Result<Gener
         }
         x => x.map(|x| x as u64),
     };
+    let min_tokens = match s.min_tokens.unwrap_or(0) {
+        m if m < 0 => {
+            return Err(ApiError::invalid(
+                "min_tokens",
+                format!("`min_tokens` must be >= 0, got {m}"),
+            ))
+        }
+        m => m as usize,
+    };
     let stop = s.stop.clone().map(|x| x.into_vec()).unwrap_or_default();
     if stop.len() > MAX_STOP {
         return Err(ApiError::invalid(
@@ -815,6 +854,7 @@ fn sampling(s: &Sampling, logprobs: Option<usize>, vocab: usize) -> Result<Gener
         stop_token_ids,
         n: n as usize,
         ignore_eos: s.ignore_eos.unwrap_or(false),
+        min_tokens,
         keep_special_tokens: !s.skip_special_tokens.unwrap_or(true),
         include_stop_str: s.include_stop_str_in_output.unwrap_or(false),
         constraint: None,

@@ -214,6 +214,21 @@ impl Server {
             })
             .unwrap_or_else(|| panic!("metric {name} missing"))
     }
+
+    /// KV blocks in use once the engine has settled: a finished chat reply may still be
+    /// computing its turn end ahead (one step after its response), so this waits up to 5 s
+    /// for the gauge to reach 0 and returns what it last read.
+    pub async fn blocks_in_use_settled(&self) -> f64 {
+        let mut in_use = f64::NAN;
+        for _ in 0..200 {
+            in_use = self.metric("alora:kv_blocks_in_use").await;
+            if in_use == 0.0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        in_use
+    }
 }
 
 pub fn user(text: &str) -> serde_json::Value {
