@@ -1,4 +1,4 @@
-//! Causal attention for prefill chunks on AVX-512 CPUs, flash-style: K and V are read from
+//! Causal attention for prefill chunks on AVX-512 and AVX2 CPUs, flash-style: K and V are read from
 //! the KV pools through each sequence's slots, in tiles of [`KT`] keys, and the softmax is
 //! computed online (running max and sum per query row), so no score matrix over the whole
 //! context is built and no key past a row's position is computed.
@@ -18,7 +18,10 @@
 //!     O [rows][d] = O e^(m - m') + P^T V            6 rows x d in registers, V rows in place
 //! ```
 //!
-//! and at the end O / l. [`crate::attention::reference`] is its reference in the tests here
+//! and at the end O / l. On AVX2-only CPUs the same item runs with 8-lane registers: the
+//! gemm's AVX2 tile (6 keys x 32 rows), tiles of `KT_AVX2` = 48 keys, the softmax down
+//! columns of 8 rows (blends for the masks), P V in 6-row x 16-column register blocks.
+//! [`crate::attention::reference`] is its reference in the tests here
 //! (the model crate's golden tests also run it against PEFT's logits). Decode-like steps use
 //! [`crate::paged`], which spreads few query rows over the threads differently.
 
@@ -26,6 +29,7 @@ use rayon::prelude::*;
 
 use crate::attention::{AttnBatch, Shape};
 use crate::error::{KernelError, Result};
+use crate::isa::Isa;
 use crate::kv::KvPool;
 use crate::simd::SendPtr;
 
@@ -35,12 +39,16 @@ const QB: usize = 32;
 const MR: usize = crate::gemm::MR;
 /// Keys per tile: four register tiles (56).
 pub const KT: usize = 4 * MR;
+/// The same on AVX2: the gemm's 6-row tile, eight of them per tile of keys (48).
+const MR_AVX2: usize = crate::gemm::MR_AVX2;
+/// Keys per tile on AVX2.
+pub const KT_AVX2: usize = 8 * MR_AVX2;
 /// Query rows per register strip (the gemm's NR).
 const NR: usize = 32;
 
-/// Whether this CPU and head size run the kernel.
+/// Whether this CPU and head size run the kernel (AVX2 or AVX-512).
 pub fn available(head_dim: usize) -> bool {
-    crate::isa::Isa::has_avx512() && matches!(head_dim, 16 | 32 | 64 | 128)
+    Isa::has_avx2() && matches!(head_dim, 16 | 32 | 64 | 128)
 }
 
 /// One work item: query positions `j0 .. j0 + len` of a sequence, one KV head.
@@ -98,13 +106,27 @@ fn attention_f32(
     b: &AttnBatch<'_>,
     sh: &Shape,
 ) -> Result<Vec<f32>> {
+    attention_isa(q, k_pool, v_pool, b, sh, Isa::get())
+}
+
+/// The attention with the kernel of `isa` (at most this CPU's level; AVX2 or AVX-512).
+fn attention_isa(
+    q: &[f32],
+    k_pool: &[f32],
+    v_pool: &[f32],
+    b: &AttnBatch<'_>,
+    sh: &Shape,
+    isa: Isa,
+) -> Result<Vec<f32>> {
     b.check(q, k_pool, v_pool, sh)?;
     let (nh, kvh, d) = (sh.num_heads, sh.num_kv_heads, sh.head_dim);
-    if !available(d) {
+    if !available(d) || isa < Isa::Avx2 || isa > Isa::get() {
         return Err(KernelError::Shape(format!(
-            "flash attention: needs AVX-512 and head_dim 16, 32, 64 or 128 (head_dim {d})"
+            "flash attention: needs AVX2 and head_dim 16, 32, 64 or 128 (head_dim {d})"
         )));
     }
+    // Keys per register tile of this kernel: the packing groups keys by it.
+    let mr = if isa == Isa::Avx512 { MR } else { MR_AVX2 };
     let (seqlens_q, seqlens_k) = (b.seqlens_q(), b.seqlens_k());
     let n = b.num_tokens();
     let mut items = Vec::new();
@@ -137,11 +159,11 @@ fn attention_f32(
     for &nk in seqlens_k {
         for _ in 0..kvh {
             kp_at.push(total);
-            total += nk.div_ceil(MR) * MR * d;
+            total += nk.div_ceil(mr) * mr * d;
         }
     }
     let mut kp = vec![0f32; total];
-    pack_keys(&mut kp, k_pool, slots, seqlens_k, kvh, d);
+    pack_keys(&mut kp, k_pool, slots, seqlens_k, kvh, d, mr);
     let geo = Geometry {
         q,
         kp: &kp,
@@ -154,15 +176,20 @@ fn attention_f32(
     };
     #[cfg(target_arch = "x86_64")]
     items.par_iter().for_each_init(Scratch::default, |s, it| {
-        // SAFETY: `available(d)` was checked (AVX-512, this head size); `AttnBatch::check`
-        // put the slots inside the pools and sized q; item rows (token, head) are disjoint,
-        // so no two tasks write the same output row.
+        // SAFETY: the CPU has `isa` and the head size has a kernel (checked above);
+        // `AttnBatch::check` put the slots inside the pools and sized q; the keys are packed
+        // in groups of this kernel's tile; item rows (token, head) are disjoint, so no two
+        // tasks write the same output row.
         unsafe {
-            match d {
-                16 => avx512::item::<1>(&geo, it, s, dst.get()),
-                32 => avx512::item::<2>(&geo, it, s, dst.get()),
-                64 => avx512::item::<4>(&geo, it, s, dst.get()),
-                _ => avx512::item::<8>(&geo, it, s, dst.get()),
+            match (isa, d) {
+                (Isa::Avx512, 16) => avx512::item::<1>(&geo, it, s, dst.get()),
+                (Isa::Avx512, 32) => avx512::item::<2>(&geo, it, s, dst.get()),
+                (Isa::Avx512, 64) => avx512::item::<4>(&geo, it, s, dst.get()),
+                (Isa::Avx512, _) => avx512::item::<8>(&geo, it, s, dst.get()),
+                (_, 16) => avx2::item::<1>(&geo, it, s, dst.get()),
+                (_, 32) => avx2::item::<2>(&geo, it, s, dst.get()),
+                (_, 64) => avx2::item::<4>(&geo, it, s, dst.get()),
+                _ => avx2::item::<8>(&geo, it, s, dst.get()),
             }
         }
     });
@@ -171,7 +198,7 @@ fn attention_f32(
     Ok(out)
 }
 
-/// Each (sequence, KV head)'s keys in groups of `MR`, each group [d][MR] (key-minor, zero
+/// Each (sequence, KV head)'s keys in groups of `mr`, each group [d][mr] (key-minor, zero
 /// past the last key): the x-side packing of the gemm's register tile.
 fn pack_keys(
     kp: &mut [f32],
@@ -180,13 +207,14 @@ fn pack_keys(
     seqlens_k: &[usize],
     kv_heads: usize,
     d: usize,
+    mr: usize,
 ) {
     let mut jobs = Vec::with_capacity(seqlens_k.len() * kv_heads);
     let mut rest = kp;
     let mut k0 = 0;
     for &nk in seqlens_k {
         for h in 0..kv_heads {
-            let (mine, tail) = rest.split_at_mut(nk.div_ceil(MR) * MR * d);
+            let (mine, tail) = rest.split_at_mut(nk.div_ceil(mr) * mr * d);
             rest = tail;
             jobs.push((mine, &slots[k0..k0 + nk], h));
         }
@@ -195,9 +223,9 @@ fn pack_keys(
     jobs.into_par_iter().for_each(|(dst, keys, h)| {
         for (t, &slot) in keys.iter().enumerate() {
             let row = &k[(slot as usize * kv_heads + h) * d..][..d];
-            let group = &mut dst[t / MR * MR * d..][..MR * d];
+            let group = &mut dst[t / mr * mr * d..][..mr * d];
             for (c, &x) in row.iter().enumerate() {
-                group[c * MR + t % MR] = x;
+                group[c * mr + t % mr] = x;
             }
         }
     });
@@ -432,43 +460,273 @@ mod avx512 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{Geometry, Item, Scratch, KT_AVX2 as KT, MR_AVX2 as MR, NR};
+    use crate::gemm::avx2::{tile, transpose_into};
+    use crate::simd::x86::exp8;
+
+    /// Rows per P V register block: 6 rows x 16 columns in 12 accumulators, two V registers
+    /// and a broadcast (15 of the 16 ymm registers).
+    const PV_ROWS: usize = 6;
+
+    /// `O[r][c0 .. c0 + 16] = O[r][..] * alpha[r] + sum_t P[t][r] V[t][c0 .. c0 + 16]` for `R`
+    /// rows (O rows of `ldo` floats); P is [t][ldp] (transposed scores).
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn pv<const R: usize>(
+        p: *const f32,
+        ldp: usize,
+        v: &[*const f32; KT],
+        kn: usize,
+        c0: usize,
+        o: *mut f32,
+        ldo: usize,
+        alpha: *const f32,
+    ) {
+        // SAFETY: the caller upholds this function's contract (the CPU has its target features;
+        // every pointer and index stays inside the buffers the caller passed, as it says at the call).
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            for (t, &vt) in v.iter().enumerate().take(kn) {
+                let v0 = _mm256_loadu_ps(vt.add(c0));
+                let v1 = _mm256_loadu_ps(vt.add(c0 + 8));
+                let pt = p.add(t * ldp);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let pr = _mm256_broadcast_ss(&*pt.add(r));
+                    acc[0] = _mm256_fmadd_ps(pr, v0, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(pr, v1, acc[1]);
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                let a = _mm256_broadcast_ss(&*alpha.add(r));
+                let orow = o.add(r * ldo + c0);
+                let old0 = _mm256_loadu_ps(orow);
+                let old1 = _mm256_loadu_ps(orow.add(8));
+                _mm256_storeu_ps(orow, _mm256_fmadd_ps(old0, a, acc[0]));
+                _mm256_storeu_ps(orow.add(8), _mm256_fmadd_ps(old1, a, acc[1]));
+            }
+        }
+    }
+
+    /// One item with head_dim = 16 * DV (the AVX-512 item's computation in 8 lanes).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn item<const DV: usize>(
+        g: &Geometry<'_>,
+        it: &Item,
+        s: &mut Scratch,
+        out: *mut f32,
+    ) {
+        // SAFETY: the caller upholds this function's contract (the CPU has its target features;
+        // every pointer and index stays inside the buffers the caller passed, as it says at the call).
+        unsafe {
+            let d = 16 * DV;
+            let group = g.heads / g.kv_heads;
+            let rows = it.len * group;
+            let strips = rows.div_ceil(NR);
+            let rp = strips * NR;
+            // Row r is position j0 + r / group of the block, query head head * group + r % group.
+            let q_row = |r: usize| {
+                let tok = it.q0 + it.j0 + r / group;
+                (tok * g.heads + it.head * group + r % group) * d
+            };
+            s.qbuf.clear();
+            s.qbuf.resize(rp * d, 0.0);
+            for r in 0..rows {
+                let src = &g.q[q_row(r)..][..d];
+                for (o, &x) in s.qbuf[r * d..(r + 1) * d].iter_mut().zip(src) {
+                    *o = x * g.scale;
+                }
+            }
+            let qt = crate::gemm::aligned(&mut s.qt, strips * d * NR);
+            for st in 0..strips {
+                let live = NR.min(rows - st * NR);
+                transpose_into(
+                    &s.qbuf[st * NR * d..],
+                    d,
+                    0,
+                    live,
+                    d,
+                    &mut qt[st * d * NR..(st + 1) * d * NR],
+                );
+            }
+            let qt = qt.as_ptr();
+            s.o.clear();
+            s.o.resize(rp * d, 0.0);
+            let m = crate::gemm::aligned(&mut s.m, rp).as_mut_ptr();
+            let l = crate::gemm::aligned(&mut s.l, rp).as_mut_ptr();
+            let alpha = crate::gemm::aligned(&mut s.alpha, rp).as_mut_ptr();
+            for r in 0..rp {
+                *m.add(r) = f32::NEG_INFINITY;
+                *l.add(r) = 0.0;
+            }
+            let st_buf = crate::gemm::aligned(&mut s.s, KT * rp).as_mut_ptr();
+            let kp = g.kp.as_ptr().add(g.kp_at[it.seq * g.kv_heads + it.head]);
+            let slots = &g.slots[it.k0..];
+            let first_pos = it.start + it.j0;
+            // Keys the block's last row sees.
+            let kend = first_pos + it.len;
+            // Per 8-row column: each row's position (-1 past the last row: sees nothing).
+            let pos: Vec<__m256i> = (0..rp / 8)
+                .map(|c| {
+                    let mut p = [-1i32; 8];
+                    for (i, p) in p.iter_mut().enumerate() {
+                        let r = c * 8 + i;
+                        if r < rows {
+                            *p = (first_pos + r / group) as i32;
+                        }
+                    }
+                    _mm256_loadu_si256(p.as_ptr().cast())
+                })
+                .collect();
+            let mut vptr = [std::ptr::null::<f32>(); KT];
+            for t0 in (0..kend).step_by(KT) {
+                let kn = KT.min(kend - t0);
+                for (t, v) in vptr.iter_mut().enumerate().take(kn) {
+                    *v =
+                        g.v.as_ptr()
+                            .add((slots[t0 + t] as usize * g.kv_heads + it.head) * d);
+                }
+                // S^T [kn][rp]: 6 keys x 32 rows per register tile.
+                for k0 in (0..kn).step_by(MR) {
+                    let xk = kp.add((t0 + k0) * d);
+                    for st in 0..strips {
+                        tile(
+                            MR.min(kn - k0),
+                            xk,
+                            qt.add(st * d * NR),
+                            d,
+                            st_buf.add(k0 * rp + st * NR),
+                            rp,
+                            NR,
+                            false,
+                        );
+                    }
+                }
+                // Online softmax down each column of 8 rows; key t is visible to a row when
+                // its position is >= t, i.e. > t - 1.
+                let one = _mm256_set1_ps(1.0);
+                for (c, &pos) in pos.iter().enumerate() {
+                    let col = st_buf.add(c * 8);
+                    let vis = |t: usize| {
+                        _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+                            pos,
+                            _mm256_set1_epi32((t0 + t) as i32 - 1),
+                        ))
+                    };
+                    let mut mx = _mm256_set1_ps(f32::NEG_INFINITY);
+                    for t in 0..kn {
+                        let x = _mm256_loadu_ps(col.add(t * rp));
+                        mx = _mm256_blendv_ps(mx, _mm256_max_ps(mx, x), vis(t));
+                    }
+                    let m_old = _mm256_loadu_ps(m.add(c * 8));
+                    let m_new = _mm256_max_ps(m_old, mx);
+                    let mut sum = _mm256_setzero_ps();
+                    for t in 0..kn {
+                        let x = _mm256_sub_ps(_mm256_loadu_ps(col.add(t * rp)), m_new);
+                        let p = _mm256_and_ps(exp8(x), vis(t));
+                        _mm256_storeu_ps(col.add(t * rp), p);
+                        sum = _mm256_add_ps(sum, p);
+                    }
+                    // e^(m - m'): ~0 on a row's first visible tile (m = -inf; exp8 clamps to
+                    // e^-87, and O and l are 0 there), 1 where this tile had nothing visible
+                    // (which also covers -inf - -inf on rows that see nothing).
+                    let a = exp8(_mm256_sub_ps(m_old, m_new));
+                    let a = _mm256_blendv_ps(a, one, _mm256_cmp_ps::<_CMP_EQ_OQ>(m_old, m_new));
+                    _mm256_storeu_ps(alpha.add(c * 8), a);
+                    let l_old = _mm256_loadu_ps(l.add(c * 8));
+                    _mm256_storeu_ps(l.add(c * 8), _mm256_fmadd_ps(l_old, a, sum));
+                    _mm256_storeu_ps(m.add(c * 8), m_new);
+                }
+                let mut r0 = 0;
+                while r0 < rows {
+                    let n = PV_ROWS.min(rows - r0);
+                    let (p, o, a) = (st_buf.add(r0), s.o.as_mut_ptr().add(r0 * d), alpha.add(r0));
+                    for c0 in (0..d).step_by(16) {
+                        match n {
+                            6 => pv::<6>(p, rp, &vptr, kn, c0, o, d, a),
+                            5 => pv::<5>(p, rp, &vptr, kn, c0, o, d, a),
+                            4 => pv::<4>(p, rp, &vptr, kn, c0, o, d, a),
+                            3 => pv::<3>(p, rp, &vptr, kn, c0, o, d, a),
+                            2 => pv::<2>(p, rp, &vptr, kn, c0, o, d, a),
+                            _ => pv::<1>(p, rp, &vptr, kn, c0, o, d, a),
+                        }
+                    }
+                    r0 += n;
+                }
+            }
+            for r in 0..rows {
+                let inv = _mm256_set1_ps(1.0 / *l.add(r));
+                let dst = out.add(q_row(r));
+                for c in 0..2 * DV {
+                    let x = _mm256_loadu_ps(s.o.as_ptr().add(r * d + 8 * c));
+                    _mm256_storeu_ps(dst.add(8 * c), _mm256_mul_ps(x, inv));
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::attention::{reference, testing};
     use crate::Isa;
 
-    /// Every supported head size against the f64 reference: several sequences, chunks that
-    /// start after cached keys, lengths that are not multiples of the item (32) or the tile
-    /// (56), one token, grouped heads.
+    /// The kernels this CPU runs (each test checks every one of them).
+    fn kernels() -> Vec<Isa> {
+        [Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|&l| Isa::test_has(l))
+            .collect()
+    }
+
+    /// Every kernel and supported head size against the f64 reference: several sequences,
+    /// chunks that start after cached keys, lengths that are not multiples of the item (32)
+    /// or of either kernel's tile (56, 48), one token, grouped heads; f16 pools.
     #[test]
     fn matches_reference() {
-        if !Isa::test_has(Isa::Avx512) {
+        let seqs: &[(usize, usize)] = &[(45, 0), (1, 7), (70, 61), (3, 0), (33, 100)];
+        for isa in kernels() {
+            for (i, d) in [16, 32, 64, 128].into_iter().enumerate() {
+                let (nh, kvh) = (6, 2);
+                let c = testing::case(seqs, nh, kvh, d, 40 + i as u64);
+                let sh = Shape {
+                    num_heads: nh,
+                    num_kv_heads: kvh,
+                    head_dim: d,
+                    scale: 1.0 / (d as f32).sqrt(),
+                };
+                let b = c.batch();
+                let want = reference(&c.q, &c.k, &c.v, &b, &sh).unwrap();
+                let got = attention_isa(&c.q, &c.k, &c.v, &b, &sh, isa).unwrap();
+                testing::assert_close(&got, &want, 1e-5, &format!("flash {isa:?} d={d}"));
+            }
+        }
+        // f16 pools (this CPU's kernel): widened to f32 first, so equal to the reference on
+        // the rounded values.
+        if kernels().is_empty() {
             return;
         }
-        let seqs: &[(usize, usize)] = &[(45, 0), (1, 7), (70, 61), (3, 0)];
-        for (i, d) in [16, 32, 64, 128].into_iter().enumerate() {
-            let (nh, kvh) = (6, 2);
-            let c = testing::case(seqs, nh, kvh, d, 40 + i as u64);
-            let sh = Shape {
-                num_heads: nh,
-                num_kv_heads: kvh,
-                head_dim: d,
-                scale: 1.0 / (d as f32).sqrt(),
-            };
-            let b = c.batch();
-            let want = reference(&c.q, &c.k, &c.v, &b, &sh).unwrap();
-            let got = attention(&c.q, KvPool::F32(&c.k), KvPool::F32(&c.v), &b, &sh).unwrap();
-            testing::assert_close(&got, &want, 1e-5, &format!("flash d={d}"));
-            // f16 pools: widened to f32 first, so equal to the reference on the rounded values.
-            let kh: Vec<half::f16> = c.k.iter().map(|&x| half::f16::from_f32(x)).collect();
-            let vh: Vec<half::f16> = c.v.iter().map(|&x| half::f16::from_f32(x)).collect();
-            let kw: Vec<f32> = kh.iter().map(|x| x.to_f32()).collect();
-            let vw: Vec<f32> = vh.iter().map(|x| x.to_f32()).collect();
-            let want = reference(&c.q, &kw, &vw, &b, &sh).unwrap();
-            let got = attention(&c.q, KvPool::F16(&kh), KvPool::F16(&vh), &b, &sh).unwrap();
-            testing::assert_close(&got, &want, 1e-5, &format!("flash f16 d={d}"));
-        }
+        let (nh, kvh, d) = (6, 2, 64);
+        let c = testing::case(seqs, nh, kvh, d, 7);
+        let sh = Shape {
+            num_heads: nh,
+            num_kv_heads: kvh,
+            head_dim: d,
+            scale: 1.0 / (d as f32).sqrt(),
+        };
+        let b = c.batch();
+        let kh: Vec<half::f16> = c.k.iter().map(|&x| half::f16::from_f32(x)).collect();
+        let vh: Vec<half::f16> = c.v.iter().map(|&x| half::f16::from_f32(x)).collect();
+        let kw: Vec<f32> = kh.iter().map(|x| x.to_f32()).collect();
+        let vw: Vec<f32> = vh.iter().map(|x| x.to_f32()).collect();
+        let want = reference(&c.q, &kw, &vw, &b, &sh).unwrap();
+        let got = attention(&c.q, KvPool::F16(&kh), KvPool::F16(&vh), &b, &sh).unwrap();
+        testing::assert_close(&got, &want, 1e-5, "flash f16 pools");
     }
 
     #[test]

@@ -621,7 +621,7 @@ pub(crate) mod avx512 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     //! The 8-lane kernel: a tile is 6 rows x 16 columns (half a strip) in 12 accumulators,
     //! the strip's two halves one after the other; W is packed through 8 x 8 transposes.
 
@@ -669,25 +669,44 @@ mod avx2 {
             cols: usize,
             accumulate: bool,
         ) {
-            // SAFETY: as the trait says; each half reads its 16 lanes of every wp row and
-            // writes its columns of y.
-            unsafe {
-                for half in 0..2 {
-                    let live = cols.saturating_sub(16 * half).min(16);
-                    if live == 0 {
-                        continue;
-                    }
-                    let (wh, yh) = (wp.add(16 * half), y.add(16 * half));
-                    macro_rules! dispatch {
-                        ($($r:literal)*) => {
-                            match rows {
-                                $($r => half_r::<$r>(xp, wh, kc, yh, ldy, live, accumulate),)*
-                                _ => unreachable!("tile rows 1..={MR_AVX2}"),
-                            }
-                        };
-                    }
-                    dispatch!(1 2 3 4 5 6);
+            // SAFETY: as the trait says.
+            unsafe { tile(rows, xp, wp, kc, y, ldy, cols, accumulate) }
+        }
+    }
+
+    /// `rows` (1..=MR_AVX2) rows of output, columns `..cols` (<= 32) of a strip, from xp
+    /// [kc][MR_AVX2] and wp [kc][32]; adds to y when `accumulate` (a later k chunk). The strip's
+    /// two halves of 16 columns run one after the other.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn tile(
+        rows: usize,
+        xp: *const f32,
+        wp: *const f32,
+        kc: usize,
+        y: *mut f32,
+        ldy: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        // SAFETY: the caller upholds this function's contract; each half reads its 16 lanes
+        // of every wp row and writes its columns of y.
+        unsafe {
+            for half in 0..2 {
+                let live = cols.saturating_sub(16 * half).min(16);
+                if live == 0 {
+                    continue;
                 }
+                let (wh, yh) = (wp.add(16 * half), y.add(16 * half));
+                macro_rules! dispatch {
+                    ($($r:literal)*) => {
+                        match rows {
+                            $($r => half_r::<$r>(xp, wh, kc, yh, ldy, live, accumulate),)*
+                            _ => unreachable!("tile rows 1..={MR_AVX2}"),
+                        }
+                    };
+                }
+                dispatch!(1 2 3 4 5 6);
             }
         }
     }
@@ -771,7 +790,7 @@ mod avx2 {
     /// wp[kk][j] = src[j * stride + off + kk] for j < rows (<= 32), kk < kc; zero for
     /// j >= rows: per 8 rows, 8 columns at a time through `transpose8`.
     #[target_feature(enable = "avx2")]
-    unsafe fn transpose_into(
+    pub(crate) unsafe fn transpose_into(
         src: &[f32],
         stride: usize,
         off: usize,

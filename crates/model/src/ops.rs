@@ -113,7 +113,7 @@ pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 pub(crate) enum InPlace {
     /// `alora_kernels::paged` (decode-like steps).
     Paged,
-    /// `alora_kernels::flash` (prefill chunks; AVX-512).
+    /// `alora_kernels::flash` (prefill chunks; AVX2 / AVX-512).
     Flash,
 }
 

@@ -214,12 +214,12 @@ fn paged_attention_matches_peft() {
     full_prefill("granite", AttentionImpl::Paged, 256);
 }
 
-/// The AVX-512 flash kernel (what `Auto` runs for prefill chunks in f32 there); skipped on
-/// CPUs without it. The 50-token cases span two query blocks and two key tiles.
+/// The flash kernel (what `Auto` runs for prefill chunks in f32 on AVX2 / AVX-512 CPUs);
+/// skipped on CPUs without AVX2. The 50-token cases span two query blocks and two key tiles.
 #[test]
 fn flash_attention_matches_peft() {
     if !alora_model::model::flash_available(16) {
-        eprintln!("skipped: no AVX-512 on this CPU");
+        eprintln!("skipped: no AVX2 on this CPU");
         return;
     }
     full_prefill("llama", AttentionImpl::Flash, 256);

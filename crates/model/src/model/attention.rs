@@ -33,21 +33,21 @@ pub fn causal_mask(first: usize, rows: usize, keys: usize, device: &Device) -> R
 pub enum AttentionImpl {
     /// For decode-like steps (every sequence brings fewer than [`FLASH_MAX_QUERY`] tokens) on
     /// the CPU: the paged kernel for f32, candle's varlen flash kernel for f16. Other steps in
-    /// f32 on an AVX-512 CPU: alora's flash kernel (`flash.rs`). The matmul path otherwise.
+    /// f32 on an AVX2 or AVX-512 CPU: alora's flash kernel (`flash.rs`). The matmul path otherwise.
     Auto,
     /// Per-sequence matmul + mask + softmax: any device and dtype.
     Reference,
     /// The CPU paged kernel for every step (f32 activations on the CPU only; tests).
     Paged,
-    /// The CPU flash kernel for every step (f32 on AVX-512 CPUs, head_dim 16/32/64/128; tests).
+    /// The CPU flash kernel for every step (f32 on AVX2 / AVX-512 CPUs, head_dim 16/32/64/128; tests).
     Flash,
 }
 
 /// Longest per-sequence query chunk that still goes to the CPU flash kernel in `Auto` mode.
 pub const FLASH_MAX_QUERY: usize = 32;
 
-/// Whether [`AttentionImpl::Flash`] runs on this CPU for this head size (AVX-512; head_dim
-/// 16, 32, 64 or 128).
+/// Whether [`AttentionImpl::Flash`] runs on this CPU for this head size (AVX2 or AVX-512;
+/// head_dim 16, 32, 64 or 128).
 pub fn flash_available(head_dim: usize) -> bool {
     alora_kernels::flash::available(head_dim)
 }
@@ -57,7 +57,7 @@ pub fn flash_available(head_dim: usize) -> bool {
 pub(super) enum AttnPath {
     /// alora's paged kernel, reading K/V in place from the pools.
     Paged,
-    /// alora's flash kernel (AVX-512), reading K/V in place.
+    /// alora's flash kernel (AVX2 / AVX-512), reading K/V in place.
     Flash,
     /// candle's varlen flash kernel on gathered K/V (f16 decode on the CPU).
     CandleFlashF16,
@@ -85,7 +85,7 @@ impl AttnPath {
             AttentionImpl::Flash if flash_runs => AttnPath::Flash,
             AttentionImpl::Flash => {
                 return Err(ModelError::Batch(format!(
-                    "flash attention needs f32 on an AVX-512 CPU and head_dim 16, 32, 64 or 128 \
+                    "flash attention needs f32 on an AVX2 CPU and head_dim 16, 32, 64 or 128 \
                      (head_dim {head_dim})"
                 )))
             }
