@@ -46,7 +46,7 @@ impl Isa {
         Isa::get() >= Isa::Avx2
     }
 
-    /// AVX-512F (+ the AVX2 set) is there: the 16-lane gemm, flash attention and the row ops run.
+    /// AVX-512F (+ the AVX2 set) is there: the 16-lane kernels run.
     pub fn has_avx512() -> bool {
         Isa::get() >= Isa::Avx512
     }

@@ -1,6 +1,6 @@
 //! The per-token operations of a layer on f32 rows: the residual add fused with the RMS norm
-//! that follows it, RoPE, and the MLP's `silu(gate) * up`. AVX-512 where the CPU has it, a
-//! portable loop elsewhere (also the reference in the tests).
+//! that follows it, RoPE, and the MLP's `silu(gate) * up`. AVX-512 or AVX2 where the CPU has
+//! it, a portable loop elsewhere (also the reference in the tests).
 //!
 //! Why: with the projections and attention in `gemm`/`flash`, candle's scalar versions of these
 //! were ~8% of a 512-token SmolLM2 prefill (RMS norm 3%, RoPE 2.5%, the residual adds 1%, the
@@ -8,8 +8,9 @@
 //! The fused add + norm is vLLM's `fused_add_rms_norm`: each row is read once for the sum and
 //! its square, and the norm's second pass finds the row in L1.
 //!
+//! AVX2-only CPUs run the same loops in 8 lanes (masked loads and stores for a row's tail).
 //! The SIMD results agree with the portable ones to f32 rounding (sums of squares are taken 16
-//! lanes at a time; RoPE is the same products and differences, so the same bits).
+//! or 8 lanes at a time; RoPE is the same products and differences, so the same bits).
 
 use std::mem::MaybeUninit;
 
@@ -25,7 +26,7 @@ const CHUNK: usize = 16 * 1024;
 /// Whether the SIMD kernels here run on this CPU (callers with their own fast portable ops,
 /// such as candle's, may prefer those elsewhere).
 pub fn available() -> bool {
-    Isa::has_avx512()
+    Isa::has_avx2()
 }
 
 /// `len` f32 written by `fill(first_element, dst, len)` over chunks of `chunk` elements (a
@@ -68,7 +69,7 @@ fn check_rows(what: &str, x: &[f32], h: usize) -> Result<()> {
 /// as transformers' `LlamaRMSNorm` (in f32).
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Result<Vec<f32>> {
     check_rows("rms_norm", x, w.len())?;
-    Ok(norm(x, None, w, eps, available()).1)
+    Ok(norm(x, None, w, eps, Isa::get()).1)
 }
 
 /// `s = x + branch * multiplier` (the residual add) and `rms_norm(s, w, eps)`, in one pass
@@ -88,21 +89,21 @@ pub fn add_rms_norm(
             x.len()
         )
     })?;
-    let (s, n) = norm(x, Some((branch, multiplier)), w, eps, available());
+    let (s, n) = norm(x, Some((branch, multiplier)), w, eps, Isa::get());
     Ok((s.expect("the sum is returned when there is a branch"), n))
 }
 
-/// The norm over rows of x (shapes checked), SIMD when `simd` and the CPU has it.
+/// The norm over rows of x (shapes checked) with the kernel of `isa` (at most this CPU's).
 fn norm(
     x: &[f32],
     add: Option<(&[f32], f32)>,
     w: &[f32],
     eps: f32,
-    simd: bool,
+    isa: Isa,
 ) -> (Option<Vec<f32>>, Vec<f32>) {
     let h = w.len();
     #[cfg(target_arch = "x86_64")]
-    if simd && available() {
+    if isa >= Isa::Avx2 && isa <= Isa::get() {
         let rows = x.len() / h;
         let bs = add.map(|(b, _)| b);
         let r = add.map_or(1.0, |(_, r)| r);
@@ -112,10 +113,15 @@ fn norm(
         // SAFETY: each chunk is whole rows (per * h elements, the last shorter) and
         // `norm_rows` writes every element of them, and with a branch the same element range
         // of `sum` (capacity rows * h); x and the branch hold rows * h (checked by the
-        // callers); AVX-512 was checked above.
+        // callers); the CPU has `isa` (checked above).
         let normed = unsafe {
             par_filled(rows * h, per * h, |at, dst, len| {
-                x86::norm_rows(
+                let f = if isa == Isa::Avx512 {
+                    x86::norm_rows
+                } else {
+                    x86::norm_rows_avx2
+                };
+                f(
                     x.as_ptr().add(at),
                     bs.map(|b| b.as_ptr().add(at)),
                     r,
@@ -136,7 +142,7 @@ fn norm(
         });
         return (sum, normed);
     }
-    let _ = simd;
+    let _ = isa;
     let sum: Option<Vec<f32>> = add.map(|(b, r)| x.iter().zip(b).map(|(x, b)| x + b * r).collect());
     let src = sum.as_deref().unwrap_or(x);
     let mut out = vec![0f32; src.len()];
@@ -164,7 +170,7 @@ pub fn rope(
     heads: usize,
     head_dim: usize,
 ) -> Result<Vec<f32>> {
-    rope_with(x, cos, sin, heads, head_dim, available())
+    rope_with(x, cos, sin, heads, head_dim, Isa::get())
 }
 
 fn rope_with(
@@ -173,7 +179,7 @@ fn rope_with(
     sin: &[f32],
     heads: usize,
     d: usize,
-    simd: bool,
+    isa: Isa,
 ) -> Result<Vec<f32>> {
     check_rows("rope", x, heads * d)?;
     ensure(d.is_multiple_of(2), || format!("rope: odd head_dim {d}"))?;
@@ -186,15 +192,20 @@ fn rope_with(
         )
     })?;
     #[cfg(target_arch = "x86_64")]
-    if simd && available() {
+    if isa >= Isa::Avx2 && isa <= Isa::get() {
         let per = rows_per_task(heads * d);
         // SAFETY: chunks are whole tokens (heads * d elements each) and `rope_tokens` writes
-        // every element; x holds n tokens and cos/sin d / 2 per token (checked above);
-        // AVX-512 checked.
+        // every element; x holds n tokens and cos/sin d / 2 per token (checked above); the
+        // CPU has `isa`.
         let out = unsafe {
             par_filled(n * heads * d, per * heads * d, |at, dst, len| {
                 let t0 = at / (heads * d);
-                x86::rope_tokens(
+                let f = if isa == Isa::Avx512 {
+                    x86::rope_tokens
+                } else {
+                    x86::rope_tokens_avx2
+                };
+                f(
                     x.as_ptr().add(at),
                     cos.as_ptr().add(t0 * d / 2),
                     sin.as_ptr().add(t0 * d / 2),
@@ -207,7 +218,7 @@ fn rope_with(
         };
         return Ok(out);
     }
-    let _ = simd;
+    let _ = isa;
     let half = d / 2;
     let mut out = vec![0f32; x.len()];
     for (t, (o, xt)) in out
@@ -229,25 +240,30 @@ fn rope_with(
 
 /// `silu(gate) * up` (the Llama MLP's activation) in one pass.
 pub fn silu_mul(gate: &[f32], up: &[f32]) -> Result<Vec<f32>> {
-    silu_mul_with(gate, up, available())
+    silu_mul_with(gate, up, Isa::get())
 }
 
-fn silu_mul_with(gate: &[f32], up: &[f32], simd: bool) -> Result<Vec<f32>> {
+fn silu_mul_with(gate: &[f32], up: &[f32], isa: Isa) -> Result<Vec<f32>> {
     ensure(gate.len() == up.len(), || {
         format!("silu_mul: gate of {} and up of {}", gate.len(), up.len())
     })?;
     #[cfg(target_arch = "x86_64")]
-    if simd && available() {
+    if isa >= Isa::Avx2 && isa <= Isa::get() {
         // SAFETY: `silu_mul` writes all `len` elements of each chunk; gate and up hold as
-        // many (checked above); AVX-512 checked.
+        // many (checked above); the CPU has `isa`.
         let out = unsafe {
             par_filled(gate.len(), CHUNK, |at, dst, len| {
-                x86::silu_mul(gate.as_ptr().add(at), up.as_ptr().add(at), dst, len)
+                let f = if isa == Isa::Avx512 {
+                    x86::silu_mul
+                } else {
+                    x86::silu_mul_avx2
+                };
+                f(gate.as_ptr().add(at), up.as_ptr().add(at), dst, len)
             })
         };
         return Ok(out);
     }
-    let _ = simd;
+    let _ = isa;
     Ok(gate
         .iter()
         .zip(up)
@@ -259,7 +275,7 @@ fn silu_mul_with(gate: &[f32], up: &[f32], simd: bool) -> Result<Vec<f32>> {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use crate::simd::x86::exp16;
+    use crate::simd::x86::{exp16, exp8, hsum};
 
     /// The mask of the first `min(left, 16)` lanes.
     #[inline]
@@ -385,6 +401,128 @@ mod x86 {
             }
         }
     }
+
+    /// The mask of the first `min(left, 8)` lanes, for maskload / maskstore.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn lanes8(left: usize) -> __m256i {
+        let n = left.min(8) as i32;
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(n),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
+    }
+
+    /// [`norm_rows`] in 8 lanes.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn norm_rows_avx2(
+        x: *const f32,
+        b: Option<*const f32>,
+        r: f32,
+        w: &[f32],
+        h: usize,
+        eps: f32,
+        sum: Option<*mut f32>,
+        dst: *mut f32,
+        rows: usize,
+    ) {
+        // SAFETY: the caller upholds this function's contract (the CPU has its target features;
+        // every pointer and index stays inside the buffers the caller passed, as it says at the call).
+        unsafe {
+            let rv = _mm256_set1_ps(r);
+            for row in 0..rows {
+                let (xr, o) = (x.add(row * h), dst.add(row * h));
+                let mut acc = _mm256_setzero_ps();
+                let mut i = 0;
+                while i < h {
+                    let m = lanes8(h - i);
+                    let mut v = _mm256_maskload_ps(xr.add(i), m);
+                    if let Some(b) = b {
+                        let bv = _mm256_maskload_ps(b.add(row * h + i), m);
+                        v = _mm256_add_ps(v, _mm256_mul_ps(bv, rv));
+                    }
+                    if let Some(s) = sum {
+                        _mm256_maskstore_ps(s.add(row * h + i), m, v);
+                    }
+                    acc = _mm256_fmadd_ps(v, v, acc);
+                    i += 8;
+                }
+                let mean = hsum(acc) / h as f32;
+                let scale = _mm256_set1_ps(1.0 / (mean + eps).sqrt());
+                let src = match sum {
+                    Some(s) => s.add(row * h) as *const f32,
+                    None => xr,
+                };
+                let mut i = 0;
+                while i < h {
+                    let m = lanes8(h - i);
+                    let v = _mm256_maskload_ps(src.add(i), m);
+                    let wv = _mm256_maskload_ps(w.as_ptr().add(i), m);
+                    _mm256_maskstore_ps(o.add(i), m, _mm256_mul_ps(_mm256_mul_ps(v, scale), wv));
+                    i += 8;
+                }
+            }
+        }
+    }
+
+    /// [`rope_tokens`] in 8 lanes.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn rope_tokens_avx2(
+        x: *const f32,
+        cos: *const f32,
+        sin: *const f32,
+        heads: usize,
+        d: usize,
+        dst: *mut f32,
+        tokens: usize,
+    ) {
+        // SAFETY: the caller upholds this function's contract (the CPU has its target features;
+        // every pointer and index stays inside the buffers the caller passed, as it says at the call).
+        unsafe {
+            let half = d / 2;
+            for t in 0..tokens {
+                let (c, s) = (cos.add(t * half), sin.add(t * half));
+                for hd in 0..heads {
+                    let base = (t * heads + hd) * d;
+                    let (xr, o) = (x.add(base), dst.add(base));
+                    let mut i = 0;
+                    while i < half {
+                        let m = lanes8(half - i);
+                        let x1 = _mm256_maskload_ps(xr.add(i), m);
+                        let x2 = _mm256_maskload_ps(xr.add(half + i), m);
+                        let cv = _mm256_maskload_ps(c.add(i), m);
+                        let sv = _mm256_maskload_ps(s.add(i), m);
+                        let lo = _mm256_sub_ps(_mm256_mul_ps(x1, cv), _mm256_mul_ps(x2, sv));
+                        let hi = _mm256_add_ps(_mm256_mul_ps(x1, sv), _mm256_mul_ps(x2, cv));
+                        _mm256_maskstore_ps(o.add(i), m, lo);
+                        _mm256_maskstore_ps(o.add(half + i), m, hi);
+                        i += 8;
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`silu_mul`] in 8 lanes.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn silu_mul_avx2(g: *const f32, u: *const f32, out: *mut f32, n: usize) {
+        // SAFETY: the caller upholds this function's contract (the CPU has its target features;
+        // every pointer and index stays inside the buffers the caller passed, as it says at the call).
+        unsafe {
+            let one = _mm256_set1_ps(1.0);
+            let mut i = 0;
+            while i < n {
+                let m = lanes8(n - i);
+                let gv = _mm256_maskload_ps(g.add(i), m);
+                let uv = _mm256_maskload_ps(u.add(i), m);
+                let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+                let s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+                _mm256_maskstore_ps(out.add(i), m, _mm256_mul_ps(s, uv));
+                i += 8;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -409,12 +547,14 @@ mod tests {
         }
     }
 
-    /// Both paths (portable always, AVX-512 where the CPU has it).
-    fn paths() -> Vec<bool> {
-        let mut p = vec![false];
-        if Isa::test_has(Isa::Avx512) {
-            p.push(true);
-        }
+    /// Every path: portable always, AVX2 and AVX-512 where the CPU has them.
+    fn paths() -> Vec<Isa> {
+        let mut p = vec![Isa::Portable];
+        p.extend(
+            [Isa::Avx2, Isa::Avx512]
+                .into_iter()
+                .filter(|&l| Isa::test_has(l)),
+        );
         p
     }
 
@@ -430,9 +570,9 @@ mod tests {
                 .zip(&u)
                 .map(|(&g, &u)| (g as f64 / (1.0 + (-g as f64).exp()) * u as f64) as f32)
                 .collect();
-            for simd in paths() {
+            for isa in paths() {
                 assert_close(
-                    &silu_mul_with(&g, &u, simd).unwrap(),
+                    &silu_mul_with(&g, &u, isa).unwrap(),
                     &want,
                     1e-6,
                     "silu_mul",
@@ -460,12 +600,12 @@ mod tests {
                     })
                     .collect()
             };
-            for simd in paths() {
-                let (_, n) = norm(&x, None, &w, 1e-5, simd);
+            for isa in paths() {
+                let (_, n) = norm(&x, None, &w, 1e-5, isa);
                 assert_close(&n, &f64_norm(&x), 1e-5, "rms_norm");
                 for r in [1.0, 0.22] {
                     let s: Vec<f32> = x.iter().zip(&b).map(|(x, b)| x + b * r).collect();
-                    let (gs, gn) = norm(&x, Some((&b, r)), &w, 1e-5, simd);
+                    let (gs, gn) = norm(&x, Some((&b, r)), &w, 1e-5, isa);
                     assert_close(&gs.unwrap(), &s, 1e-6, "sum");
                     assert_close(&gn, &f64_norm(&s), 1e-5, "add_rms_norm");
                 }
@@ -498,11 +638,11 @@ mod tests {
                     }
                 }
             }
-            let portable = rope_with(&x, &cos, &sin, heads, d, false).unwrap();
+            let portable = rope_with(&x, &cos, &sin, heads, d, Isa::Portable).unwrap();
             assert_close(&portable, &want, 1e-6, "rope");
-            for simd in paths() {
+            for isa in paths() {
                 assert_eq!(
-                    rope_with(&x, &cos, &sin, heads, d, simd).unwrap(),
+                    rope_with(&x, &cos, &sin, heads, d, isa).unwrap(),
                     portable,
                     "rope bits"
                 );
