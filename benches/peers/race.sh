@@ -6,6 +6,10 @@
 #
 #   LLAMA_SERVER=/path/to/llama-server PYTHON=/venv/with/gguf/bin/python benches/peers/race.sh [OUT_DIR]
 #
+# ALORA / ALORA_ARGS pick the alora binary and extra `serve` flags (e.g. --close-turns); LABEL
+# names its result files (default alora); SKIP_LORA=1 leaves out the LoRA race (minutes),
+# SKIP_LLAMA=1 the llama-server runs (for an A/B of two alora builds beside one peer run).
+#
 # Adapters: `topic` is the demo aLoRA (invocation `<|im_start|>topic\n`); `certainty` is its
 # shape with other weights (B negated) and the invocation `<|im_start|>certainty\n` (speed does
 # not depend on what the weights say). `*_lora` are both as plain LoRAs (no invocation).
@@ -20,6 +24,8 @@ ALORA=${ALORA:-target/release/alora}
 BENCH=${BENCH:-target/release/alora-bench}
 N=${N:-8} C=${C:-4} ROUNDS=${ROUNDS:-3} LEN=${LEN:-1000}
 KV=${KV:-auto}   # alora's --kv-cache-dtype
+LABEL=${LABEL:-alora}
+read -r -a EXTRA <<<"${ALORA_ARGS:-}"
 mkdir -p "$OUT"
 
 # The adapters, as PEFT directories for alora and GGUF files for llama-server.
@@ -68,17 +74,21 @@ race() { run "$1" "$2" "$3" race --turns "$ROUNDS" --concurrency "$C" --num-prom
 
 "$ALORA" serve --model "$MODEL" --port 8000 --no-demo-adapter --kv-cache-dtype "$KV" \
   --adapter topic="$A/topic" --adapter certainty="$A/certainty" \
-  --adapter topic_lora="$A/topic_lora" --adapter certainty_lora="$A/certainty_lora" >"$OUT/alora.log" 2>&1 &
+  --adapter topic_lora="$A/topic_lora" --adapter certainty_lora="$A/certainty_lora" \
+  ${EXTRA[@]+"${EXTRA[@]}"} >"$OUT/$LABEL.log" 2>&1 &
 PID=$!
 trap 'kill $PID 2>/dev/null || true' EXIT
 wait_up http://127.0.0.1:8000
-idle alora http://127.0.0.1:8000 topic,certainty
+idle "$LABEL" http://127.0.0.1:8000 topic,certainty
 curl -sf -X POST http://127.0.0.1:8000/reset_prefix_cache >/dev/null
-race alora-alora http://127.0.0.1:8000 topic,certainty
-curl -sf -X POST http://127.0.0.1:8000/reset_prefix_cache >/dev/null
-race alora-lora http://127.0.0.1:8000 topic_lora,certainty_lora
+race "$LABEL-alora" http://127.0.0.1:8000 topic,certainty
+if [ "${SKIP_LORA:-0}" != 1 ]; then
+  curl -sf -X POST http://127.0.0.1:8000/reset_prefix_cache >/dev/null
+  race "$LABEL-lora" http://127.0.0.1:8000 topic_lora,certainty_lora
+fi
 kill $PID; wait $PID 2>/dev/null || true
 
+if [ "${SKIP_LLAMA:-0}" = 1 ]; then exit 0; fi
 "$LLAMA_SERVER" -m "$MODEL" -t 2 -np "$C" -c $((C * 4096)) --port 8081 \
   --no-prefill-assistant --lora "$A/topic.gguf" --lora "$A/certainty.gguf" >"$OUT/llama.log" 2>&1 &
 PID=$!
@@ -87,5 +97,6 @@ idle llama http://127.0.0.1:8081 topic,certainty --adapter-field lora
 race llama-alora http://127.0.0.1:8081 topic,certainty --adapter-field lora
 kill $PID; wait $PID 2>/dev/null || true
 
-"$BENCH" compare "$OUT/alora-alora.json" "$OUT/llama-alora.json" "$OUT/alora-lora.json" \
+"$BENCH" compare "$OUT/$LABEL-alora.json" "$OUT/llama-alora.json" \
+  $([ -f "$OUT/$LABEL-lora.json" ] && echo "$OUT/$LABEL-lora.json") \
   --plot-dir "$OUT/plots" | tee "$OUT/compare.txt"
