@@ -18,7 +18,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-/tmp/race-bench}
 MODEL=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
-LLAMA_SERVER=${LLAMA_SERVER:?set LLAMA_SERVER to a llama-server binary}
+LLAMA_SERVER=${LLAMA_SERVER:-}
+if [ "${SKIP_LLAMA:-0}" != 1 ] && [ -z "$LLAMA_SERVER" ]; then
+  echo "set LLAMA_SERVER to a llama-server binary (or SKIP_LLAMA=1)" >&2; exit 2
+fi
 PYTHON=${PYTHON:-python3}
 ALORA=${ALORA:-target/release/alora}
 BENCH=${BENCH:-target/release/alora-bench}
