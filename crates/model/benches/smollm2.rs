@@ -1,5 +1,6 @@
 //! Prefill (128 / 512 / 2048 tokens, batch 1) and decode (batch 1 and 8 at a 128-token
-//! context), and the 7-token step of an aLoRA call after a cached 256 / 2048-token context, on
+//! context), the 7-token step of an aLoRA call after a cached 256 / 2048-token context, and
+//! steps of 1 / 3 / 6 rows after a cached 2,048-token context (a decode step against a call), on
 //! the default model, SmolLM2-135M-Instruct (GGUF, fetched by
 //! scripts/fetch-model.sh). Throughput is in tokens.
 //!
@@ -155,6 +156,32 @@ fn bench(c: &mut Criterion) {
                 };
                 model.forward(&[step], &kv).unwrap()
             })
+        });
+    }
+    g.finish();
+
+    // What issue #17 compares at ~1,900 tokens: the call's step (6 rows: the base turn's last
+    // token, `<|im_end|>\n`, the 3 invocation tokens; 3 with the turn closed ahead) against a
+    // decode step (1 row) over the same cached context.
+    let mut g = c.benchmark_group("smollm2_rows_after_ctx2048");
+    g.sample_size(20);
+    let ctx = 2048;
+    let per = (ctx + 6).div_ceil(BS);
+    let kv = model.new_kv_store(per, BS).unwrap();
+    let tab = table(0, per);
+    let prompt = tokens(ctx, 3);
+    let step = |toks: &'_ [u32], start_pos| SeqStep {
+        tokens: toks,
+        start_pos,
+        adapter: None,
+        block_table: &tab,
+        all_logits: false,
+    };
+    model.forward(&[step(&prompt, 0)], &kv).unwrap();
+    for rows in [1usize, 3, 6] {
+        let tail = tokens(rows, 5);
+        g.bench_with_input(BenchmarkId::from_parameter(rows), &rows, |b, _| {
+            b.iter(|| model.forward(&[step(&tail, ctx)], &kv).unwrap())
         });
     }
     g.finish();
