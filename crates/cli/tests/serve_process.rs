@@ -147,11 +147,11 @@ fn logs_hold_prompts_only_with_log_prompts() {
         for (endpoint, body) in [
             (
                 "/v1/completions",
-                r#"{"prompt": "quokka prompt", "max_tokens": 3}"#,
+                r#"{"prompt": "quokka prompt", "max_tokens": 3, "ignore_eos": true}"#,
             ),
             (
                 "/v1/chat/completions",
-                r#"{"messages": [{"role": "user", "content": "quokka chat"}], "max_tokens": 3}"#,
+                r#"{"messages": [{"role": "user", "content": "quokka chat"}], "max_tokens": 3, "ignore_eos": true}"#,
             ),
         ] {
             let r = post(port, endpoint, body);

@@ -165,7 +165,7 @@ fn bench(c: &mut Criterion) {
     // decode step (1 row) over the same cached context.
     let mut g = c.benchmark_group("smollm2_rows_after_ctx2048");
     g.sample_size(20);
-    let ctx = 2048;
+    let ctx: usize = 2048;
     let per = (ctx + 6).div_ceil(BS);
     let kv = model.new_kv_store(per, BS).unwrap();
     let tab = table(0, per);
