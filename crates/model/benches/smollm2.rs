@@ -170,18 +170,20 @@ fn bench(c: &mut Criterion) {
     let kv = model.new_kv_store(per, BS).unwrap();
     let tab = table(0, per);
     let prompt = tokens(ctx, 3);
-    let step = |toks: &'_ [u32], start_pos| SeqStep {
-        tokens: toks,
-        start_pos,
-        adapter: None,
-        block_table: &tab,
-        all_logits: false,
-    };
-    model.forward(&[step(&prompt, 0)], &kv).unwrap();
+    fn step<'a>(tokens: &'a [u32], start_pos: usize, block_table: &'a [BlockId]) -> SeqStep<'a> {
+        SeqStep {
+            tokens,
+            start_pos,
+            adapter: None,
+            block_table,
+            all_logits: false,
+        }
+    }
+    model.forward(&[step(&prompt, 0, &tab)], &kv).unwrap();
     for rows in [1usize, 3, 6] {
         let tail = tokens(rows, 5);
         g.bench_with_input(BenchmarkId::from_parameter(rows), &rows, |b, _| {
-            b.iter(|| model.forward(&[step(&tail, ctx)], &kv).unwrap())
+            b.iter(|| model.forward(&[step(&tail, ctx, &tab)], &kv).unwrap())
         });
     }
     g.finish();
