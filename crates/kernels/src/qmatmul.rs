@@ -373,13 +373,15 @@ fn offset_term(format: BlockFormat, row: Row<'_>, sums: &[f32]) -> f32 {
 
 /// `rows_times_x` for a SIMD module: `out[j * m + i] = W_{r0 + j} . x_i` for the rows of W
 /// that `out` covers and every row i of x [m, cols]; one row of x through the module's `single`
-/// (`sums` as it takes them, only read when m is 1), more in tiles of up to four rows through
-/// its `tile` (4 weight + 8 accumulator registers live with AVX2). The loop over W's rows is
-/// inside the kernel (called per row, its prologue was ~7% of a decode step). The same driver
-/// for both instruction sets, compiled with each one's features.
+/// (`sums` as it takes them, only read when m is 1), more in tiles of up to `$max` rows through
+/// its `tile`: 4 with AVX2 (4 weight + 8 accumulator registers of 16), 8 with AVX-512 (2 weight
+/// + 16 accumulator registers of 32), so a block is decoded once for that many rows (a 6-row
+/// aLoRA step was a tile of 4 and one of 2, each decoding every block). The loop over W's rows
+/// is inside the kernel (called per row, its prologue was ~7% of a decode step). The same
+/// driver for both instruction sets, compiled with each one's features.
 #[cfg(target_arch = "x86_64")]
 macro_rules! rows_times_x {
-    ($features:literal) => {
+    ($features:literal, $max:literal) => {
         #[target_feature(enable = $features)]
         pub(super) unsafe fn rows_times_x(
             mat: &super::BlockMatrix,
@@ -403,12 +405,17 @@ macro_rules! rows_times_x {
                 for (j, out) in out.chunks_exact_mut(m).enumerate() {
                     let row = mat.row(r0 + j);
                     let mut i = 0;
-                    while i + 4 <= m {
-                        tile::<4>(format, row, xp.add(i * cols), cols, &mut out[i..]);
-                        i += 4;
+                    while i + $max <= m {
+                        tile::<$max>(format, row, xp.add(i * cols), cols, &mut out[i..]);
+                        i += $max;
                     }
                     let (xi, o) = (xp.add(i * cols), &mut out[i..]);
+                    // The tail, fewer than `$max` rows (the arms past `$max - 1` never run).
                     match m - i {
+                        7 => tile::<7>(format, row, xi, cols, o),
+                        6 => tile::<6>(format, row, xi, cols, o),
+                        5 => tile::<5>(format, row, xi, cols, o),
+                        4 => tile::<4>(format, row, xi, cols, o),
                         3 => tile::<3>(format, row, xi, cols, o),
                         2 => tile::<2>(format, row, xi, cols, o),
                         // One row left: redo the row before it in a tile of two.
@@ -540,8 +547,9 @@ mod avx2 {
         }
     }
 
-    /// `out[i] = W_row . x_i` for `R` (2..=4) rows of x starting at `xs`: each block decoded to
-    /// weights once, then 4 fma per row into 2 accumulators per row.
+    /// `out[i] = W_row . x_i` for `R` (2..=4 from the driver; it instantiates up to 7, which
+    /// would spill) rows of x starting at `xs`: each block decoded to weights once, then 4 fma
+    /// per row into 2 accumulators per row.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn tile<const R: usize>(
@@ -571,7 +579,7 @@ mod avx2 {
         }
     }
 
-    rows_times_x!("avx2,fma,f16c");
+    rows_times_x!("avx2,fma,f16c", 4);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -694,7 +702,7 @@ mod avx512 {
         }
     }
 
-    /// `R` (2..=4) rows of x: each block decoded to weights once, 2 fma per row.
+    /// `R` (2..=8) rows of x: each block decoded to weights once, 2 fma per row.
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     unsafe fn tile<const R: usize>(
@@ -722,7 +730,7 @@ mod avx512 {
         }
     }
 
-    rows_times_x!("avx512f,avx2,fma,f16c");
+    rows_times_x!("avx512f,avx2,fma,f16c", 8);
 }
 
 #[cfg(test)]
@@ -778,15 +786,15 @@ mod tests {
     }
 
     /// Every kernel (portable and each SIMD level this CPU has) agrees with dense f32 `x W^T`
-    /// on the decoded weights for every tile shape (1..=9 rows covers the 4-row tiles and
-    /// each tail).
+    /// on the decoded weights for every tile shape (1..=17 rows covers the 4- and 8-row tiles
+    /// and each tail).
     #[test]
     fn matmul_matches_dense() {
         let (n, k) = (77, 192);
         for f in FORMATS {
             let bm = BlockMatrix::quantize(f, n, k, &weights(n, k, 2)).unwrap();
             let w = bm.dequantize();
-            for m in 1..=9 {
+            for m in 1..=17 {
                 let x = weights(m, k, 3 + m as u64);
                 let want = crate::gemm::tests::reference_f64(&x, m, k, &w, n);
                 for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
