@@ -6,7 +6,7 @@
 //! on x86 (the default SmolLM2 file is Q4_1), and re-reads the weights once per activation row.
 //! Here each 32-weight block is decoded into four 8-lane f32 registers (AVX2; two 16-lane ones
 //! with AVX-512, picked at run time, portable code elsewhere) exactly as `QTensor::dequantize`
-//! would and multiplied into up to four activation rows while it is in
+//! would and multiplied into up to four activation rows (eight with AVX-512) while it is in
 //! registers, so a weight is read from memory once per call and the arithmetic is the dense
 //! model's up to summation order. A single row (a decode step) skips the per-weight scaling:
 //! `sum_j (q_j d + m) x_j = d sum_j q_j x_j + m sum_j x_j`, the same sum up to rounding. Both
@@ -16,7 +16,7 @@
 //! ```text
 //!   x [m, k] f32      W [n, k] in blocks of 32      y [m, n] = x W^T
 //!   for each output row j (parallel):  for each block b of W_j:  decode 32 f32 -> 4 ymm
-//!       for each tile of <= 4 rows of x:  acc[row] += w * x[row, b*32 .. b*32+32]
+//!       for each tile of <= 4 (AVX-512: 8) rows of x:  acc[row] += w * x[row, b*32 .. b*32+32]
 //! ```
 //!
 //! Few rows (decode steps, the few tokens of an aLoRA call) are memory-bound: this reads 20
