@@ -374,11 +374,11 @@ fn offset_term(format: BlockFormat, row: Row<'_>, sums: &[f32]) -> f32 {
 /// `rows_times_x` for a SIMD module: `out[j * m + i] = W_{r0 + j} . x_i` for the rows of W
 /// that `out` covers and every row i of x [m, cols]; one row of x through the module's `single`
 /// (`sums` as it takes them, only read when m is 1), more in tiles of up to `$max` rows through
-/// its `tile`: 4 with AVX2 (4 weight + 8 accumulator registers of 16), 8 with AVX-512 (2 weight
-/// + 16 accumulator registers of 32), so a block is decoded once for that many rows (a 6-row
-/// aLoRA step was a tile of 4 and one of 2, each decoding every block). The loop over W's rows
-/// is inside the kernel (called per row, its prologue was ~7% of a decode step). The same
-/// driver for both instruction sets, compiled with each one's features.
+/// its `tile`: 4 with AVX2 (4 weight and 8 accumulator registers of 16), 8 with AVX-512 (2
+/// weight and 16 accumulator registers of 32), so a block is decoded once for that many rows
+/// (a 6-row aLoRA step was a tile of 4 and one of 2, each decoding every block). The loop over
+/// W's rows is inside the kernel (called per row, its prologue was ~7% of a decode step). The
+/// same driver for both instruction sets, compiled with each one's features.
 #[cfg(target_arch = "x86_64")]
 macro_rules! rows_times_x {
     ($features:literal, $max:literal) => {
