@@ -261,10 +261,92 @@ struct Scratch {
 }
 
 #[cfg(target_arch = "x86_64")]
+/// An item's block of query rows as both SIMD bodies lay it out: row r is position
+/// `j0 + r / group` of the block and query head `head * group + r % group`, padded to whole
+/// strips of `NR` rows (`rp`).
+struct Block {
+    d: usize,
+    group: usize,
+    heads: usize,
+    head: usize,
+    /// The block's first token in the step's order.
+    tok0: usize,
+    rows: usize,
+    strips: usize,
+    rp: usize,
+    /// Position of the block's first row, and the keys its last row sees.
+    first_pos: usize,
+    kend: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Block {
+    fn new(g: &Geometry<'_>, it: &Item, d: usize) -> Block {
+        let group = g.heads / g.kv_heads;
+        let rows = it.len * group;
+        let strips = rows.div_ceil(NR);
+        let first_pos = it.start + it.j0;
+        Block {
+            d,
+            group,
+            heads: g.heads,
+            head: it.head,
+            tok0: it.q0 + it.j0,
+            rows,
+            strips,
+            rp: strips * NR,
+            first_pos,
+            kend: first_pos + it.len,
+        }
+    }
+
+    /// Where row r starts in q (and in the output).
+    fn q_row(&self, r: usize) -> usize {
+        let tok = self.tok0 + r / self.group;
+        (tok * self.heads + self.head * self.group + r % self.group) * self.d
+    }
+
+    /// What both bodies start from, in `s`: the rows scaled into `qbuf` and transposed per
+    /// strip into `qt` (by the instruction set's `transpose`), O zeroed, each padded row's
+    /// running max -inf and sum 0.
+    ///
+    /// # Safety
+    /// The CPU runs `transpose` (the gemm's `transpose_into` of the caller's instruction set).
+    unsafe fn start(
+        &self,
+        g: &Geometry<'_>,
+        s: &mut Scratch,
+        transpose: unsafe fn(&[f32], usize, usize, usize, usize, &mut [f32]),
+    ) {
+        let (d, rp) = (self.d, self.rp);
+        s.qbuf.clear();
+        s.qbuf.resize(rp * d, 0.0);
+        for r in 0..self.rows {
+            let src = &g.q[self.q_row(r)..][..d];
+            for (o, &x) in s.qbuf[r * d..(r + 1) * d].iter_mut().zip(src) {
+                *o = x * g.scale;
+            }
+        }
+        let qt = crate::gemm::aligned(&mut s.qt, self.strips * d * NR);
+        for st in 0..self.strips {
+            let live = NR.min(self.rows - st * NR);
+            let dst = &mut qt[st * d * NR..(st + 1) * d * NR];
+            // SAFETY: the caller says the CPU runs `transpose`; `qbuf` holds whole strips of
+            // d-long rows and `dst` one strip's d x NR.
+            unsafe { transpose(&s.qbuf[st * NR * d..], d, 0, live, d, dst) };
+        }
+        s.o.clear();
+        s.o.resize(rp * d, 0.0);
+        crate::gemm::aligned(&mut s.m, rp).fill(f32::NEG_INFINITY);
+        crate::gemm::aligned(&mut s.l, rp).fill(0.0);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{Geometry, Item, Scratch, KT, MR, NR};
+    use super::{Block, Geometry, Item, Scratch, KT, MR, NR};
     use crate::gemm::avx512::{tile, transpose_into};
     use crate::simd::x86::exp16;
 
@@ -320,51 +402,18 @@ mod avx512 {
         // every pointer and index stays inside the buffers the caller passed, as it says at the call).
         unsafe {
             let d = 16 * DV;
-            let group = g.heads / g.kv_heads;
-            let rows = it.len * group;
-            let strips = rows.div_ceil(NR);
-            let rp = strips * NR;
-            // Row r is position j0 + r / group of the block, query head head * group + r % group.
-            let q_row = |r: usize| {
-                let tok = it.q0 + it.j0 + r / group;
-                (tok * g.heads + it.head * group + r % group) * d
-            };
-            s.qbuf.clear();
-            s.qbuf.resize(rp * d, 0.0);
-            for r in 0..rows {
-                let src = &g.q[q_row(r)..][..d];
-                for (o, &x) in s.qbuf[r * d..(r + 1) * d].iter_mut().zip(src) {
-                    *o = x * g.scale;
-                }
-            }
-            let qt = crate::gemm::aligned(&mut s.qt, strips * d * NR);
-            for st in 0..strips {
-                let live = NR.min(rows - st * NR);
-                transpose_into(
-                    &s.qbuf[st * NR * d..],
-                    d,
-                    0,
-                    live,
-                    d,
-                    &mut qt[st * d * NR..(st + 1) * d * NR],
-                );
-            }
-            let qt = qt.as_ptr();
-            s.o.clear();
-            s.o.resize(rp * d, 0.0);
+            let b = Block::new(g, it, d);
+            let (rows, strips, rp) = (b.rows, b.strips, b.rp);
+            let (group, first_pos, kend) = (b.group, b.first_pos, b.kend);
+            let q_row = |r: usize| b.q_row(r);
+            b.start(g, s, transpose_into);
+            let qt = crate::gemm::aligned(&mut s.qt, strips * d * NR).as_ptr();
             let m = crate::gemm::aligned(&mut s.m, rp).as_mut_ptr();
             let l = crate::gemm::aligned(&mut s.l, rp).as_mut_ptr();
             let alpha = crate::gemm::aligned(&mut s.alpha, rp).as_mut_ptr();
-            for r in 0..rp {
-                *m.add(r) = f32::NEG_INFINITY;
-                *l.add(r) = 0.0;
-            }
             let st_buf = crate::gemm::aligned(&mut s.s, KT * rp).as_mut_ptr();
             let kp = g.kp.as_ptr().add(g.kp_at[it.seq * g.kv_heads + it.head]);
             let slots = &g.slots[it.k0..];
-            let first_pos = it.start + it.j0;
-            // Keys the block's last row sees.
-            let kend = first_pos + it.len;
             // Per 16-row column: each row's position (-1 past the last row: sees nothing).
             let pos: Vec<__m512i> = (0..rp / 16)
                 .map(|c| {
@@ -464,7 +513,7 @@ mod avx512 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Geometry, Item, Scratch, KT_AVX2 as KT, MR_AVX2 as MR, NR};
+    use super::{Block, Geometry, Item, Scratch, KT_AVX2 as KT, MR_AVX2 as MR, NR};
     use crate::gemm::avx2::{tile, transpose_into};
     use crate::simd::x86::exp8;
 
@@ -524,51 +573,18 @@ mod avx2 {
         // every pointer and index stays inside the buffers the caller passed, as it says at the call).
         unsafe {
             let d = 16 * DV;
-            let group = g.heads / g.kv_heads;
-            let rows = it.len * group;
-            let strips = rows.div_ceil(NR);
-            let rp = strips * NR;
-            // Row r is position j0 + r / group of the block, query head head * group + r % group.
-            let q_row = |r: usize| {
-                let tok = it.q0 + it.j0 + r / group;
-                (tok * g.heads + it.head * group + r % group) * d
-            };
-            s.qbuf.clear();
-            s.qbuf.resize(rp * d, 0.0);
-            for r in 0..rows {
-                let src = &g.q[q_row(r)..][..d];
-                for (o, &x) in s.qbuf[r * d..(r + 1) * d].iter_mut().zip(src) {
-                    *o = x * g.scale;
-                }
-            }
-            let qt = crate::gemm::aligned(&mut s.qt, strips * d * NR);
-            for st in 0..strips {
-                let live = NR.min(rows - st * NR);
-                transpose_into(
-                    &s.qbuf[st * NR * d..],
-                    d,
-                    0,
-                    live,
-                    d,
-                    &mut qt[st * d * NR..(st + 1) * d * NR],
-                );
-            }
-            let qt = qt.as_ptr();
-            s.o.clear();
-            s.o.resize(rp * d, 0.0);
+            let b = Block::new(g, it, d);
+            let (rows, strips, rp) = (b.rows, b.strips, b.rp);
+            let (group, first_pos, kend) = (b.group, b.first_pos, b.kend);
+            let q_row = |r: usize| b.q_row(r);
+            b.start(g, s, transpose_into);
+            let qt = crate::gemm::aligned(&mut s.qt, strips * d * NR).as_ptr();
             let m = crate::gemm::aligned(&mut s.m, rp).as_mut_ptr();
             let l = crate::gemm::aligned(&mut s.l, rp).as_mut_ptr();
             let alpha = crate::gemm::aligned(&mut s.alpha, rp).as_mut_ptr();
-            for r in 0..rp {
-                *m.add(r) = f32::NEG_INFINITY;
-                *l.add(r) = 0.0;
-            }
             let st_buf = crate::gemm::aligned(&mut s.s, KT * rp).as_mut_ptr();
             let kp = g.kp.as_ptr().add(g.kp_at[it.seq * g.kv_heads + it.head]);
             let slots = &g.slots[it.k0..];
-            let first_pos = it.start + it.j0;
-            // Keys the block's last row sees.
-            let kend = first_pos + it.len;
             // Per 8-row column: each row's position (-1 past the last row: sees nothing).
             let pos: Vec<__m256i> = (0..rp / 8)
                 .map(|c| {
