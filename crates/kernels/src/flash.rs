@@ -308,7 +308,7 @@ impl Block {
 
     /// What both bodies start from, in `s`: the rows scaled into `qbuf` and transposed per
     /// strip into `qt` (by the instruction set's `transpose`), O zeroed, each padded row's
-    /// running max -inf and sum 0.
+    /// running max -inf and sum 0; returns the aligned buffers, sized for `kt` keys a tile.
     ///
     /// # Safety
     /// The CPU runs `transpose` (the gemm's `transpose_into` of the caller's instruction set).
@@ -316,8 +316,9 @@ impl Block {
         &self,
         g: &Geometry<'_>,
         s: &mut Scratch,
+        kt: usize,
         transpose: unsafe fn(&[f32], usize, usize, usize, usize, &mut [f32]),
-    ) {
+    ) -> Bufs {
         let (d, rp) = (self.d, self.rp);
         s.qbuf.clear();
         s.qbuf.resize(rp * d, 0.0);
@@ -337,16 +338,37 @@ impl Block {
         }
         s.o.clear();
         s.o.resize(rp * d, 0.0);
-        crate::gemm::aligned(&mut s.m, rp).fill(f32::NEG_INFINITY);
-        crate::gemm::aligned(&mut s.l, rp).fill(0.0);
+        let m = crate::gemm::aligned(&mut s.m, rp);
+        m.fill(f32::NEG_INFINITY);
+        let l = crate::gemm::aligned(&mut s.l, rp);
+        l.fill(0.0);
+        Bufs {
+            qt: qt.as_ptr(),
+            m: m.as_mut_ptr(),
+            l: l.as_mut_ptr(),
+            alpha: crate::gemm::aligned(&mut s.alpha, rp).as_mut_ptr(),
+            scores: crate::gemm::aligned(&mut s.s, kt * self.rp).as_mut_ptr(),
+        }
     }
+}
+
+/// The aligned scratch an item works in (pointers into its `Scratch`, valid while that is not
+/// resized): transposed queries, per padded row the running max, sum and this tile's rescale,
+/// and the transposed scores [kt][rp].
+#[cfg(target_arch = "x86_64")]
+struct Bufs {
+    qt: *const f32,
+    m: *mut f32,
+    l: *mut f32,
+    alpha: *mut f32,
+    scores: *mut f32,
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{Block, Geometry, Item, Scratch, KT, MR, NR};
+    use super::{Block, Bufs, Geometry, Item, Scratch, KT, MR, NR};
     use crate::gemm::avx512::{tile, transpose_into};
     use crate::simd::x86::exp16;
 
@@ -406,12 +428,13 @@ mod avx512 {
             let (rows, strips, rp) = (b.rows, b.strips, b.rp);
             let (group, first_pos, kend) = (b.group, b.first_pos, b.kend);
             let q_row = |r: usize| b.q_row(r);
-            b.start(g, s, transpose_into);
-            let qt = crate::gemm::aligned(&mut s.qt, strips * d * NR).as_ptr();
-            let m = crate::gemm::aligned(&mut s.m, rp).as_mut_ptr();
-            let l = crate::gemm::aligned(&mut s.l, rp).as_mut_ptr();
-            let alpha = crate::gemm::aligned(&mut s.alpha, rp).as_mut_ptr();
-            let st_buf = crate::gemm::aligned(&mut s.s, KT * rp).as_mut_ptr();
+            let Bufs {
+                qt,
+                m,
+                l,
+                alpha,
+                scores: st_buf,
+            } = b.start(g, s, KT, transpose_into);
             let kp = g.kp.as_ptr().add(g.kp_at[it.seq * g.kv_heads + it.head]);
             let slots = &g.slots[it.k0..];
             // Per 16-row column: each row's position (-1 past the last row: sees nothing).
@@ -513,7 +536,7 @@ mod avx512 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Block, Geometry, Item, Scratch, KT_AVX2 as KT, MR_AVX2 as MR, NR};
+    use super::{Block, Bufs, Geometry, Item, Scratch, KT_AVX2 as KT, MR_AVX2 as MR, NR};
     use crate::gemm::avx2::{tile, transpose_into};
     use crate::simd::x86::exp8;
 
@@ -577,12 +600,13 @@ mod avx2 {
             let (rows, strips, rp) = (b.rows, b.strips, b.rp);
             let (group, first_pos, kend) = (b.group, b.first_pos, b.kend);
             let q_row = |r: usize| b.q_row(r);
-            b.start(g, s, transpose_into);
-            let qt = crate::gemm::aligned(&mut s.qt, strips * d * NR).as_ptr();
-            let m = crate::gemm::aligned(&mut s.m, rp).as_mut_ptr();
-            let l = crate::gemm::aligned(&mut s.l, rp).as_mut_ptr();
-            let alpha = crate::gemm::aligned(&mut s.alpha, rp).as_mut_ptr();
-            let st_buf = crate::gemm::aligned(&mut s.s, KT * rp).as_mut_ptr();
+            let Bufs {
+                qt,
+                m,
+                l,
+                alpha,
+                scores: st_buf,
+            } = b.start(g, s, KT, transpose_into);
             let kp = g.kp.as_ptr().add(g.kp_at[it.seq * g.kv_heads + it.head]);
             let slots = &g.slots[it.k0..];
             // Per 8-row column: each row's position (-1 past the last row: sees nothing).

@@ -381,7 +381,7 @@ fn offset_term(format: BlockFormat, row: Row<'_>, sums: &[f32]) -> f32 {
 /// same driver for both instruction sets, compiled with each one's features.
 #[cfg(target_arch = "x86_64")]
 macro_rules! rows_times_x {
-    ($features:literal, $max:literal) => {
+    ($features:literal, $max:literal, tails: $($tail:literal),+) => {
         #[target_feature(enable = $features)]
         pub(super) unsafe fn rows_times_x(
             mat: &super::BlockMatrix,
@@ -410,14 +410,9 @@ macro_rules! rows_times_x {
                         i += $max;
                     }
                     let (xi, o) = (xp.add(i * cols), &mut out[i..]);
-                    // The tail, fewer than `$max` rows (the arms past `$max - 1` never run).
+                    // The tail: 2 ..= `$max - 1` rows in one tile (the `tails` listed).
                     match m - i {
-                        7 => tile::<7>(format, row, xi, cols, o),
-                        6 => tile::<6>(format, row, xi, cols, o),
-                        5 => tile::<5>(format, row, xi, cols, o),
-                        4 => tile::<4>(format, row, xi, cols, o),
-                        3 => tile::<3>(format, row, xi, cols, o),
-                        2 => tile::<2>(format, row, xi, cols, o),
+                        $($tail => tile::<$tail>(format, row, xi, cols, o),)+
                         // One row left: redo the row before it in a tile of two.
                         1 => tile::<2>(format, row, xi.sub(cols), cols, &mut out[i - 1..]),
                         _ => {}
@@ -547,9 +542,8 @@ mod avx2 {
         }
     }
 
-    /// `out[i] = W_row . x_i` for `R` (2..=4 from the driver; it instantiates up to 7, which
-    /// would spill) rows of x starting at `xs`: each block decoded to weights once, then 4 fma
-    /// per row into 2 accumulators per row.
+    /// `out[i] = W_row . x_i` for `R` (2..=4) rows of x starting at `xs`: each block decoded to
+    /// weights once, then 4 fma per row into 2 accumulators per row.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn tile<const R: usize>(
@@ -579,7 +573,7 @@ mod avx2 {
         }
     }
 
-    rows_times_x!("avx2,fma,f16c", 4);
+    rows_times_x!("avx2,fma,f16c", 4, tails: 3, 2);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -730,7 +724,7 @@ mod avx512 {
         }
     }
 
-    rows_times_x!("avx512f,avx2,fma,f16c", 8);
+    rows_times_x!("avx512f,avx2,fma,f16c", 8, tails: 7, 6, 5, 4, 3, 2);
 }
 
 #[cfg(test)]
