@@ -98,6 +98,44 @@ fn attention(c: &mut Criterion) {
     g.finish();
 }
 
+/// A whole step's attention: 30 layers, each with its own pools (190 MB in all, beyond any
+/// cache), as a decode step or an aLoRA tail after 2,048 cached tokens reads them in the model
+/// (`attention_one_layer` reuses one layer's 6 MB, which stays in L2/L3).
+fn attention_step(c: &mut Criterion) {
+    let sh = Shape {
+        num_heads: 9,
+        num_kv_heads: 3,
+        head_dim: 64,
+        scale: 0.125,
+    };
+    let (layers, cached) = (30, 2048);
+    let row = sh.num_kv_heads * sh.head_dim;
+    let slots_per_layer = cached + 8;
+    let pools: Vec<(Vec<f32>, Vec<f32>)> = (0..layers)
+        .map(|l| {
+            let n = slots_per_layer * row;
+            (randn(n, 20 + 2 * l as u64), randn(n, 21 + 2 * l as u64))
+        })
+        .collect();
+    let mut g = c.benchmark_group("attention_30_layers_ctx2048");
+    g.sample_size(20);
+    for nq in [1usize, 3, 7] {
+        let nk = cached + nq;
+        let slots: Vec<u32> = (0..nk as u32).collect();
+        let (sq, sk, sp) = ([nq], [nk], [cached]);
+        let batch = AttnBatch::new(&sq, &sk, &sp, &slots).unwrap();
+        let q = randn(nq * sh.num_heads * sh.head_dim, 6);
+        g.bench_with_input(BenchmarkId::new("paged", nq), &nq, |b, _| {
+            b.iter(|| {
+                for (kp, vp) in &pools {
+                    paged::attention(&q, KvPool::F32(kp), KvPool::F32(vp), &batch, &sh).unwrap();
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
 fn rows(c: &mut Criterion) {
     let (rows, h, heads, d) = (512, 576, 9, 64);
     let x = randn(rows * h, 7);
@@ -120,5 +158,5 @@ fn rows(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, projections, attention, rows);
+criterion_group!(benches, projections, attention, attention_step, rows);
 criterion_main!(benches);

@@ -103,6 +103,22 @@ pub(crate) mod x86 {
             }
         }
     }
+
+    /// Sixteen elements of type `E` at `p` widened to f32.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub(crate) unsafe fn load16<const E: u8>(p: *const u8) -> __m512 {
+        // SAFETY: the caller upholds this function's contract (16 elements of `E` at `p`).
+        unsafe {
+            match E {
+                super::F32 => _mm512_loadu_ps(p.cast()),
+                super::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())),
+                _ => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                    _mm256_loadu_si256(p.cast()),
+                ))),
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -131,6 +147,20 @@ mod tests {
                     std::arch::x86_64::_mm256_storeu_ps(v.as_mut_ptr(), r);
                 }
                 assert_eq!(v.as_slice(), &xs[4..12]);
+            }
+            #[cfg(target_arch = "x86_64")]
+            if crate::Isa::test_has(crate::Isa::Avx512) {
+                let mut v = [0f32; 16];
+                // SAFETY: AVX-512F + F16C detected; 16 elements at index 2 of a 20-element pool.
+                unsafe {
+                    let r = match p.tag() {
+                        F32 => x86::load16::<F32>(p.ptr(2)),
+                        F16 => x86::load16::<F16>(p.ptr(2)),
+                        _ => x86::load16::<BF16>(p.ptr(2)),
+                    };
+                    std::arch::x86_64::_mm512_storeu_ps(v.as_mut_ptr(), r);
+                }
+                assert_eq!(v.as_slice(), &xs[2..18]);
             }
         }
     }

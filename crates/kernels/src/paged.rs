@@ -20,6 +20,13 @@
 //! its unnormalised sums with their max and total, merged exactly after. On SmolLM2 at ~1,120
 //! tokens of context (2 threads, A/B over 3 server restarts): an adapted decode step 15.0 ->
 //! 12.2 ms, the 3-token aLoRA step 18.6 -> 16.7 ms.
+//!
+//! With AVX-512 (and a head size of 16, 32, 64 or 128) an item is instead one sequence's run
+//! over a range of its keys for every KV head at once (`paged/avx512.rs`): it walks the slots' whole
+//! K/V rows once, in tiles with an online softmax, and prefetches the next tile. Split-K then
+//! cuts each sequence's keys into up to two parts per thread. Out of cache (30 layers' pools,
+//! 2,048 tokens of context, `attention_30_layers` in `benches/kernels.rs`, 2 threads) a decode
+//! step's attention went from 12.1 to 6.7 ms, a 7-token tail's from 22.4 to 13.2 ms.
 
 use rayon::prelude::*;
 
@@ -153,16 +160,17 @@ pub fn attention(
     b: &AttnBatch<'_>,
     sh: &Shape,
 ) -> Result<Vec<f32>> {
-    attention_with(q, k_pool, v_pool, b, sh, Isa::has_avx2())
+    attention_with(q, k_pool, v_pool, b, sh, Isa::get())
 }
 
+/// [`attention`] with the kernels of at most `isa` (tests run each level this CPU has).
 fn attention_with(
     q: &[f32],
     k_pool: KvPool<'_>,
     v_pool: KvPool<'_>,
     b: &AttnBatch<'_>,
     sh: &Shape,
-    avx2: bool,
+    isa: Isa,
 ) -> Result<Vec<f32>> {
     ensure(k_pool.tag() == v_pool.tag(), || {
         "attention: K and V pools of different element types".to_string()
@@ -172,9 +180,18 @@ fn attention_with(
     let group = nh / kvh;
     let (seqlens_q, seqlens_k, start_pos) = (b.seqlens_q(), b.seqlens_k(), b.start_pos());
     let n = b.num_tokens();
-    let simd = avx2 && Isa::has_avx2() && d.is_multiple_of(8);
+    let isa = isa.min(Isa::get());
+    let simd = isa >= Isa::Avx2 && d.is_multiple_of(8);
+    #[cfg(target_arch = "x86_64")]
+    let wide = isa >= Isa::Avx512 && avx512::supports(d);
+    #[cfg(not(target_arch = "x86_64"))]
+    let wide = false;
     let threads = rayon::current_num_threads().max(1);
-    let items = plan(seqlens_q, seqlens_k, start_pos, kvh, threads);
+    let items = if wide {
+        plan_all_heads(seqlens_q, seqlens_k, start_pos, kvh, threads)
+    } else {
+        plan(seqlens_q, seqlens_k, start_pos, kvh, threads)
+    };
     let slots = b.slots();
     let pools = Pools {
         k: k_pool,
@@ -186,6 +203,20 @@ fn attention_with(
     let out = items
         .par_iter()
         .map(|w| {
+            let keys = &slots[w.ko + w.k0..w.ko + w.k0 + w.nk];
+            #[cfg(target_arch = "x86_64")]
+            if wide {
+                // SAFETY: AVX-512F, AVX2, FMA and F16C were detected; the head size is one
+                // the item has code for, and `AttnBatch::check_lens` put every slot inside
+                // the pools and every query row inside `q`.
+                return unsafe {
+                    match pools.k.tag() {
+                        kv::F32 => avx512::item::<{ kv::F32 }>(q, nh, w, keys, &pools),
+                        kv::F16 => avx512::item::<{ kv::F16 }>(q, nh, w, keys, &pools),
+                        _ => avx512::item::<{ kv::BF16 }>(q, nh, w, keys, &pools),
+                    }
+                };
+            }
             let mut rows = Vec::with_capacity(w.nq * group);
             let mut visible = Vec::with_capacity(w.nq * group);
             for j in 0..w.nq {
@@ -200,7 +231,7 @@ fn attention_with(
             let it = Item {
                 rows,
                 visible,
-                keys: &slots[w.ko + w.k0..w.ko + w.k0 + w.nk],
+                keys,
                 head: w.head,
             };
             if simd {
@@ -219,7 +250,8 @@ fn attention_with(
         })
         .collect::<Vec<_>>();
     let mut flat = vec![0f32; n * nh * d];
-    // The parts of one (query run, head) are consecutive in `items`.
+    // The parts of one (query run, heads) are consecutive in `items`; their rows are
+    // (KV head, token, head in group).
     let mut i = 0;
     while i < items.len() {
         let w = &items[i];
@@ -228,11 +260,13 @@ fn attention_with(
             .take_while(|x| (x.qo, x.head) == (w.qo, w.head))
             .count();
         let parts: Vec<&Partial> = out[i..end].iter().collect();
-        for j in 0..w.nq {
-            for r in 0..group {
-                let head = w.head * group + r;
-                let dst = &mut flat[((w.qo + j) * nh + head) * d..][..d];
-                merge(&parts, j * group + r, d, dst);
+        for hh in 0..w.heads {
+            for j in 0..w.nq {
+                for r in 0..group {
+                    let head = (w.head + hh) * group + r;
+                    let dst = &mut flat[((w.qo + j) * nh + head) * d..][..d];
+                    merge(&parts, (hh * w.nq + j) * group + r, d, dst);
+                }
             }
         }
         i = end;
@@ -251,7 +285,9 @@ struct Work {
     ko: usize,
     seq_keys: usize,
     start: usize,
+    /// The KV heads `head .. head + heads` (one, or all of them for the AVX-512 item).
     head: usize,
+    heads: usize,
     /// This part's keys: k0 .. k0 + nk of the sequence's.
     k0: usize,
     nk: usize,
@@ -310,6 +346,7 @@ fn plan(
                 seq_keys: nk,
                 start,
                 head,
+                heads: 1,
                 k0,
                 nk: len,
             });
@@ -321,6 +358,67 @@ fn plan(
     }
     items
 }
+
+/// Keys below which a part of an all-heads item is not split further (three heads' rows per
+/// key: the same bytes per part as `MIN_KEYS_PER_PART` for one head at about half the keys).
+const MIN_KEYS_PER_WIDE_PART: usize = 128;
+
+/// The work items of a step for the all-heads (AVX-512) item: one per sequence with all its
+/// new tokens and KV heads, each sequence's keys split into parts (split-K) when the step has
+/// fewer sequences than twice the threads, up to two parts per thread so a slow thread's part
+/// can be taken by another.
+fn plan_all_heads(
+    seqlens_q: &[usize],
+    seqlens_k: &[usize],
+    start_pos: &[usize],
+    kvh: usize,
+    threads: usize,
+) -> Vec<Work> {
+    let seqs = seqlens_q.iter().filter(|&&n| n > 0).count().max(1);
+    let few = seqs < 2 * threads;
+    let mut items = Vec::new();
+    let (mut qo, mut ko) = (0, 0);
+    for (i, (&nq, &nk)) in seqlens_q.iter().zip(seqlens_k).enumerate() {
+        let start = start_pos[i];
+        let seen = (start + nq).min(nk);
+        if nq > 0 {
+            let split = if few {
+                (2 * threads)
+                    .div_ceil(seqs)
+                    .min(seen / MIN_KEYS_PER_WIDE_PART)
+                    .max(1)
+            } else {
+                1
+            };
+            let per = seen.div_ceil(split).max(1);
+            let mut k0 = 0;
+            loop {
+                let len = per.min(seen - k0);
+                items.push(Work {
+                    qo,
+                    nq,
+                    ko,
+                    seq_keys: nk,
+                    start,
+                    head: 0,
+                    heads: kvh,
+                    k0,
+                    nk: len,
+                });
+                k0 += len;
+                if k0 >= seen {
+                    break;
+                }
+            }
+        }
+        qo += nq;
+        ko += nk;
+    }
+    items
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 #[cfg(target_arch = "x86_64")]
 // Register tiles are indexed [row][lane group] in several arrays at once; index loops say so
@@ -600,30 +698,44 @@ mod tests {
         }
     }
 
-    const SHAPES: [(usize, usize, usize); 4] = [(4, 2, 16), (9, 3, 64), (2, 1, 64), (4, 2, 128)];
+    const SHAPES: [(usize, usize, usize); 5] =
+        [(4, 2, 16), (9, 3, 64), (2, 1, 64), (4, 2, 128), (6, 2, 40)];
 
-    /// The portable and the AVX2 kernel against the f64 reference: decode steps over
-    /// scattered slots, a few-token chunk after a long context, an odd number of rows, key
-    /// counts that are not multiples of 4, one key.
+    /// The kernel levels to check here: the portable loop, then each SIMD level this CPU has
+    /// (a missing one fails instead where `ALORA_REQUIRE_SIMD` asks for it).
+    fn levels() -> Vec<Isa> {
+        let mut v = vec![Isa::Portable];
+        v.extend(
+            [Isa::Avx2, Isa::Avx512]
+                .into_iter()
+                .filter(|&l| Isa::test_has(l)),
+        );
+        v
+    }
+
+    /// Each kernel level against the f64 reference: decode steps over scattered slots, a
+    /// few-token chunk after a long context (over 16 and 32 rows per head for the AVX-512
+    /// item's row columns), an odd number of rows, key counts that are not multiples of 4 or
+    /// of a tile, one key; a head size (40) the AVX-512 item leaves to the AVX2 one.
     #[test]
     fn kernels_match_reference() {
-        let seqs: &[&[(usize, usize)]] =
-            &[&[(1, 36), (1, 0), (1, 129)], &[(7, 300)], &[(3, 2), (5, 0)]];
+        let seqs: &[&[(usize, usize)]] = &[
+            &[(1, 36), (1, 0), (1, 129)],
+            &[(7, 300)],
+            &[(3, 2), (5, 0)],
+            &[(12, 70), (2, 33)],
+        ];
         for (si, seqs) in seqs.iter().enumerate() {
             for (hi, &(nh, kvh, d)) in SHAPES.iter().enumerate() {
                 let c = testing::case(seqs, nh, kvh, d, (si * 10 + hi) as u64);
                 let sh = shape(nh, kvh, d);
                 let b = c.batch();
                 let want = reference(&c.q, &c.k, &c.v, &b, &sh).unwrap();
-                let got =
-                    attention_with(&c.q, KvPool::F32(&c.k), KvPool::F32(&c.v), &b, &sh, false)
-                        .unwrap();
-                testing::assert_close(&got, &want, 1e-5, &format!("portable {seqs:?} d={d}"));
-                if Isa::test_has(Isa::Avx2) {
+                for isa in levels() {
                     let got =
-                        attention_with(&c.q, KvPool::F32(&c.k), KvPool::F32(&c.v), &b, &sh, true)
+                        attention_with(&c.q, KvPool::F32(&c.k), KvPool::F32(&c.v), &b, &sh, isa)
                             .unwrap();
-                    testing::assert_close(&got, &want, 1e-5, &format!("avx2 {seqs:?} d={d}"));
+                    testing::assert_close(&got, &want, 1e-5, &format!("{isa:?} {seqs:?} d={d}"));
                 }
             }
         }
@@ -645,14 +757,11 @@ mod tests {
                 let sh = shape(nh, kvh, d);
                 let b = c.batch();
                 let want = reference(&c.q, &c.k, &c.v, &b, &sh).unwrap();
-                for avx2 in [false, true] {
-                    if avx2 && !Isa::test_has(Isa::Avx2) {
-                        continue;
-                    }
+                for isa in levels() {
                     let got = pool.install(|| {
-                        attention_with(&c.q, KvPool::F32(&c.k), KvPool::F32(&c.v), &b, &sh, avx2)
+                        attention_with(&c.q, KvPool::F32(&c.k), KvPool::F32(&c.v), &b, &sh, isa)
                     });
-                    let what = format!("{threads} threads, avx2 {avx2}, {seqs:?}");
+                    let what = format!("{threads} threads, {isa:?}, {seqs:?}");
                     testing::assert_close(&got.unwrap(), &want, 1e-5, &what);
                 }
             }
@@ -686,20 +795,27 @@ mod tests {
                 k.read_f32(0, &mut kw);
                 v.read_f32(0, &mut vw);
                 let want = reference(&c.q, &kw, &vw, &b, &sh).unwrap();
-                for avx2 in [false, true] {
-                    if avx2 && !Isa::test_has(Isa::Avx2) {
-                        continue;
-                    }
-                    let got = attention_with(&c.q, k, v, &b, &sh, avx2).unwrap();
-                    testing::assert_close(
-                        &got,
-                        &want,
-                        1e-5,
-                        &format!("{name} avx2 {avx2} {seqs:?}"),
-                    );
+                for isa in levels() {
+                    let got = attention_with(&c.q, k, v, &b, &sh, isa).unwrap();
+                    testing::assert_close(&got, &want, 1e-5, &format!("{name} {isa:?} {seqs:?}"));
                 }
             }
         }
+    }
+
+    #[test]
+    fn all_heads_plan_splits_keys_when_sequences_are_few() {
+        // One sequence's 3 tokens after 2,000 cached on 2 threads: 4 parts, all heads each.
+        let items = plan_all_heads(&[3], &[2003], &[2000], 3, 2);
+        let parts: Vec<(usize, usize)> = items.iter().map(|w| (w.k0, w.nk)).collect();
+        assert_eq!(parts, [(0, 501), (501, 501), (1002, 501), (1503, 500)]);
+        assert!(items.iter().all(|w| (w.head, w.heads) == (0, 3)));
+        // A short context stays whole; eight decoding sequences are one item each.
+        assert_eq!(plan_all_heads(&[1], &[200], &[199], 3, 2).len(), 1);
+        let lens = [1; 8];
+        assert_eq!(plan_all_heads(&lens, &[2000; 8], &[1999; 8], 3, 2).len(), 8);
+        // Sequences without new tokens get no item.
+        assert_eq!(plan_all_heads(&[0, 2], &[5, 700], &[5, 698], 3, 2).len(), 4);
     }
 
     #[test]
