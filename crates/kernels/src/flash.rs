@@ -370,7 +370,7 @@ mod avx512 {
 
     use super::{Block, Bufs, Geometry, Item, Scratch, KT, MR, NR};
     use crate::gemm::avx512::{tile, transpose_into};
-    use crate::simd::x86::exp16;
+    use crate::simd::x86::softmax_column;
 
     /// `O[r] = O[r] * alpha[r] + sum_t P[t][r] V[t]` for `R` rows, head_dim = 16 * DV; P is
     /// [t][ldp] (transposed scores).
@@ -474,36 +474,12 @@ mod avx512 {
                         );
                     }
                 }
-                // Online softmax down each column of 16 rows.
+                // Online softmax down each column of 16 rows (a row at position p sees keys
+                // below p + 1).
                 for (c, &pos) in pos.iter().enumerate() {
-                    let col = st_buf.add(c * 16);
-                    let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
-                    for t in 0..kn {
-                        let vis = _mm512_cmpge_epi32_mask(pos, _mm512_set1_epi32((t0 + t) as i32));
-                        mx = _mm512_mask_max_ps(mx, vis, mx, _mm512_loadu_ps(col.add(t * rp)));
-                    }
-                    let m_old = _mm512_loadu_ps(m.add(c * 16));
-                    let m_new = _mm512_max_ps(m_old, mx);
-                    let mut sum = _mm512_setzero_ps();
-                    for t in 0..kn {
-                        let vis = _mm512_cmpge_epi32_mask(pos, _mm512_set1_epi32((t0 + t) as i32));
-                        let x = _mm512_sub_ps(_mm512_loadu_ps(col.add(t * rp)), m_new);
-                        let p = _mm512_maskz_mov_ps(vis, exp16(x));
-                        _mm512_storeu_ps(col.add(t * rp), p);
-                        sum = _mm512_add_ps(sum, p);
-                    }
-                    // e^(m - m'): 0 on a row's first visible tile (m = -inf; exp16 clamps to
-                    // e^-87, and O and l are 0 there), 1 where this tile had nothing visible.
-                    let a = exp16(_mm512_sub_ps(m_old, m_new));
-                    let a = _mm512_mask_mov_ps(
-                        a,
-                        _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(m_old, m_new),
-                        _mm512_set1_ps(1.0),
-                    );
-                    _mm512_storeu_ps(alpha.add(c * 16), a);
-                    let l_old = _mm512_loadu_ps(l.add(c * 16));
-                    _mm512_storeu_ps(l.add(c * 16), _mm512_fmadd_ps(l_old, a, sum));
-                    _mm512_storeu_ps(m.add(c * 16), m_new);
+                    let limit = _mm512_add_epi32(pos, _mm512_set1_epi32(1));
+                    let (m, l, a) = (m.add(c * 16), l.add(c * 16), alpha.add(c * 16));
+                    softmax_column(st_buf.add(c * 16), rp, (t0, kn), limit, m, l, a);
                 }
                 let rpv = (24 / DV).min(6);
                 let mut r0 = 0;

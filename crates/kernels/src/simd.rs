@@ -124,6 +124,57 @@ pub(crate) mod x86 {
         ));
         _mm512_mul_ps(p, _mm512_castsi512_ps(pow2n))
     }
+
+    /// One tile's step of an online softmax down a column of 16 query rows: `col[t * ld]` holds
+    /// the rows' scores against key `t0 + t` for `t < kn`, and a row sees the keys below its
+    /// lane of `limit`. Overwrites the scores with `e^(s - m')` (0 where not seen), updates
+    /// the running max `m` and sum `l` (16 floats each, 64-byte aligned) and writes to `alpha`
+    /// the factor `e^(m - m')` by which the row's output so far must be scaled. Shared by the
+    /// flash and the paged AVX-512 items.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `col` holds `kn` rows `ld` floats apart, 16 floats each.
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    pub(crate) unsafe fn softmax_column(
+        col: *mut f32,
+        ld: usize,
+        (t0, kn): (usize, usize),
+        limit: __m512i,
+        m: *mut f32,
+        l: *mut f32,
+        alpha: *mut f32,
+    ) {
+        // SAFETY: as this function's contract says.
+        unsafe {
+            let sees =
+                |t: usize| _mm512_cmpgt_epi32_mask(limit, _mm512_set1_epi32((t0 + t) as i32));
+            let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+            for t in 0..kn {
+                mx = _mm512_mask_max_ps(mx, sees(t), mx, _mm512_loadu_ps(col.add(t * ld)));
+            }
+            let m_old = _mm512_load_ps(m);
+            let m_new = _mm512_max_ps(m_old, mx);
+            let mut sum = _mm512_setzero_ps();
+            for t in 0..kn {
+                let x = _mm512_sub_ps(_mm512_loadu_ps(col.add(t * ld)), m_new);
+                let p = _mm512_maskz_mov_ps(sees(t), exp16(x));
+                _mm512_storeu_ps(col.add(t * ld), p);
+                sum = _mm512_add_ps(sum, p);
+            }
+            // e^(m - m'): ~0 on a row's first visible tile (m = -inf; exp16 clamps to e^-87,
+            // and O and l are 0 there), 1 where this tile had nothing visible.
+            let a = exp16(_mm512_sub_ps(m_old, m_new));
+            let a = _mm512_mask_mov_ps(
+                a,
+                _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(m_old, m_new),
+                _mm512_set1_ps(1.0),
+            );
+            _mm512_store_ps(alpha, a);
+            _mm512_store_ps(l, _mm512_fmadd_ps(_mm512_load_ps(l), a, sum));
+            _mm512_store_ps(m, m_new);
+        }
+    }
 }
 
 #[cfg(test)]

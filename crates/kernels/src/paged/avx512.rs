@@ -20,7 +20,7 @@ use std::arch::x86_64::*;
 use super::{Partial, Pools, Work};
 use crate::gemm::{aligned, Line};
 use crate::kv::{x86::load16, F32};
-use crate::simd::x86::exp16;
+use crate::simd::x86::{exp16, softmax_column};
 
 /// Keys per tile: scores, softmax and the V pass of a tile run before the next.
 const KT: usize = 32;
@@ -462,34 +462,8 @@ unsafe fn item_in<const E: u8, const DV: usize>(
                 }
                 // Online softmax down each column of 16 rows.
                 for (c, &vis) in vis.iter().enumerate() {
-                    let col = st.add(c * 16);
-                    let sees = |t: usize| _mm512_cmpgt_epi32_mask(vis, _mm512_set1_epi32(t as i32));
-                    let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
-                    for t in 0..kn {
-                        let x = _mm512_loadu_ps(col.add(t * rp));
-                        mx = _mm512_mask_max_ps(mx, sees(t0 + t), mx, x);
-                    }
-                    let m_old = _mm512_load_ps(mh.add(c * 16));
-                    let m_new = _mm512_max_ps(m_old, mx);
-                    let mut sum = _mm512_setzero_ps();
-                    for t in 0..kn {
-                        let x = _mm512_sub_ps(_mm512_loadu_ps(col.add(t * rp)), m_new);
-                        let p = _mm512_maskz_mov_ps(sees(t0 + t), exp16(x));
-                        _mm512_storeu_ps(col.add(t * rp), p);
-                        sum = _mm512_add_ps(sum, p);
-                    }
-                    // e^(m - m'): ~0 on a row's first visible tile (m = -inf; exp16 clamps to
-                    // e^-87, and O and l are 0 there), 1 where this tile had nothing visible.
-                    let a = exp16(_mm512_sub_ps(m_old, m_new));
-                    let a = _mm512_mask_mov_ps(
-                        a,
-                        _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(m_old, m_new),
-                        _mm512_set1_ps(1.0),
-                    );
-                    _mm512_store_ps(alpha.add(c * 16), a);
-                    let l_old = _mm512_load_ps(lh.add(c * 16));
-                    _mm512_store_ps(lh.add(c * 16), _mm512_fmadd_ps(l_old, a, sum));
-                    _mm512_store_ps(mh.add(c * 16), m_new);
+                    let (m, l, a) = (mh.add(c * 16), lh.add(c * 16), alpha.add(c * 16));
+                    softmax_column(st.add(c * 16), rp, (t0, kn), vis, m, l, a);
                 }
                 pv_rows::<E, DV>(st, (rp, 1), &vp[..kn], o, alpha, rows);
             }
