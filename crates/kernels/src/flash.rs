@@ -370,47 +370,9 @@ mod avx512 {
 
     use super::{Block, Bufs, Geometry, Item, Scratch, KT, MR, NR};
     use crate::gemm::avx512::{tile, transpose_into};
+    use crate::kv::F32;
+    use crate::paged::avx512::pv_rows;
     use crate::simd::x86::softmax_column;
-
-    /// `O[r] = O[r] * alpha[r] + sum_t P[t][r] V[t]` for `R` rows, head_dim = 16 * DV; P is
-    /// [t][ldp] (transposed scores).
-    #[inline]
-    #[target_feature(enable = "avx512f,fma")]
-    unsafe fn pv<const R: usize, const DV: usize>(
-        p: *const f32,
-        ldp: usize,
-        v: &[*const f32; KT],
-        kn: usize,
-        o: *mut f32,
-        alpha: *const f32,
-    ) {
-        // SAFETY: the caller upholds this function's contract (the CPU has its target features;
-        // every pointer and index stays inside the buffers the caller passed, as it says at the call).
-        unsafe {
-            let mut acc = [[_mm512_setzero_ps(); DV]; R];
-            for (t, &vt) in v.iter().enumerate().take(kn) {
-                let mut vr = [_mm512_setzero_ps(); DV];
-                for (c, vr) in vr.iter_mut().enumerate() {
-                    *vr = _mm512_loadu_ps(vt.add(16 * c));
-                }
-                let pt = p.add(t * ldp);
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let pr = _mm512_set1_ps(*pt.add(r));
-                    for c in 0..DV {
-                        acc[c] = _mm512_fmadd_ps(pr, vr[c], acc[c]);
-                    }
-                }
-            }
-            for (r, acc) in acc.iter().enumerate() {
-                let a = _mm512_set1_ps(*alpha.add(r));
-                let orow = o.add(r * DV * 16);
-                for (c, acc) in acc.iter().enumerate() {
-                    let old = _mm512_loadu_ps(orow.add(16 * c));
-                    _mm512_storeu_ps(orow.add(16 * c), _mm512_fmadd_ps(old, a, *acc));
-                }
-            }
-        }
-    }
 
     /// One item with head_dim = 16 * DV.
     #[target_feature(enable = "avx512f,fma,avx2,f16c")]
@@ -450,13 +412,12 @@ mod avx512 {
                     _mm512_loadu_si512(p.as_ptr().cast())
                 })
                 .collect();
-            let mut vptr = [std::ptr::null::<f32>(); KT];
+            let mut vptr = [std::ptr::null::<u8>(); KT];
             for t0 in (0..kend).step_by(KT) {
                 let kn = KT.min(kend - t0);
                 for (t, v) in vptr.iter_mut().enumerate().take(kn) {
-                    *v =
-                        g.v.as_ptr()
-                            .add((slots[t0 + t] as usize * g.kv_heads + it.head) * d);
+                    let at = (slots[t0 + t] as usize * g.kv_heads + it.head) * d;
+                    *v = g.v.as_ptr().add(at).cast();
                 }
                 // S^T [kn][rp]: 12 keys x 32 rows per register tile.
                 for k0 in (0..kn).step_by(MR) {
@@ -481,20 +442,9 @@ mod avx512 {
                     let (m, l, a) = (m.add(c * 16), l.add(c * 16), alpha.add(c * 16));
                     softmax_column(st_buf.add(c * 16), rp, (t0, kn), limit, m, l, a);
                 }
-                let rpv = (24 / DV).min(6);
-                let mut r0 = 0;
-                while r0 < rows {
-                    let (p, o, a) = (st_buf.add(r0), s.o.as_mut_ptr().add(r0 * d), alpha.add(r0));
-                    match rpv.min(rows - r0) {
-                        6 => pv::<6, DV>(p, rp, &vptr, kn, o, a),
-                        5 => pv::<5, DV>(p, rp, &vptr, kn, o, a),
-                        4 => pv::<4, DV>(p, rp, &vptr, kn, o, a),
-                        3 => pv::<3, DV>(p, rp, &vptr, kn, o, a),
-                        2 => pv::<2, DV>(p, rp, &vptr, kn, o, a),
-                        _ => pv::<1, DV>(p, rp, &vptr, kn, o, a),
-                    }
-                    r0 += rpv.min(rows - r0);
-                }
+                // O = O * alpha + P V (the paged AVX-512 item's V pass; V rows are f32 here).
+                let o = s.o.as_mut_ptr();
+                pv_rows::<{ F32 }, DV>(st_buf, (rp, 1), &vptr[..kn], o, alpha, rows);
             }
             for r in 0..rows {
                 let inv = _mm512_set1_ps(1.0 / *l.add(r));

@@ -335,28 +335,35 @@ fn plan(
         } else {
             1
         };
-        let per = seen.div_ceil(split).max(1);
-        let mut k0 = 0;
-        loop {
-            let len = per.min(seen - k0);
-            items.push(Work {
-                qo,
-                nq,
-                ko,
-                seq_keys: nk,
-                start,
-                head,
-                heads: 1,
-                k0,
-                nk: len,
-            });
-            k0 += len;
-            if k0 >= seen {
-                break;
-            }
-        }
+        let run = Work {
+            qo,
+            nq,
+            ko,
+            seq_keys: nk,
+            start,
+            head,
+            heads: 1,
+            k0: 0,
+            nk: 0,
+        };
+        push_parts(&mut items, run, seen, split);
     }
     items
+}
+
+/// `run` once per part of its first `seen` keys cut into `split` near-equal parts (one part,
+/// possibly empty, when `split` is 1).
+fn push_parts(items: &mut Vec<Work>, run: Work, seen: usize, split: usize) {
+    let per = seen.div_ceil(split).max(1);
+    let mut k0 = 0;
+    loop {
+        let nk = per.min(seen - k0);
+        items.push(Work { k0, nk, ..run });
+        k0 += nk;
+        if k0 >= seen {
+            break;
+        }
+    }
 }
 
 /// Keys below which a part of an all-heads item is not split further (three heads' rows per
@@ -390,26 +397,18 @@ fn plan_all_heads(
             } else {
                 1
             };
-            let per = seen.div_ceil(split).max(1);
-            let mut k0 = 0;
-            loop {
-                let len = per.min(seen - k0);
-                items.push(Work {
-                    qo,
-                    nq,
-                    ko,
-                    seq_keys: nk,
-                    start,
-                    head: 0,
-                    heads: kvh,
-                    k0,
-                    nk: len,
-                });
-                k0 += len;
-                if k0 >= seen {
-                    break;
-                }
-            }
+            let run = Work {
+                qo,
+                nq,
+                ko,
+                seq_keys: nk,
+                start,
+                head: 0,
+                heads: kvh,
+                k0: 0,
+                nk: 0,
+            };
+            push_parts(&mut items, run, seen, split);
         }
         qo += nq;
         ko += nk;
@@ -418,7 +417,7 @@ fn plan_all_heads(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512;
+pub(crate) mod avx512;
 
 #[cfg(target_arch = "x86_64")]
 // Register tiles are indexed [row][lane group] in several arrays at once; index loops say so

@@ -211,7 +211,7 @@ unsafe fn pv<const E: u8, const R: usize, const DV: usize>(
 /// The V pass of one head's tile for `rows` rows, in register tiles of up to 6 rows (24 / DV).
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn pv_rows<const E: u8, const DV: usize>(
+pub(crate) unsafe fn pv_rows<const E: u8, const DV: usize>(
     s: *const f32,
     (pt, pr): (usize, usize),
     v: &[*const u8],
