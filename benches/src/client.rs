@@ -231,6 +231,11 @@ impl Client {
         b.insert("stream_options".into(), json!({"include_usage": true}));
         if self.target.ignore_eos {
             b.insert("ignore_eos".into(), json!(true));
+            // Past an ignored EOS the model writes turn markers (`<|im_end|>`, `<|im_start|>`);
+            // skipped from the text, the conversation sent back no longer tokenizes as the
+            // cached one and the next call recomputes from there (6 to 24 rows instead of 6 at
+            // ~1,900 tokens). Kept, the text round-trips, as llama-server's does.
+            b.insert("skip_special_tokens".into(), json!(false));
         }
         for (k, v) in &self.target.extra_body {
             b.insert(k.clone(), v.clone());

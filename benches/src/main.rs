@@ -111,7 +111,8 @@ struct RunArgs {
     /// agent reading the reply; not timed).
     #[arg(long, default_value_t = 0.0)]
     think_time_ms: f64,
-    /// Let the model stop at EOS (by default `ignore_eos` fixes the output length).
+    /// Let the model stop at EOS (by default `ignore_eos` fixes the output length, with
+    /// `skip_special_tokens: false` so a conversation's text round-trips to its tokens).
     #[arg(long)]
     no_ignore_eos: bool,
     /// Per-request timeout, seconds.

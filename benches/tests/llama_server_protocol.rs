@@ -180,6 +180,11 @@ async fn race_against_llama_server_style_adapters() {
         .iter()
         .all(|b| b["lora"] == json!([{"id": 1, "scale": 1.0}])));
     assert_eq!(base.len(), 4);
+    // A fixed output length keeps the special tokens' text, so the answer sent back in the
+    // next turn is the text of the tokens the server cached.
+    assert!(base
+        .iter()
+        .all(|b| b["ignore_eos"] == json!(true) && b["skip_special_tokens"] == json!(false)));
     // The second base turn of a conversation carries the first turn's answer.
     assert!(base
         .iter()
