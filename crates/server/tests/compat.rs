@@ -597,6 +597,24 @@ async fn min_tokens_holds_off_eos_stop_ids_and_stop_strings() {
             "{key}: {min} tokens, then the favoured stop: {v}"
         );
     }
+    // An ignored EOS is held off too (vLLM's min-tokens processor bans it either way): the
+    // favoured EOS comes only after `min_tokens` tokens, then fills the rest of the output.
+    let mut b = eager.clone();
+    b["ignore_eos"] = json!(true);
+    b["min_tokens"] = json!(3);
+    b["skip_special_tokens"] = json!(false);
+    let (st, v) = s.post("/v1/completions", b).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 8, "{v}");
+    let text = v["choices"][0]["text"].as_str().unwrap();
+    let held = text
+        .strip_suffix(&"<|im_end|>".repeat(5))
+        .expect("5 EOS at the end");
+    assert!(
+        !held.contains("<|im_end|>"),
+        "EOS inside min_tokens: {text:?}"
+    );
     // A stop string: the first character of the plain output ends it at once without
     // `min_tokens`, and is passed over before it.
     let plain = json!({"prompt": "ab", "max_tokens": 6, "temperature": 0});

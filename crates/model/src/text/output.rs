@@ -39,8 +39,9 @@ pub struct OutputLimits {
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
     /// Tokens to generate before EOS, a stop id or a stop string may end the output (vLLM's
-    /// `min_tokens`): until then the sampler must not pick an EOS or stop id
-    /// ([`OutputStream::is_stop_id`], [`OutputStream::may_stop`]), and stop strings that
+    /// `min_tokens`): until then the sampler must not pick an EOS (even an ignored one, as
+    /// vLLM bans it) or a stop id ([`OutputStream::is_held_id`], [`OutputStream::may_stop`]),
+    /// and stop strings that
     /// complete are passed over (one completing at the `min_tokens`-th token or later ends
     /// the output, even if it began earlier).
     pub min_tokens: usize,
@@ -64,7 +65,10 @@ pub struct Pushed {
 #[derive(Debug, Clone)]
 pub struct OutputStream {
     limits: OutputLimits,
+    /// The EOS ids that end the output (none when `ignore_eos`).
     eos_token_ids: Vec<u32>,
+    /// The tokenizer's EOS ids, ignored or not: what `min_tokens` holds off.
+    all_eos_ids: Vec<u32>,
     decoder: IncrementalDecoder,
     stops: StopStrings,
     generated: usize,
@@ -82,6 +86,7 @@ impl OutputStream {
             } else {
                 eos_token_ids.to_vec()
             },
+            all_eos_ids: eos_token_ids.to_vec(),
             limits,
             decoder,
             generated: 0,
@@ -100,10 +105,16 @@ impl OutputStream {
         self.generated >= self.limits.min_tokens
     }
 
-    /// An id that ends the output when sampled (an EOS unless ignored, or a stop id): what the
-    /// sampler must not pick while [`Self::may_stop`] is false.
+    /// An id that ends the output when sampled (an EOS unless ignored, or a stop id).
     pub fn is_stop_id(&self, t: u32) -> bool {
         self.eos_token_ids.contains(&t) || self.limits.stop_token_ids.contains(&t)
+    }
+
+    /// What the sampler must not pick while [`Self::may_stop`] is false: an EOS, ignored or
+    /// not (vLLM's min-tokens processor bans the model's EOS with `ignore_eos` too, so
+    /// `ignore_eos` + `min_tokens` gives that many tokens of text before any EOS), or a stop id.
+    pub fn is_held_id(&self, t: u32) -> bool {
+        self.all_eos_ids.contains(&t) || self.limits.stop_token_ids.contains(&t)
     }
 
     /// Whether the limit allows no token at all (then nothing should be sampled).

@@ -514,14 +514,14 @@ impl Engine {
             None if !hold => s.sampler.sample(logits),
             None => s
                 .sampler
-                .sample_allowed(logits, Some(&|t| !output.is_stop_id(t))),
+                .sample_allowed(logits, Some(&|t| !output.is_held_id(t))),
             Some(c) => {
                 let mask = c.allowed().map_err(EngineError::Grammar)?;
-                let both = |t: u32| mask.is_allowed(t) && !output.is_stop_id(t);
+                let both = |t: u32| mask.is_allowed(t) && !output.is_held_id(t);
                 let hold = hold && (0..logits.len() as u32).any(both);
                 s.sampler.sample_allowed(
                     logits,
-                    Some(&|t| mask.is_allowed(t) && !(hold && output.is_stop_id(t))),
+                    Some(&|t| mask.is_allowed(t) && !(hold && output.is_held_id(t))),
                 )
             }
         };
