@@ -564,14 +564,19 @@ async fn case_06_preparation_is_off_the_async_workers() {
 async fn case_07_never_admissible_requests_are_400() {
     let mut o = Opts::default();
     o.engine.max_queue_requests = 4;
-    o.engine.max_queue_tokens = 64;
+    // Room for the four neighbours' prompts together, which may all wait at once on a loaded
+    // machine: at 64 a clean-clone CI run failed here with a neighbour's 429.
+    o.engine.max_queue_tokens = 128;
     let s = start(o).await;
     let n = Neighbours::start(&s).await;
     let rejected = s.metric("alora:rejected_requests_total").await;
     for (body, param) in [
         (json!({"prompt": "x", "n": 5, "max_tokens": 1}), "n"),
         (json!({"prompt": vec!["x"; 5], "max_tokens": 1}), "prompt"),
-        (json!({"prompt": "x".repeat(65), "max_tokens": 1}), "prompt"),
+        (
+            json!({"prompt": "x".repeat(129), "max_tokens": 1}),
+            "prompt",
+        ),
     ] {
         let (st, v) = s.post("/v1/completions", body).await;
         assert_error((st, &v), 400, Some(param), Some("queue_limit_exceeded"));
