@@ -71,6 +71,7 @@ fn attention(c: &mut Criterion) {
     // (name, new tokens, cached keys before them)
     for (name, nq, cached) in [
         ("decode_2048", 1usize, 2047usize),
+        ("decode_128", 1, 127),
         ("tail7_2048", 7, 2048),
         ("prefill_512", 512, 0),
     ] {

@@ -569,6 +569,10 @@ async fn case_07_never_admissible_requests_are_400() {
     o.engine.max_queue_tokens = 128;
     let s = start(o).await;
     let n = Neighbours::start(&s).await;
+    // Each neighbour was admitted twice (alone, then as a stream): half the counter bounds
+    // what the four queue together.
+    let together = s.metric("vllm:prompt_tokens_total").await / 2.0;
+    assert!(together <= 128.0, "neighbours queue {together} tokens");
     let rejected = s.metric("alora:rejected_requests_total").await;
     for (body, param) in [
         (json!({"prompt": "x", "n": 5, "max_tokens": 1}), "n"),

@@ -41,9 +41,8 @@ pub struct OutputLimits {
     /// Tokens to generate before EOS, a stop id or a stop string may end the output (vLLM's
     /// `min_tokens`): until then the sampler must not pick an EOS (even an ignored one, as
     /// vLLM bans it) or a stop id ([`OutputStream::is_held_id`], [`OutputStream::may_stop`]),
-    /// and stop strings that
-    /// complete are passed over (one completing at the `min_tokens`-th token or later ends
-    /// the output, even if it began earlier).
+    /// and stop strings that complete are passed over (one completing at the `min_tokens`-th
+    /// token or later ends the output, even if it began earlier).
     pub min_tokens: usize,
     /// Keep special tokens' text in the output (vLLM's `skip_special_tokens: false`).
     pub keep_special_tokens: bool,
@@ -65,10 +64,9 @@ pub struct Pushed {
 #[derive(Debug, Clone)]
 pub struct OutputStream {
     limits: OutputLimits,
-    /// The EOS ids that end the output (none when `ignore_eos`).
+    /// The tokenizer's EOS ids: they end the output unless `limits.ignore_eos`, and
+    /// `min_tokens` holds them off either way.
     eos_token_ids: Vec<u32>,
-    /// The tokenizer's EOS ids, ignored or not: what `min_tokens` holds off.
-    all_eos_ids: Vec<u32>,
     decoder: IncrementalDecoder,
     stops: StopStrings,
     generated: usize,
@@ -76,17 +74,12 @@ pub struct OutputStream {
 }
 
 impl OutputStream {
-    /// `eos_token_ids`: the tokenizer's (ignored when `limits.ignore_eos`).
+    /// `eos_token_ids`: the tokenizer's (they end nothing when `limits.ignore_eos`).
     pub fn new(limits: OutputLimits, eos_token_ids: &[u32]) -> Self {
         let decoder = IncrementalDecoder::new(!limits.keep_special_tokens);
         OutputStream {
             stops: StopStrings::new(limits.stop.clone()).including_stop(limits.include_stop_str),
-            eos_token_ids: if limits.ignore_eos {
-                Vec::new()
-            } else {
-                eos_token_ids.to_vec()
-            },
-            all_eos_ids: eos_token_ids.to_vec(),
+            eos_token_ids: eos_token_ids.to_vec(),
             limits,
             decoder,
             generated: 0,
@@ -107,14 +100,15 @@ impl OutputStream {
 
     /// An id that ends the output when sampled (an EOS unless ignored, or a stop id).
     pub fn is_stop_id(&self, t: u32) -> bool {
-        self.eos_token_ids.contains(&t) || self.limits.stop_token_ids.contains(&t)
+        (!self.limits.ignore_eos && self.eos_token_ids.contains(&t))
+            || self.limits.stop_token_ids.contains(&t)
     }
 
     /// What the sampler must not pick while [`Self::may_stop`] is false: an EOS, ignored or
     /// not (vLLM's min-tokens processor bans the model's EOS with `ignore_eos` too, so
     /// `ignore_eos` + `min_tokens` gives that many tokens of text before any EOS), or a stop id.
     pub fn is_held_id(&self, t: u32) -> bool {
-        self.all_eos_ids.contains(&t) || self.limits.stop_token_ids.contains(&t)
+        self.eos_token_ids.contains(&t) || self.limits.stop_token_ids.contains(&t)
     }
 
     /// Whether the limit allows no token at all (then nothing should be sampled).
