@@ -113,10 +113,22 @@ pub struct ServeArgs {
     /// Log prompts and outputs (off by default: prompts are user data).
     #[arg(long, env = "ALORA_LOG_PROMPTS")]
     log_prompts: bool,
-    /// Compute a finished chat reply's turn end (`<|im_end|>\n`) ahead, for a later call on the
-    /// conversation (one sent right after the reply waits for that step instead).
-    #[arg(long, env = "ALORA_CLOSE_TURNS")]
+    /// Don't compute a finished chat reply's turn end (`<|im_end|>\n`) ahead. By default it is
+    /// computed once no request arrives within 50 ms of the reply, so a later call on the
+    /// conversation (an intrinsic, the next user turn) finds it cached.
+    #[arg(long, env = "ALORA_NO_CLOSE_TURNS")]
+    no_close_turns: bool,
+    /// The default since it was opt-in (kept so scripts that pass it still start); a later
+    /// `--no-close-turns` wins.
+    #[arg(long, hide = true, overrides_with = "no_close_turns")]
     close_turns: bool,
+}
+
+impl ServeArgs {
+    /// Turn closing is on unless `--no-close-turns` is the last of the two flags.
+    fn closes_turns(&self) -> bool {
+        self.close_turns || !self.no_close_turns
+    }
 }
 
 /// Parses sizes like `512MiB`, `2GiB`, `1.5GB`, `1000000`.
@@ -217,7 +229,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             max_connections: (a.max_connections > 0).then_some(a.max_connections),
             reject_unknown_fields: a.reject_unknown_fields,
             tool_call_parser: a.tool_call_parser.0,
-            close_turns: a.close_turns,
+            close_turns: a.closes_turns(),
         },
         adapters: adapters.clone(),
     };
@@ -263,7 +275,27 @@ pub fn run(a: ServeArgs) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_bytes;
+    use super::{parse_bytes, ServeArgs};
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn turn_closing_is_on_unless_the_last_flag_turns_it_off() {
+        let closes = |args: &[&str]| {
+            let argv = std::iter::once("alora").chain(args.iter().copied());
+            Cli::try_parse_from(argv).unwrap().serve.closes_turns()
+        };
+        assert!(closes(&[]));
+        assert!(closes(&["--close-turns"]));
+        assert!(!closes(&["--no-close-turns"]));
+        assert!(!closes(&["--close-turns", "--no-close-turns"]));
+        assert!(closes(&["--no-close-turns", "--close-turns"]));
+    }
 
     #[test]
     fn sizes() {

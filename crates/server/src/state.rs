@@ -9,7 +9,7 @@ use crate::error::ApiError;
 use crate::registry::AdapterRegistry;
 
 /// HTTP-side settings.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct HttpConfig {
     /// Name the base model is served under (default: the model file or directory name).
     pub served_model_name: Option<String>,
@@ -39,9 +39,32 @@ pub struct HttpConfig {
     /// the chat template shows, else Hermes.
     pub tool_call_parser: Option<alora_model::tools::ToolFormat>,
     /// Compute a finished chat reply's turn end ahead (the template's `<|im_end|>\n` after it),
-    /// so a later call on the conversation (an intrinsic) finds it cached (`--close-turns`).
-    /// Off by default: a call sent right after the reply waits for that step (BENCHMARKS.md).
+    /// so a later call on the conversation (an intrinsic, or the next user turn) finds it
+    /// cached. On by default (`--no-close-turns` turns it off): a call sent right after the
+    /// reply computes the rows itself (`EngineConfig::close_turn_grace`), so closing costs
+    /// nothing back to back and saves the call those rows later (BENCHMARKS.md).
     pub close_turns: bool,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            served_model_name: None,
+            api_key: None,
+            enable_adapter_loading: false,
+            adapter_dir: None,
+            max_body_bytes: 0,
+            request_timeout: None,
+            log_prompts: false,
+            shutdown_grace: None,
+            header_read_timeout: None,
+            body_read_timeout: None,
+            reject_unknown_fields: false,
+            max_connections: None,
+            tool_call_parser: None,
+            close_turns: true,
+        }
+    }
 }
 
 #[derive(Clone)]
