@@ -92,6 +92,16 @@ pub async fn serve(state: AppState, listener: tokio::net::TcpListener) -> std::i
     serve_until(state, listener, shutdown_signal()).await
 }
 
+/// Sets up an accepted connection's socket. Streamed tokens are small writes: with Nagle's
+/// algorithm on, each waits for the ACK of the one before, which the client delays (tens of
+/// ms), so tokens arrive in bursts and the first one late (TCP_NODELAY, as asyncio servers
+/// like vLLM's uvicorn set it).
+fn configure_socket(stream: &tokio::net::TcpStream) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!("TCP_NODELAY not set: {e}");
+    }
+}
+
 /// [`serve`] with the shutdown signal given: the graceful shutdown starts when `signal`
 /// resolves (embedding applications, tests).
 pub async fn serve_until(
@@ -131,6 +141,7 @@ pub async fn serve_until(
                 }
             },
         };
+        configure_socket(&stream);
         let service = TowerToHyperService::new(app.clone());
         let (mut closing, done) = (closing_rx.clone(), done_rx.clone());
         let header_timeout = cfg.header_read_timeout;
@@ -203,4 +214,19 @@ async fn shutdown_signal() {
 /// Binds `addr`.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn accepted_sockets_send_small_writes_at_once() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_client, accepted) =
+            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let (stream, _) = accepted.unwrap();
+        assert!(!stream.nodelay().unwrap(), "Nagle is on by default");
+        super::configure_socket(&stream);
+        assert!(stream.nodelay().unwrap());
+    }
 }
