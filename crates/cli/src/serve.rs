@@ -71,6 +71,12 @@ pub struct ServeArgs {
     /// conversation), so those never wait behind a long prompt.
     #[arg(long, env = "ALORA_LONG_PREFILL_TOKEN_THRESHOLD", default_value_t = alora_server::engine::DEFAULT_LONG_PREFILL_TOKENS)]
     long_prefill_token_threshold: usize,
+    /// Long prefills' chunks run in slices of layers with short steps between them: a new
+    /// request gets its step at the next layer boundary, and running decodes get one after
+    /// every this many milliseconds of prefill. 0: a chunk rides in one step with the short
+    /// work instead (vLLM's chunked prefill).
+    #[arg(long, env = "ALORA_PREFILL_SLICE_MS", default_value_t = alora_server::engine::DEFAULT_PREFILL_SLICE_MS)]
+    prefill_slice_ms: u64,
     /// Waiting requests beyond which new ones get 429.
     #[arg(long, env = "ALORA_MAX_QUEUE", default_value_t = 256)]
     max_queue: usize,
@@ -208,6 +214,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
             max_num_seqs: a.max_num_seqs,
             max_num_batched_tokens: a.max_num_batched_tokens,
             long_prefill_token_threshold: a.long_prefill_token_threshold,
+            prefill_slice: (a.prefill_slice_ms > 0)
+                .then(|| Duration::from_millis(a.prefill_slice_ms)),
             max_queue_requests: a.max_queue,
             max_queue_tokens: a.max_queue_tokens,
             ..EngineConfig::default()

@@ -41,7 +41,7 @@ pub use loader::{LoadOptions, LoadedModel};
 pub use lora::{
     find_activation_start, AdapterKind, LoraAdapter, Module, PeftConfig, PeftConfigError,
 };
-pub use model::{causal_mask, AttentionImpl, CausalLm, DenseLayer, DenseWeights};
+pub use model::{causal_mask, AttentionImpl, CausalLm, DenseLayer, DenseWeights, StepInProgress};
 pub use sampling::{Sampled, Sampler, SamplingParams, StopCheck, StopStrings};
 pub use text::output::{FinishReason, OutputLimits, OutputStream, Pushed};
 pub use text::prompt::{Prompt, PromptAdapter};

@@ -298,3 +298,105 @@ fn kv_before_activation_is_bit_identical_to_base() {
         }
     }
 }
+
+/// A step run in slices of one layer ([`CausalLm::begin`] / `advance` / `finish`), with whole
+/// steps of other sequences on the same store between the slices, gives bit for bit the logits
+/// of the same step run whole, and both groups stay within PEFT's logits.
+#[test]
+fn sliced_step_with_steps_between_matches_whole_step() {
+    for arch in ["llama", "granite"] {
+        let f = load(arch);
+        let lens: Vec<usize> = f.cases.iter().map(|c| c.input_ids.len()).collect();
+        let (tables, nblocks) = tables(&lens);
+        let steps = |range: std::ops::Range<usize>| -> Vec<SeqStep> {
+            range
+                .map(|i| SeqStep {
+                    tokens: &f.cases[i].input_ids,
+                    start_pos: 0,
+                    adapter: f.active(&f.cases[i]),
+                    block_table: &tables[i],
+                    all_logits: true,
+                })
+                .collect()
+        };
+        let n = f.cases.len();
+        let half = n / 2;
+        let whole = {
+            let kv = f.model.new_kv_store(nblocks, BS).unwrap();
+            f.model.forward(&steps(0..half), &kv).unwrap()
+        };
+
+        let kv = f.model.new_kv_store(nblocks, BS).unwrap();
+        let mut step = f.model.begin(&steps(0..half), &kv).unwrap();
+        let mut between = Vec::new();
+        let mut slices = 0;
+        loop {
+            slices += 1;
+            let first = step.layers_done();
+            let done = f.model.advance(&mut step, &kv, &mut |l| l > first).unwrap();
+            if done {
+                break;
+            }
+            // Another step, on the other sequences, between two layers of this one.
+            let i = half + between.len() % (n - half);
+            between.push((i, f.model.forward(&steps(i..i + 1), &kv).unwrap()));
+        }
+        assert_eq!(
+            slices,
+            f.model.config().num_layers,
+            "{arch}: one layer a slice"
+        );
+        assert!(!between.is_empty());
+        let sliced = f.model.finish(step).unwrap();
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v.iter().map(|x| x.to_bits()).collect()
+        };
+        assert_eq!(sliced.rows, whole.rows);
+        assert_eq!(
+            bits(&sliced.logits),
+            bits(&whole.logits),
+            "{arch}: sliced step differs from the whole one"
+        );
+        for i in 0..half {
+            let d = max_abs_diff(&sliced.seq(i).unwrap(), &f.expected(i));
+            assert!(
+                d <= TOL,
+                "{arch} {} (sliced): max |dlogit| {d}",
+                f.cases[i].name
+            );
+        }
+        for (i, out) in &between {
+            let d = max_abs_diff(&out.seq(0).unwrap(), &f.expected(*i));
+            assert!(
+                d <= TOL,
+                "{arch} {} (between): max |dlogit| {d}",
+                f.cases[*i].name
+            );
+        }
+    }
+}
+
+/// A step cannot be finished before its layers have run.
+#[test]
+fn sliced_step_cannot_finish_early() {
+    let f = load("llama");
+    let c = &f.cases[0];
+    let table: Vec<BlockId> = (0..c.input_ids.len().div_ceil(BS))
+        .map(|b| BlockId(b as u32))
+        .collect();
+    let kv = f.model.new_kv_store(table.len(), BS).unwrap();
+    let step = SeqStep {
+        tokens: &c.input_ids,
+        start_pos: 0,
+        adapter: None,
+        block_table: &table,
+        all_logits: false,
+    };
+    let mut s = f.model.begin(&[step], &kv).unwrap();
+    assert!(!f.model.advance(&mut s, &kv, &mut |_| true).unwrap());
+    assert_eq!(s.layers_done(), 0);
+    assert!(!f.model.advance(&mut s, &kv, &mut |l| l > 0).unwrap());
+    assert_eq!(s.layers_done(), 1);
+    assert!(f.model.finish(s).is_err());
+}

@@ -66,6 +66,10 @@ pub struct Metrics {
     pub adapter_tokens_from_base_blocks: Counter,
     /// Turn-end tokens computed ahead after finished chat replies.
     pub turn_end_tokens: Counter,
+    /// Long prefills' steps run in slices of layers (`EngineConfig::prefill_slice`).
+    pub sliced_prefill_steps: Counter,
+    /// Times such a step stopped between layers so that short work could run.
+    pub sliced_prefill_yields: Counter,
     pub prompt_tokens: Counter,
     pub generation_tokens: Counter,
     pub num_preemptions: Counter,
@@ -113,6 +117,8 @@ impl Metrics {
             prefix_cache_hits: Counter::default(),
             adapter_tokens_from_base_blocks: Counter::default(),
             turn_end_tokens: Counter::default(),
+            sliced_prefill_steps: Counter::default(),
+            sliced_prefill_yields: Counter::default(),
             prompt_tokens: Counter::default(),
             generation_tokens: Counter::default(),
             num_preemptions: Counter::default(),
@@ -219,6 +225,16 @@ impl Metrics {
             "alora:turn_end_tokens",
             "Chat template turn-end tokens computed ahead after finished replies",
             m.turn_end_tokens.clone(),
+        );
+        r.register(
+            "alora:sliced_prefill_steps",
+            "Long prefills' steps run in slices of layers with short steps between them",
+            m.sliced_prefill_steps.clone(),
+        );
+        r.register(
+            "alora:sliced_prefill_yields",
+            "Times a sliced prefill step stopped between layers for short work",
+            m.sliced_prefill_yields.clone(),
         );
         r.register(
             "alora:adapter_requests",

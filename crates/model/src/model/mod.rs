@@ -77,6 +77,41 @@ pub struct DenseWeights {
     pub lm_head: Tensor,
 }
 
+/// A step between its layers ([`CausalLm::begin`]): the batch as the layers read it, the
+/// residual stream and its norm, and the next layer to run. Its K/V writes so far are in the
+/// store; the sequences' blocks must stay theirs until it is finished or dropped.
+pub struct StepInProgress {
+    prep: Prepared,
+    attn_path: attention::AttnPath,
+    cos: Tensor,
+    sin: Tensor,
+    write_idx: Tensor,
+    x: Tensor,
+    h: Tensor,
+    next_layer: usize,
+}
+
+impl std::fmt::Debug for StepInProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepInProgress")
+            .field("tokens", &self.prep.num_tokens)
+            .field("layers_done", &self.next_layer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StepInProgress {
+    /// Layers run so far.
+    pub fn layers_done(&self) -> usize {
+        self.next_layer
+    }
+
+    /// Rows (new tokens) the step computes.
+    pub fn num_tokens(&self) -> usize {
+        self.prep.num_tokens
+    }
+}
+
 /// The step context every layer reads.
 struct StepCtx<'a> {
     prep: &'a Prepared,
@@ -265,10 +300,40 @@ impl CausalLm {
         // loops (block matmuls, paged attention: ~240 per decode step) fork from a worker
         // instead of each one parking the calling thread and waking it again: a SmolLM2 decode
         // step went from 15.9 to 14.8 ms on 2 cores (BENCHMARKS.md).
-        rayon::scope(|_| self.forward_on_worker(seqs, kv))
+        rayon::scope(|_| {
+            let mut step = self.begin_on_worker(seqs, kv)?;
+            self.advance_on_worker(&mut step, kv, &mut |_| false)?;
+            self.finish_on_worker(step)
+        })
     }
 
-    fn forward_on_worker(&self, seqs: &[SeqStep<'_>], kv: &KvStore) -> Result<StepLogits> {
+    /// Starts a step that runs in slices: embeds the batch and prepares what every layer
+    /// reads. [`CausalLm::advance`] runs its layers, [`CausalLm::finish`] gives the logits;
+    /// together they compute exactly what [`CausalLm::forward`] does (the same ops in the same
+    /// order), and other steps, on other sequences, may run between the slices. Every call
+    /// for one step takes the same `kv`.
+    pub fn begin(&self, seqs: &[SeqStep<'_>], kv: &KvStore) -> Result<StepInProgress> {
+        rayon::scope(|_| self.begin_on_worker(seqs, kv))
+    }
+
+    /// Runs layers of `step` until all have run (true) or `yield_at(layers_done)`, asked
+    /// before each layer, says to stop there (false). The caller sees to progress: a
+    /// `yield_at` that always says stop runs nothing.
+    pub fn advance(
+        &self,
+        step: &mut StepInProgress,
+        kv: &KvStore,
+        yield_at: &mut (dyn FnMut(usize) -> bool + Send),
+    ) -> Result<bool> {
+        rayon::scope(|_| self.advance_on_worker(step, kv, yield_at))
+    }
+
+    /// The logits of a step whose layers have all run.
+    pub fn finish(&self, step: StepInProgress) -> Result<StepLogits> {
+        rayon::scope(|_| self.finish_on_worker(step))
+    }
+
+    fn begin_on_worker(&self, seqs: &[SeqStep<'_>], kv: &KvStore) -> Result<StepInProgress> {
         if seqs.is_empty() {
             return Err(ModelError::Batch("empty batch".into()));
         }
@@ -281,7 +346,8 @@ impl CausalLm {
         let prep = Prepared::new(seqs, kv, self.rope.max_positions(), &self.device)?;
         let (cos, sin) = self.rope.gather(&prep.positions)?;
         let write_idx = kv.expand_slots(&prep.write_slots)?;
-        let attn = alora_kernels::AttnBatch::new(
+        // Checked here once; each slice borrows it again from `prep`.
+        alora_kernels::AttnBatch::new(
             &prep.seqlens_q,
             &prep.seqlens_k,
             &prep.start_pos,
@@ -295,31 +361,79 @@ impl CausalLm {
             self.cfg.head_dim,
             &prep.seqlens_q,
         )?;
-        let ctx = StepCtx {
-            prep: &prep,
-            attn,
-            attn_path,
-            cos,
-            sin,
-            write_idx,
-            kv,
-        };
-
         let mut x = self.embed_tokens.index_select(&prep.ids, 0)?;
         if self.cfg.architecture == Architecture::Granite {
             x = x.affine(self.cfg.embedding_multiplier, 0.0)?;
         }
         // Each residual add is fused with the RMS norm after it (the next layer's input norm;
         // the last layer's add stands alone: the final norm runs on the logit rows only).
-        let mut h = match self.layers.first() {
+        let h = match self.layers.first() {
             Some(first) => self.rms_norm(&x, &first.input_layernorm)?,
             None => x.clone(),
         };
-        for (l, layer) in self.layers.iter().enumerate() {
+        Ok(StepInProgress {
+            prep,
+            attn_path,
+            cos,
+            sin,
+            write_idx,
+            x,
+            h,
+            next_layer: 0,
+        })
+    }
+
+    fn advance_on_worker(
+        &self,
+        step: &mut StepInProgress,
+        kv: &KvStore,
+        yield_at: &mut (dyn FnMut(usize) -> bool + Send),
+    ) -> Result<bool> {
+        let StepInProgress {
+            prep,
+            attn_path,
+            cos,
+            sin,
+            write_idx,
+            x,
+            h,
+            next_layer,
+        } = step;
+        let ctx = StepCtx {
+            prep,
+            attn: alora_kernels::AttnBatch::new(
+                &prep.seqlens_q,
+                &prep.seqlens_k,
+                &prep.start_pos,
+                &prep.gather_slots_host,
+            )?,
+            attn_path: *attn_path,
+            cos: cos.clone(),
+            sin: sin.clone(),
+            write_idx: write_idx.clone(),
+            kv,
+        };
+        while let Some(layer) = self.layers.get(*next_layer) {
+            if yield_at(*next_layer) {
+                return Ok(false);
+            }
+            let l = *next_layer;
             let _span = tracing::trace_span!("layer", l).entered();
-            (x, h) = self.layer_forward(l, layer, &x, &h, &ctx)?;
+            (*x, *h) = self.layer_forward(l, layer, x, h, &ctx)?;
+            *next_layer += 1;
         }
-        let x = x.index_select(&prep.logit_rows, 0)?;
+        Ok(true)
+    }
+
+    fn finish_on_worker(&self, step: StepInProgress) -> Result<StepLogits> {
+        if step.next_layer < self.layers.len() {
+            return Err(ModelError::Batch(format!(
+                "step finished after {} of {} layers",
+                step.next_layer,
+                self.layers.len()
+            )));
+        }
+        let x = step.x.index_select(&step.prep.logit_rows, 0)?;
         let x = self.rms_norm(&x, &self.norm)?;
         let mut logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
         if self.cfg.logits_scaling != 1.0 {
@@ -327,7 +441,7 @@ impl CausalLm {
         }
         Ok(StepLogits {
             logits,
-            rows: prep.rows.clone(),
+            rows: step.prep.rows,
         })
     }
 

@@ -8,12 +8,12 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use alora_cache::{BlockHasher, CacheConfig, CacheStats, KvCacheManager};
-use alora_model::{CausalLm, KvStore, LoadedModel, SeqStep, Tokenizer};
+use alora_model::{CausalLm, KvStore, LoadedModel, SeqStep, StepInProgress, StepLogits, Tokenizer};
 
 use super::request::{EngineError, Event, Finish, TokenEvent, Usage};
 use super::scheduler::{Scheduled, Scheduler, SchedulerConfig, SchedulerOutput};
@@ -36,6 +36,18 @@ struct Engine {
     /// the turn end cached.
     closed_at: Option<Instant>,
     close_grace: Duration,
+    /// `EngineConfig::prefill_slice`.
+    prefill_slice: Option<Duration>,
+    /// The long prefills' step computing in slices, if one is.
+    background: Option<Background>,
+    /// `Shared::submitted` before the channel was last drained.
+    drained_submissions: u64,
+}
+
+/// A step of long prefill chunks ([`Scheduler::take_long`]) between its layers.
+struct Background {
+    out: SchedulerOutput,
+    step: StepInProgress,
 }
 
 pub(super) fn run<F>(cfg: EngineConfig, load: F, shared: Arc<Shared>, rx: Receiver<Msg>)
@@ -140,6 +152,9 @@ impl Engine {
             last_stats: CacheStats::default(),
             closed_at: None,
             close_grace: cfg.close_turn_grace,
+            prefill_slice: cfg.prefill_slice,
+            background: None,
+            drained_submissions: 0,
         })
     }
 
@@ -155,13 +170,34 @@ impl Engine {
                     Err(RecvTimeoutError::Disconnected) => return,
                 }
             }
-            if let Some(t) = self.closed_at.filter(|_| self.sched.only_closing()) {
-                // A reply just finished and nothing else runs: a request sent right after it
-                // (the call on the conversation) computes the turn end itself rather than
-                // wait behind a speculative step; only if none comes is it computed ahead.
+            let alone = match self.background {
+                None => self.sched.only_closing(),
+                Some(_) => self.sched.only_closing_beside_long(),
+            };
+            if let Some(t) = self.closed_at.filter(|_| alone) {
+                // A reply just finished and nothing else runs (but a sliced prefill): a
+                // request sent right after it (the call on the conversation) computes the turn
+                // end itself rather than wait behind a speculative step; only if none comes is
+                // it computed ahead. A sliced prefill goes on meanwhile.
                 let left = self.close_grace.saturating_sub(t.elapsed());
                 if !left.is_zero() {
-                    match rx.recv_timeout(left) {
+                    let got = match self.background {
+                        None => rx.recv_timeout(left),
+                        Some(_) => {
+                            self.drained_submissions = self.shared.submitted.load(Ordering::SeqCst);
+                            match rx.try_recv() {
+                                Ok(m) => Ok(m),
+                                Err(TryRecvError::Empty) => {
+                                    self.advance_background(Some(t + self.close_grace));
+                                    continue;
+                                }
+                                Err(TryRecvError::Disconnected) => {
+                                    Err(RecvTimeoutError::Disconnected)
+                                }
+                            }
+                        }
+                    };
+                    match got {
                         Ok(m @ Msg::Submit(_)) => {
                             self.drop_closing();
                             self.closed_at = None;
@@ -178,6 +214,9 @@ impl Engine {
             }
             let closed_at = self.closed_at.take();
             let mut after_close = Vec::new();
+            // Submissions counted from here on may not be drained below: a sliced step yields
+            // for them.
+            self.drained_submissions = self.shared.submitted.load(Ordering::SeqCst);
             while let Ok(m) = rx.try_recv() {
                 match m {
                     Msg::Submit(seq) if closed_at.is_some_and(|t| seq.arrival >= t) => {
@@ -190,11 +229,23 @@ impl Engine {
             let mut out = self.sched.schedule();
             self.on_schedule(&out);
             self.copy_kv(&mut out);
+            let long = match self.prefill_slice {
+                Some(_) => self.sched.take_long(&mut out),
+                None => None,
+            };
             if !out.scheduled.is_empty() {
                 self.step(&out);
             }
+            if let Some(long) = long {
+                self.begin_background(long);
+            }
+            // Requests held back for the turn end are admitted next, before any more prefill.
+            let held = !after_close.is_empty();
             for m in after_close {
                 self.handle(m);
+            }
+            if !held {
+                self.advance_background(None);
             }
             self.publish_gauges();
         }
@@ -252,8 +303,11 @@ impl Engine {
         let gone: Vec<u64> = self
             .seqs
             .values()
-            // A closing sequence has answered: its client is gone by design.
-            .filter(|s| s.is_cancelled() && !self.is_closing(s.id))
+            // A closing sequence has answered: its client is gone by design. One in flight
+            // goes once its step is done (the step writes into its blocks until then).
+            .filter(|s| {
+                s.is_cancelled() && !self.is_closing(s.id) && !self.sched.is_in_flight(s.id)
+            })
             .map(|s| s.id)
             .collect();
         for id in gone {
@@ -329,11 +383,93 @@ impl Engine {
                 tokens = out.num_batched_tokens()
             )
             .entered();
-            self.model.forward(&steps, &self.kv).and_then(|l| {
-                let rows = l.logits.to_vec2::<f32>()?;
-                Ok((rows, l.rows))
-            })
+            self.model.forward(&steps, &self.kv)
         };
+        self.after_forward(out, result);
+    }
+
+    /// Starts the long prefills' step `long` (its sequences are in flight): embeds it; its
+    /// layers run in [`Engine::advance_background`].
+    fn begin_background(&mut self, long: SchedulerOutput) {
+        let begun = {
+            let steps: Vec<SeqStep<'_>> = long
+                .scheduled
+                .iter()
+                .map(|sch| self.seq_step(sch))
+                .collect();
+            self.model.begin(&steps, &self.kv)
+        };
+        match begun {
+            Ok(step) => {
+                self.shared.metrics.sliced_prefill_steps.inc();
+                self.background = Some(Background { out: long, step });
+            }
+            Err(e) => {
+                tracing::error!("sliced step failed to start: {e}; running it whole");
+                self.step(&long);
+            }
+        }
+    }
+
+    /// Runs the long prefills' step until it is done, or until short work waits: a request
+    /// submitted since the channel was drained or a short one waiting (at the next layer
+    /// boundary), or decodes ready after the step has computed for `prefill_slice`, or (after
+    /// a layer) at `until`. Done, its chunks are booked and sampled as any step's.
+    fn advance_background(&mut self, until: Option<Instant>) {
+        let Some(mut bg) = self.background.take() else {
+            return;
+        };
+        let slice = self.prefill_slice.unwrap_or(Duration::MAX);
+        let short_ready = self.sched.has_ready_short();
+        let short_waiting = self.sched.has_waiting_short();
+        let shared = self.shared.clone();
+        let seen = self.drained_submissions;
+        let started = Instant::now();
+        let first = bg.step.layers_done();
+        // A new submission stops it even before its first layer (each can do so once: the
+        // loop drains it); the rest only after a layer, so the step always progresses.
+        let mut yield_at = |layer: usize| {
+            shared.submitted.load(Ordering::SeqCst) != seen
+                || (layer > first
+                    && (short_waiting
+                        || (short_ready && started.elapsed() >= slice)
+                        || until.is_some_and(|u| Instant::now() >= u)))
+        };
+        let ran = {
+            let _span = tracing::debug_span!(
+                "background step",
+                seqs = bg.out.scheduled.len(),
+                tokens = bg.out.num_batched_tokens(),
+                from_layer = bg.step.layers_done()
+            )
+            .entered();
+            self.model.advance(&mut bg.step, &self.kv, &mut yield_at)
+        };
+        match ran {
+            Ok(false) => {
+                self.shared.metrics.sliced_prefill_yields.inc();
+                self.background = Some(bg);
+            }
+            Ok(true) => {
+                let result = self.model.finish(bg.step);
+                self.after_forward(&bg.out, result);
+            }
+            Err(e) => {
+                // Run it again whole, which retries each sequence alone if it fails again
+                // (the same K/V into the same slots; nothing was committed yet).
+                tracing::error!("sliced step failed: {e}; running it whole");
+                self.step(&bg.out);
+            }
+        }
+    }
+
+    /// A forward's result for step `out`: book, sample and stream; on failure, each sequence
+    /// alone.
+    fn after_forward(&mut self, out: &SchedulerOutput, result: alora_model::Result<StepLogits>) {
+        let result = result.and_then(|l| {
+            let rows = l.logits.to_vec2::<f32>()?;
+            Ok((rows, l.rows))
+        });
         match result {
             Ok((rows, ranges)) => {
                 let per_seq: Vec<&[Vec<f32>]> = ranges.iter().map(|r| &rows[r.clone()]).collect();

@@ -22,9 +22,14 @@ use crate::metrics::Metrics;
 pub use request::{EngineError, Event, Finish, GenRequest, TokenEvent, Usage};
 use seq::Seq;
 
-/// The default `long_prefill_token_threshold`: on a 2-core CPU smaller chunks made intrinsic
-/// calls under load slower (BENCHMARKS.md, "Scheduling").
-pub const DEFAULT_LONG_PREFILL_TOKENS: usize = 2048;
+/// The default `long_prefill_token_threshold`: a long prefill's chunk runs in slices of
+/// layers that short steps interleave with (`EngineConfig::prefill_slice`), so a call that
+/// arrives waits for at most one layer of a chunk; 256 rows is ~10-15 ms a layer for SmolLM2
+/// on 2 cores, at the prefill speed of bigger chunks (BENCHMARKS.md, "Sliced prefill").
+pub const DEFAULT_LONG_PREFILL_TOKENS: usize = 256;
+
+/// `EngineConfig::prefill_slice` by default, in milliseconds.
+pub const DEFAULT_PREFILL_SLICE_MS: u64 = 25;
 
 /// `EngineConfig::close_turn_grace` by default, in milliseconds: longer than a client takes to
 /// send its next request after a response (a few ms over loopback, tens from Python).
@@ -52,6 +57,12 @@ pub struct EngineConfig {
     /// computed ahead (`HttpConfig::close_turns`): a request arriving within it drops the turn
     /// end instead, so a call sent right after the reply never waits behind that step.
     pub close_turn_grace: std::time::Duration,
+    /// Long prefills' chunks run as a step of their own, in slices of layers, with the short
+    /// steps (decodes, calls on a cached conversation) between them: a request that arrives
+    /// gets its step at the next layer boundary, and while decodes run, the chunk computes
+    /// for this long between their steps. `None`: a chunk rides in the step with the short
+    /// work (one forward), as in vLLM.
+    pub prefill_slice: Option<std::time::Duration>,
 }
 
 impl Default for EngineConfig {
@@ -66,6 +77,7 @@ impl Default for EngineConfig {
             max_queue_requests: 256,
             max_queue_tokens: 1 << 20,
             close_turn_grace: std::time::Duration::from_millis(DEFAULT_CLOSE_TURN_GRACE_MS),
+            prefill_slice: Some(std::time::Duration::from_millis(DEFAULT_PREFILL_SLICE_MS)),
         }
     }
 }
@@ -129,6 +141,8 @@ pub struct Shared {
     pub state: Mutex<LoadState>,
     waiting_requests: AtomicUsize,
     waiting_tokens: AtomicUsize,
+    /// Requests handed to the engine, ever: a sliced step yields when it moves.
+    submitted: AtomicU64,
     config: EngineConfig,
 }
 
@@ -178,6 +192,7 @@ impl EngineHandle {
             state: Mutex::new(LoadState::Loading),
             waiting_requests: AtomicUsize::new(0),
             waiting_tokens: AtomicUsize::new(0),
+            submitted: AtomicU64::new(0),
             config: config.clone(),
         });
         let (tx, rx) = channel();
@@ -259,6 +274,7 @@ impl EngineHandle {
             self.unqueue(tokens);
             return Err(SubmitError::Stopped);
         }
+        self.shared.submitted.fetch_add(1, Ordering::SeqCst);
         Ok(erx)
     }
 

@@ -65,6 +65,9 @@ pub(crate) struct SchedSeq {
     /// Finished; computing its turn end ahead ([`Scheduler::close`]): lowest priority, never
     /// preempts and is dropped rather than preempted.
     closing: bool,
+    /// Its chunk runs in a step that other steps interleave with ([`Scheduler::take_long`]):
+    /// not scheduled again, never preempted, until that step is [`Scheduler::computed`].
+    in_flight: bool,
 }
 
 impl SchedSeq {
@@ -120,6 +123,9 @@ pub(crate) struct SchedulerOutput {
     pub copies: Vec<(u64, BlockCopy)>,
     /// Closing sequences given up for blocks that others need: removed, their blocks freed.
     pub dropped: Vec<u64>,
+    /// The long prefills' chunks among `scheduled` (steps 3 and 4), which
+    /// [`Scheduler::take_long`] moves to a step of their own.
+    pub long: Vec<u64>,
 }
 
 impl SchedulerOutput {
@@ -165,6 +171,7 @@ impl Scheduler {
             reuse_prefix,
             cached_hint: None,
             closing: false,
+            in_flight: false,
         });
     }
 
@@ -205,6 +212,13 @@ impl Scheduler {
             && self.running.iter().all(|s| s.closing)
     }
 
+    /// A closing sequence, and no short work besides (long prefills aside, in flight or not).
+    pub fn only_closing_beside_long(&mut self) -> bool {
+        self.running.iter().any(|s| s.closing)
+            && !self.has_ready_short()
+            && !self.has_waiting_short()
+    }
+
     /// Running sequence `id` finished: its `turn_end` tokens are appended and computed in a
     /// later step, after which the engine removes it. Until then it holds its blocks, takes
     /// no seat, never preempts and is dropped ([`SchedulerOutput::dropped`]) where it would be
@@ -216,6 +230,59 @@ impl Scheduler {
         s.tokens.extend_from_slice(turn_end);
         s.closing = true;
         true
+    }
+
+    /// A long prefill's chunk is in a step not yet computed ([`Scheduler::take_long`]).
+    pub fn has_in_flight(&self) -> bool {
+        self.running.iter().any(|s| s.in_flight)
+    }
+
+    /// Sequence `id`'s chunk is in a step not yet computed: it must not be removed before.
+    pub fn is_in_flight(&self, id: u64) -> bool {
+        self.seq(id).is_some_and(|s| s.in_flight)
+    }
+
+    /// Running sequences with tokens to compute that a step can take now (decodes, short
+    /// prefills), closing ones aside.
+    pub fn has_ready_short(&self) -> bool {
+        let threshold = self.cfg.long_prefill_token_threshold.max(1);
+        self.running.iter().any(|s| {
+            let rem = Self::remaining(s);
+            !s.in_flight && !s.closing && rem > 0 && rem <= threshold
+        })
+    }
+
+    /// A waiting request that is short (classified by its first prefix-cache lookup).
+    pub fn has_waiting_short(&mut self) -> bool {
+        let threshold = self.cfg.long_prefill_token_threshold.max(1);
+        self.waiting.iter_mut().any(|s| {
+            let h = Self::hint(&mut self.cache, s);
+            s.tokens.len() - h.min(s.tokens.len()) <= threshold
+        })
+    }
+
+    /// Moves the long prefills' chunks out of `out` into a step of their own, which the
+    /// engine runs in slices with `out`'s and later steps between them; until that step is
+    /// [`Scheduler::computed`] its sequences are in flight: [`Scheduler::schedule`] plans only
+    /// short work, around them. None if `out` has no long chunk.
+    pub fn take_long(&mut self, out: &mut SchedulerOutput) -> Option<SchedulerOutput> {
+        if out.long.is_empty() {
+            return None;
+        }
+        let long = std::mem::take(&mut out.long);
+        let (bg, fg): (Vec<Scheduled>, Vec<Scheduled>) = std::mem::take(&mut out.scheduled)
+            .into_iter()
+            .partition(|sch| long.contains(&sch.id));
+        out.scheduled = fg;
+        for sch in &bg {
+            if let Some(s) = self.running.iter_mut().find(|s| s.id == sch.id) {
+                s.in_flight = true;
+            }
+        }
+        (!bg.is_empty()).then(|| SchedulerOutput {
+            scheduled: bg,
+            ..SchedulerOutput::default()
+        })
     }
 
     /// The running sequence `id`.
@@ -238,6 +305,13 @@ impl Scheduler {
         if !out.preempted.is_empty() {
             return out;
         }
+        if self.has_in_flight() {
+            // A long prefill's chunk is computing in slices between steps: this step is short
+            // work only, with the whole budget (the long share is being used).
+            let mut unused = 0;
+            self.admit(&mut out, &mut budget, false, &mut unused);
+            return out;
+        }
         // Short admissions leave the long prefills' share, if there are any, so a stream of
         // short requests cannot hold a long prompt back (with a threshold below the budget;
         // at the budget, long prefills take what short work leaves, as before).
@@ -250,10 +324,12 @@ impl Scheduler {
         let mut short_budget = budget - reserve;
         self.admit(&mut out, &mut short_budget, false, &mut long_share);
         budget = short_budget + reserve;
+        let num_short = out.scheduled.len();
         self.schedule_running(&mut out, &mut budget, Some(&mut long_share));
         if out.preempted.is_empty() {
             self.admit(&mut out, &mut budget, true, &mut long_share);
         }
+        out.long = out.scheduled[num_short..].iter().map(|s| s.id).collect();
         out
     }
 
@@ -303,7 +379,10 @@ impl Scheduler {
             let s = &self.running[i];
             let rem = Self::remaining(s);
             let is_long = rem > threshold;
-            if is_long != long_share.is_some() || rem == 0 {
+            // Already scheduled this step: admitted as short on a prefix-cache hint the actual
+            // lookup no longer found (its blocks were evicted since), so it is long by now.
+            let scheduled = out.scheduled.iter().any(|x| x.id == s.id);
+            if is_long != long_share.is_some() || rem == 0 || s.in_flight || scheduled {
                 i += 1;
                 continue;
             }
@@ -343,9 +422,15 @@ impl Scheduler {
                 }
                 // Out of blocks: recompute the most recently admitted sequence later (a
                 // closing one is dropped instead). The victims come from the end, past `i`:
-                // none is scheduled yet this step.
-                let victim = self.running.pop().expect("running is not empty");
-                let is_self = self.running.len() == i;
+                // none is scheduled yet this step. One in flight is never a victim (its
+                // step writes into its blocks); `i` itself is not in flight.
+                let v = self
+                    .running
+                    .iter()
+                    .rposition(|s| !s.in_flight)
+                    .expect("the sequence at i is not in flight");
+                let victim = self.running.remove(v);
+                let is_self = v == i;
                 if victim.closing {
                     out.dropped.push(victim.id);
                     self.drop_seq(victim);
@@ -453,6 +538,7 @@ impl Scheduler {
             };
             debug_assert_eq!(s.num_computed, sch.start_pos);
             s.num_computed += sch.num_tokens;
+            s.in_flight = false;
             let blocks = s.blocks.as_mut().expect("running sequences hold blocks");
             self.cache.commit(blocks, &s.tokens[..s.num_computed]);
         }
@@ -970,6 +1056,107 @@ mod tests {
         for step in 0..10u64 {
             s.remove(100 + step);
         }
+        assert_no_blocks_held(&mut s);
+    }
+
+    #[test]
+    fn a_long_chunk_in_flight_is_not_rescheduled_and_short_work_runs_around_it() {
+        // Budget 20, long prefills share 8 tokens a step.
+        let mut s = with_threshold(scheduler(64, 8, 20), 8);
+        s.add(1, prompt(40, 1), RequestKey::base());
+        s.add(2, prompt(5, 2), RequestKey::base());
+        let mut out = s.schedule();
+        assert_eq!(plan(&out), vec![(2, 0, 5), (1, 0, 8)]);
+        assert_eq!(out.long, vec![1]);
+        let bg = s.take_long(&mut out).expect("a long chunk");
+        assert_eq!(plan(&out), vec![(2, 0, 5)]);
+        assert_eq!(plan(&bg), vec![(1, 0, 8)]);
+        assert!(out.long.is_empty() && bg.long.is_empty());
+        assert!(s.is_in_flight(1) && !s.is_in_flight(2));
+        run(&mut s, &out);
+        assert!(s.has_ready_short());
+        // While 1's chunk computes: 2 decodes, a new short request is admitted with the
+        // whole budget, and 1 is not scheduled again.
+        s.add(3, prompt(6, 3), RequestKey::base());
+        let mut out = s.schedule();
+        assert_eq!(plan(&out), vec![(2, 5, 1), (3, 0, 6)]);
+        assert!(out.long.is_empty());
+        assert!(s.take_long(&mut out).is_none());
+        run(&mut s, &out);
+        // A long prompt that arrives meanwhile waits for the chunk in flight.
+        s.add(4, prompt(30, 4), RequestKey::base());
+        let out = s.schedule();
+        assert_eq!(plan(&out), vec![(2, 6, 1), (3, 6, 1)]);
+        run(&mut s, &out);
+        // The chunk is done: 1 goes on with the long share (4 waits behind it, FCFS).
+        s.computed(&bg);
+        assert!(!s.has_in_flight());
+        let out = s.schedule();
+        assert_eq!(plan(&out), vec![(2, 7, 1), (3, 7, 1), (1, 8, 8)]);
+        assert_eq!(out.long, vec![1]);
+        run(&mut s, &out);
+        for id in 1..=4 {
+            s.remove(id);
+        }
+        assert_no_blocks_held(&mut s);
+    }
+
+    #[test]
+    fn a_sequence_in_flight_is_never_preempted() {
+        // 2 blocks of 4. 2 (short, 4 tokens) and 1's first chunk of 4 (long) take one each;
+        // 1 is admitted last, so it would be the victim, but its chunk is in flight.
+        let mut s = with_threshold(scheduler(2, 8, 100), 4);
+        s.add(2, prompt(4, 2), RequestKey::base());
+        s.add(1, prompt(12, 1), RequestKey::base());
+        let mut out = s.schedule();
+        assert_eq!(plan(&out), vec![(2, 0, 4), (1, 0, 4)]);
+        let bg = s.take_long(&mut out).expect("a long chunk");
+        run(&mut s, &out);
+        // 2 needs a second block for its decode; none is free: 2 goes back, not 1.
+        let out = s.schedule();
+        assert_eq!(out.preempted, vec![2]);
+        assert!(out.scheduled.is_empty());
+        assert!(s.is_in_flight(1));
+        assert_eq!(s.seq(1).unwrap().block_table().len(), 1);
+        s.computed(&bg);
+        assert_eq!(s.seq(1).unwrap().num_computed, 4);
+        s.remove(1);
+        s.remove(2);
+        assert_no_blocks_held(&mut s);
+    }
+
+    #[test]
+    fn a_request_classified_short_on_a_stale_hit_is_scheduled_once() {
+        // 4 blocks of 4, one seat, long past 4 tokens. A's 12 tokens leave 3 cached blocks.
+        let mut s = with_threshold(scheduler(4, 1, 100), 4);
+        let a = prompt(12, 1);
+        s.add(1, a.clone(), RequestKey::base());
+        for _ in 0..3 {
+            let out = s.schedule();
+            s.computed(&out);
+        }
+        assert_eq!(s.seq(1).unwrap().num_computed, 12);
+        s.remove(1);
+        // C takes the seat; B (A's prompt and 2 more) waits, classified short on A's blocks.
+        s.add(3, prompt(4, 3), RequestKey::base());
+        let mut b = a.clone();
+        b.extend([5, 6]);
+        s.add(2, b, RequestKey::base());
+        let out = s.schedule();
+        assert_eq!(plan(&out), vec![(3, 0, 4)]);
+        run(&mut s, &out);
+        // C grows to 16 tokens and evicts A's blocks; then it is done.
+        for _ in 0..12 {
+            let out = s.schedule();
+            run(&mut s, &out);
+        }
+        assert_eq!(s.seq(3).unwrap().tokens().len(), 17);
+        s.remove(3);
+        // B's hit is gone: it is admitted with all 14 tokens to compute, once.
+        let out = s.schedule();
+        assert_eq!(plan(&out), vec![(2, 0, 14)]);
+        run(&mut s, &out);
+        s.remove(2);
         assert_no_blocks_held(&mut s);
     }
 }
