@@ -1208,3 +1208,50 @@ async fn disconnect_during_a_sliced_prefill_frees_blocks() {
     assert_eq!(st, 200, "{v}");
     assert_eq!(s.blocks_in_use_settled().await, 0.0);
 }
+
+/// A sliced prefill step whose forward fails (an adapter with broken factors) is run again
+/// whole and then sequence by sequence: that request gets a 500, requests beside it keep their
+/// outputs, and nothing is held after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_sliced_prefill_fails_only_its_request() {
+    let mut o = Opts::default();
+    o.engine.long_prefill_token_threshold = 8;
+    o.engine.prefill_slice = Some(Duration::ZERO);
+    let s = start(o).await;
+    let good = s.state.registry.get("lora").unwrap();
+    s.state
+        .registry
+        .insert(std::sync::Arc::new(good.broken_copy("broken").unwrap()));
+    let req = |adapter: Option<&str>, topic: &str| {
+        let mut r = json!({
+            "messages": user(&format!("a long story about {topic} that keeps going on and on")),
+            "max_tokens": 12, "temperature": 0, "ignore_eos": true,
+        });
+        if let Some(a) = adapter {
+            r["adapter"] = json!(a);
+        }
+        r
+    };
+    let neighbours = [req(None, "cats"), req(Some("lora"), "rain")];
+    let mut want = Vec::new();
+    for r in &neighbours {
+        let (st, v) = s.post("/v1/chat/completions", r.clone()).await;
+        assert_eq!(st, 200, "{v}");
+        want.push(content(&v));
+    }
+    s.state.engine.reset_prefix_cache().await.unwrap();
+    let steps = s.metric("alora:sliced_prefill_steps_total").await;
+    let (broken, a, b) = tokio::join!(
+        s.post("/v1/chat/completions", req(Some("broken"), "maps")),
+        s.post("/v1/chat/completions", neighbours[0].clone()),
+        s.post("/v1/chat/completions", neighbours[1].clone()),
+    );
+    assert_eq!(broken.0, 500, "{}", broken.1);
+    for (i, (st, v)) in [a, b].iter().enumerate() {
+        assert_eq!(*st, 200, "{v}");
+        assert_eq!(content(v), want[i], "neighbour {i}");
+    }
+    assert!(s.metric("alora:sliced_prefill_steps_total").await > steps);
+    assert!(s.metric("alora:step_failed_requests_total").await >= 1.0);
+    assert_eq!(s.blocks_in_use_settled().await, 0.0);
+}
