@@ -44,6 +44,16 @@ struct Engine {
     drained_submissions: u64,
 }
 
+/// What the loop does next.
+enum Next {
+    /// Drain the channel, schedule and run a step.
+    Step,
+    /// Start the loop over.
+    Again,
+    /// The channel is closed: the engine stops.
+    Stop,
+}
+
 /// A step of long prefill chunks ([`Scheduler::take_long`]) between its layers.
 struct Background {
     out: SchedulerOutput,
@@ -170,47 +180,10 @@ impl Engine {
                     Err(RecvTimeoutError::Disconnected) => return,
                 }
             }
-            let alone = match self.background {
-                None => self.sched.only_closing(),
-                Some(_) => self.sched.only_closing_beside_long(),
-            };
-            if let Some(t) = self.closed_at.filter(|_| alone) {
-                // A reply just finished and nothing else runs (but a sliced prefill): a
-                // request sent right after it (the call on the conversation) computes the turn
-                // end itself rather than wait behind a speculative step; only if none comes is
-                // it computed ahead. A sliced prefill goes on meanwhile.
-                let left = self.close_grace.saturating_sub(t.elapsed());
-                if !left.is_zero() {
-                    let got = match self.background {
-                        None => rx.recv_timeout(left),
-                        Some(_) => {
-                            self.drained_submissions = self.shared.submitted.load(Ordering::SeqCst);
-                            match rx.try_recv() {
-                                Ok(m) => Ok(m),
-                                Err(TryRecvError::Empty) => {
-                                    self.advance_background(Some(t + self.close_grace));
-                                    continue;
-                                }
-                                Err(TryRecvError::Disconnected) => {
-                                    Err(RecvTimeoutError::Disconnected)
-                                }
-                            }
-                        }
-                    };
-                    match got {
-                        Ok(m @ Msg::Submit(_)) => {
-                            self.drop_closing();
-                            self.closed_at = None;
-                            self.handle(m);
-                        }
-                        Ok(m) => {
-                            self.handle(m);
-                            continue;
-                        }
-                        Err(RecvTimeoutError::Timeout) => {}
-                        Err(RecvTimeoutError::Disconnected) => return,
-                    }
-                }
+            match self.await_call(&rx) {
+                Next::Step => {}
+                Next::Again => continue,
+                Next::Stop => return,
             }
             let closed_at = self.closed_at.take();
             let mut after_close = Vec::new();
@@ -248,6 +221,52 @@ impl Engine {
                 self.advance_background(None);
             }
             self.publish_gauges();
+        }
+    }
+
+    /// The turn-end grace. A reply just finished and nothing else runs (but a sliced
+    /// prefill): a request sent right after it (the call on the conversation) computes the
+    /// turn end itself rather than wait behind a speculative step; only if none comes within
+    /// `close_grace` is it computed ahead. A sliced prefill goes on meanwhile.
+    fn await_call(&mut self, rx: &Receiver<Msg>) -> Next {
+        let alone = match self.background {
+            None => self.sched.only_closing(),
+            Some(_) => self.sched.only_closing_beside_long(),
+        };
+        let Some(t) = self.closed_at.filter(|_| alone) else {
+            return Next::Step;
+        };
+        let left = self.close_grace.saturating_sub(t.elapsed());
+        if left.is_zero() {
+            return Next::Step;
+        }
+        let got = match self.background {
+            None => rx.recv_timeout(left),
+            Some(_) => {
+                self.drained_submissions = self.shared.submitted.load(Ordering::SeqCst);
+                match rx.try_recv() {
+                    Ok(m) => Ok(m),
+                    Err(TryRecvError::Empty) => {
+                        self.advance_background(Some(t + self.close_grace));
+                        return Next::Again;
+                    }
+                    Err(TryRecvError::Disconnected) => Err(RecvTimeoutError::Disconnected),
+                }
+            }
+        };
+        match got {
+            Ok(m @ Msg::Submit(_)) => {
+                self.drop_closing();
+                self.closed_at = None;
+                self.handle(m);
+                Next::Step
+            }
+            Ok(m) => {
+                self.handle(m);
+                Next::Again
+            }
+            Err(RecvTimeoutError::Timeout) => Next::Step,
+            Err(RecvTimeoutError::Disconnected) => Next::Stop,
         }
     }
 
