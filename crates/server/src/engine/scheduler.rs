@@ -17,6 +17,10 @@
 //!    `long_prefill_token_threshold` tokens;
 //! 4. waiting long ones are admitted in arrival order within what is left of that share.
 //!
+//! The engine may take the long chunks (steps 3 and 4) out into a step of their own that runs
+//! in slices of layers ([`Scheduler::take_long`]); until it is computed, those sequences are
+//! in flight and each `schedule` plans steps 1 and 2 only, around them.
+//!
 //! So a step's length is bounded by its decodes plus one share of prefill, and a short request
 //! never waits behind a long prompt's chunks; while long prompts wait or run, short admissions
 //! leave their share, so they progress every step that decodes do not fill (no starvation). Admission needs no preemption in the step, a free seat (`max_num_seqs`)
