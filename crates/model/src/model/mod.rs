@@ -105,11 +105,6 @@ impl StepInProgress {
     pub fn layers_done(&self) -> usize {
         self.next_layer
     }
-
-    /// Rows (new tokens) the step computes.
-    pub fn num_tokens(&self) -> usize {
-        self.prep.num_tokens
-    }
 }
 
 /// The step context every layer reads.
@@ -346,13 +341,6 @@ impl CausalLm {
         let prep = Prepared::new(seqs, kv, self.rope.max_positions(), &self.device)?;
         let (cos, sin) = self.rope.gather(&prep.positions)?;
         let write_idx = kv.expand_slots(&prep.write_slots)?;
-        // Checked here once; each slice borrows it again from `prep`.
-        alora_kernels::AttnBatch::new(
-            &prep.seqlens_q,
-            &prep.seqlens_k,
-            &prep.start_pos,
-            &prep.gather_slots_host,
-        )?;
         let attn_path = attention::AttnPath::choose(
             self.attention,
             &self.device,
@@ -399,6 +387,8 @@ impl CausalLm {
             h,
             next_layer,
         } = step;
+        // The kernels' view of the batch borrows `prep`, so each slice makes it (and checks
+        // it: once for a whole forward, as before slicing).
         let ctx = StepCtx {
             prep,
             attn: alora_kernels::AttnBatch::new(

@@ -24,8 +24,9 @@ use seq::Seq;
 
 /// The default `long_prefill_token_threshold`: a long prefill's chunk runs in slices of
 /// layers that short steps interleave with (`EngineConfig::prefill_slice`), so a call that
-/// arrives waits for at most one layer of a chunk; 256 rows is ~10-15 ms a layer for SmolLM2
-/// on 2 cores, at the prefill speed of bigger chunks (BENCHMARKS.md, "Sliced prefill").
+/// arrives waits for at most one layer of a chunk; 256 rows is ~9-15 ms a layer for SmolLM2
+/// on 2 cores (its measured prefill speed over 30 layers), at the prefill speed of bigger
+/// chunks (BENCHMARKS.md, "Nineteenth session: sliced prefill").
 pub const DEFAULT_LONG_PREFILL_TOKENS: usize = 256;
 
 /// `EngineConfig::prefill_slice` by default, in milliseconds.
