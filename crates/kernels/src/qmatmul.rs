@@ -28,7 +28,7 @@ use rayon::prelude::*;
 
 use crate::error::{KernelError, Result};
 use crate::isa::Isa;
-use crate::simd::dot;
+use crate::simd::{dot, SendPtr};
 
 /// Weights per block in every supported format.
 pub const BLOCK: usize = 32;
@@ -77,6 +77,37 @@ pub struct BlockMatrix {
     d: Vec<f32>,
     /// Q4_1 only.
     m: Vec<f32>,
+}
+
+/// The formats as const parameters of the SIMD kernels: each format's block loop is compiled
+/// on its own, with no branch on the format inside it.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const Q4_0: u8 = 0;
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const Q4_1: u8 = 1;
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const Q8_0: u8 = 2;
+
+/// [`BlockFormat::quant_bytes`] for a format's const.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const fn quant_bytes(f: u8) -> usize {
+    if f == Q8_0 {
+        32
+    } else {
+        16
+    }
+}
+
+/// One row of blocks as the SIMD kernels read it: where its quants, scales and (Q4_1)
+/// offsets start. Made by [`BlockMatrix::raw_row`], which checks the row exists; a kernel
+/// reads `cols / 32` blocks from each.
+#[derive(Clone, Copy)]
+#[cfg(target_arch = "x86_64")]
+struct RawRow {
+    qs: *const u8,
+    d: *const f32,
+    /// Dangling unless Q4_1 (never read then).
+    m: *const f32,
 }
 
 /// One row (or a run of its blocks) as the kernels read it.
@@ -226,6 +257,13 @@ impl BlockMatrix {
         }
     }
 
+    /// Row `r` (or, with [`RawRow::from`], a run of its blocks) for the SIMD kernels.
+    #[inline]
+    #[cfg(target_arch = "x86_64")]
+    fn raw_row(&self, r: usize) -> RawRow {
+        RawRow::from(self.row(r))
+    }
+
     /// Row `r` as f32, exactly what `QTensor::dequantize` gives.
     pub fn decode_row(&self, r: usize, out: &mut [f32]) {
         decode_row(self.format, self.row(r), out);
@@ -242,13 +280,21 @@ impl BlockMatrix {
                 .row(r0 + i)
                 .blocks(self.format, k0 / BLOCK, (k0 + kc) / BLOCK);
             #[cfg(target_arch = "x86_64")]
-            match isa {
-                // SAFETY: `Isa::detect` checked the features; `row` holds kc / 32 blocks and
-                // `o` kc floats.
-                Isa::Avx512 => unsafe { avx512::decode_run(self.format, row, o) },
-                // SAFETY: as above.
-                Isa::Avx2 => unsafe { avx2::decode_run(self.format, row, o) },
-                Isa::Portable => decode_row(self.format, row, o),
+            {
+                let raw = RawRow::from(row);
+                // SAFETY: `Isa::get` checked the features; `row` holds kc / 32 blocks and `o`
+                // kc floats.
+                unsafe {
+                    match (isa, self.format) {
+                        (Isa::Avx512, BlockFormat::Q4_0) => avx512::decode_run::<Q4_0>(raw, o),
+                        (Isa::Avx512, BlockFormat::Q4_1) => avx512::decode_run::<Q4_1>(raw, o),
+                        (Isa::Avx512, BlockFormat::Q8_0) => avx512::decode_run::<Q8_0>(raw, o),
+                        (Isa::Avx2, BlockFormat::Q4_0) => avx2::decode_run::<Q4_0>(raw, o),
+                        (Isa::Avx2, BlockFormat::Q4_1) => avx2::decode_run::<Q4_1>(raw, o),
+                        (Isa::Avx2, BlockFormat::Q8_0) => avx2::decode_run::<Q8_0>(raw, o),
+                        (Isa::Portable, _) => decode_row(self.format, row, o),
+                    }
+                }
             }
             #[cfg(not(target_arch = "x86_64"))]
             {
@@ -283,8 +329,8 @@ impl BlockMatrix {
         // scheduling costs more than the work.
         let threads = rayon::current_num_threads().max(1);
         let chunk = n.div_ceil(threads * 4).clamp(8, 256);
-        // Computed as [n, m] (each task owns whole output rows), transposed at the end.
-        let mut out_t = vec![0f32; n * m];
+        let mut out = vec![0f32; m * n];
+        let dst = SendPtr(out.as_mut_ptr());
         // The single row's sum over each block (see `avx2::single`).
         let sums: Vec<f32> = if isa != Isa::Portable && m == 1 {
             x.chunks_exact(BLOCK)
@@ -293,37 +339,33 @@ impl BlockMatrix {
         } else {
             Vec::new()
         };
-        out_t
-            .par_chunks_mut(chunk * m)
-            .enumerate()
-            .for_each(|(c, dst)| match isa {
+        (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
+            let (r0, rows) = (c * chunk, chunk.min(n - c * chunk));
+            match isa {
                 // SAFETY: `isa` is at most `Isa::get()` (clamped above), so the CPU has the
-                // features; `dst` holds whole rows (m outputs each) of this matrix from row
-                // c * chunk; x and sums are sized by the assert above.
+                // features; x and sums are sized by the assert above; `out` is [m, n] and
+                // this task alone writes its columns r0 .. r0 + rows.
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => unsafe { avx512::rows_times_x(self, c * chunk, x, &sums, m, dst) },
+                Isa::Avx512 => unsafe {
+                    avx512::rows_times_x(self, r0, rows, x, &sums, m, dst.get())
+                },
                 // SAFETY: as above, for AVX2.
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => unsafe { avx2::rows_times_x(self, c * chunk, x, &sums, m, dst) },
+                Isa::Avx2 => unsafe { avx2::rows_times_x(self, r0, rows, x, &sums, m, dst.get()) },
                 _ => {
                     let mut scratch = vec![0f32; self.cols];
-                    for (jj, o) in dst.chunks_mut(m).enumerate() {
-                        decode_row(self.format, self.row(c * chunk + jj), &mut scratch);
-                        for (i, oi) in o.iter_mut().enumerate() {
-                            *oi = dot(&scratch, &x[i * self.cols..(i + 1) * self.cols]);
+                    for j in r0..r0 + rows {
+                        decode_row(self.format, self.row(j), &mut scratch);
+                        for i in 0..m {
+                            let v = dot(&scratch, &x[i * self.cols..(i + 1) * self.cols]);
+                            // SAFETY: i < m and j < n index inside `out` ([m, n]); column j is
+                            // this task's alone.
+                            unsafe { *dst.get().add(i * n + j) = v };
                         }
                     }
                 }
-            });
-        if m == 1 {
-            return out_t;
-        }
-        let mut out = vec![0f32; m * n];
-        for j in 0..n {
-            for i in 0..m {
-                out[i * n + j] = out_t[j * m + i];
             }
-        }
+        });
         out
     }
 }
@@ -361,60 +403,126 @@ fn decode_row(format: BlockFormat, row: Row<'_>, out: &mut [f32]) {
     }
 }
 
-/// The offset part of a single-row product: `sum_b c_b S_b` with S_b the block's sum of x and
-/// c_b the offset per unit of quant (Q4_1: m; Q4_0: -8 d; Q8_0: none).
-fn offset_term(format: BlockFormat, row: Row<'_>, sums: &[f32]) -> f32 {
-    match format {
-        BlockFormat::Q4_1 => dot(row.m, sums),
-        BlockFormat::Q4_0 => -8.0 * dot(row.d, sums),
-        BlockFormat::Q8_0 => 0.0,
+/// The offset part of a single-row product over `nb` blocks: `sum_b c_b S_b` with S_b the
+/// block's sum of x (`sums`) and c_b the offset per unit of quant (Q4_1: m; Q4_0: -8 d; Q8_0:
+/// none).
+///
+/// # Safety
+/// `row` and `sums` hold `nb` blocks' scales (and offsets) and sums.
+#[cfg(target_arch = "x86_64")]
+unsafe fn offset_term<const F: u8>(row: RawRow, nb: usize, sums: *const f32) -> f32 {
+    // SAFETY: the caller's contract: nb floats at each pointer read.
+    let (sums, d) = unsafe {
+        (
+            std::slice::from_raw_parts(sums, nb),
+            std::slice::from_raw_parts(row.d, nb),
+        )
+    };
+    match F {
+        // SAFETY: as above; Q4_1 rows have their offsets.
+        Q4_1 => dot(unsafe { std::slice::from_raw_parts(row.m, nb) }, sums),
+        Q4_0 => -8.0 * dot(d, sums),
+        _ => 0.0,
     }
 }
 
-/// `rows_times_x` for a SIMD module: `out[j * m + i] = W_{r0 + j} . x_i` for the rows of W
-/// that `out` covers and every row i of x [m, cols]; one row of x through the module's `single`
-/// (`sums` as it takes them, only read when m is 1), more in tiles of up to `$max` rows through
-/// its `tile`: 4 with AVX2 (4 weight and 8 accumulator registers of 16), 8 with AVX-512 (2
-/// weight and 16 accumulator registers of 32), so a block is decoded once for that many rows
-/// (a 6-row aLoRA step was a tile of 4 and one of 2, each decoding every block). The loop over
-/// W's rows is inside the kernel (called per row, its prologue was ~7% of a decode step). The
+#[cfg(target_arch = "x86_64")]
+impl From<Row<'_>> for RawRow {
+    fn from(r: Row<'_>) -> RawRow {
+        RawRow {
+            qs: r.qs.as_ptr(),
+            d: r.d.as_ptr(),
+            m: r.m.as_ptr(),
+        }
+    }
+}
+
+/// `rows_times_x` for a SIMD module: `out[i * n + j] = W_j . x_i` for the `rows` rows of W from
+/// `r0` and every row i of x [m, cols] (n = W's row count: `out` is y [m, n] itself, each task
+/// writing its own columns, so no transpose afterwards). One row of x goes through the module's
+/// `single` (`sums` as it takes them, only read when m is 1), more in tiles of up to `$max` rows
+/// through its `tile`: 4 with AVX2 (4 weight and 8 accumulator registers of 16), 8 with AVX-512
+/// (2 weight and 16 accumulator registers of 32), so a block is decoded once for that many rows
+/// (a 6-row aLoRA step was a tile of 4 and one of 2, each decoding every block). The format is
+/// a const parameter of the kernels below the driver, so the block loop has no branch on it,
+/// and they address W and x through raw pointers (the slice-indexed version checked the
+/// format and a bound on every block, ~48 instructions per block of a 7-row tile against ~41
+/// now, and wrote [n, m] for a transpose afterwards: a 6-row step of SmolLM2 after 2,048
+/// tokens went from 31.3 to 26.7 ms; BENCHMARKS.md, twentieth session). The loop over W's
+/// rows is inside the kernel (called per row, its prologue was ~7% of a decode step). The
 /// same driver for both instruction sets, compiled with each one's features.
 #[cfg(target_arch = "x86_64")]
 macro_rules! rows_times_x {
     ($features:literal, $max:literal, tails: $($tail:literal),+) => {
+        /// See the macro's doc: the rows `r0 .. r0 + rows` of W into y [m, n] at `out`.
+        ///
+        /// # Safety
+        /// The CPU has this module's features; x holds m rows of W's width, `sums` one sum per
+        /// block when m is 1, `out` m * n floats, and no other thread writes columns
+        /// `r0 .. r0 + rows` of it meanwhile.
         #[target_feature(enable = $features)]
         pub(super) unsafe fn rows_times_x(
             mat: &super::BlockMatrix,
             r0: usize,
+            rows: usize,
             x: &[f32],
             sums: &[f32],
             m: usize,
-            out: &mut [f32],
+            out: *mut f32,
         ) {
-            // SAFETY: the caller upholds this function's contract (the CPU has its target features;
-            // every pointer and index stays inside the buffers the caller passed, as it says at the call).
+            // SAFETY: as the function's contract says; `rows_of` checks the row range.
             unsafe {
-                let (format, cols) = (mat.format, mat.cols);
-                let xp = x.as_ptr();
-                if m == 1 {
-                    for (j, o) in out.iter_mut().enumerate() {
-                        *o = single(format, mat.row(r0 + j), xp, sums, cols);
+                match mat.format {
+                    super::BlockFormat::Q4_0 => {
+                        rows_of::<{ super::Q4_0 }>(mat, r0, rows, x, sums, m, out)
                     }
-                    return;
+                    super::BlockFormat::Q4_1 => {
+                        rows_of::<{ super::Q4_1 }>(mat, r0, rows, x, sums, m, out)
+                    }
+                    super::BlockFormat::Q8_0 => {
+                        rows_of::<{ super::Q8_0 }>(mat, r0, rows, x, sums, m, out)
+                    }
                 }
-                for (j, out) in out.chunks_exact_mut(m).enumerate() {
-                    let row = mat.row(r0 + j);
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn rows_of<const F: u8>(
+            mat: &super::BlockMatrix,
+            r0: usize,
+            rows: usize,
+            x: &[f32],
+            sums: &[f32],
+            m: usize,
+            out: *mut f32,
+        ) {
+            let (n, cols) = (mat.rows, mat.cols);
+            let nb = cols / super::BLOCK;
+            assert!(r0 + rows <= n && x.len() >= m * cols && (m != 1 || sums.len() >= nb));
+            // SAFETY: rows `r0 .. r0 + rows` exist (asserted), so `raw_row` stays in W's
+            // arrays; x's rows and `sums` are as long as the kernels read (asserted); `out`
+            // holds m * n floats and these columns are this call's (the caller's contract).
+            unsafe {
+                let xp = x.as_ptr();
+                for j in r0..r0 + rows {
+                    let row = mat.raw_row(j);
+                    if m == 1 {
+                        *out.add(j) = single::<F>(row, nb, xp, sums.as_ptr());
+                        continue;
+                    }
                     let mut i = 0;
                     while i + $max <= m {
-                        tile::<$max>(format, row, xp.add(i * cols), cols, &mut out[i..]);
+                        tile::<F, $max>(row, nb, xp.add(i * cols), cols, out.add(i * n + j), n);
                         i += $max;
                     }
-                    let (xi, o) = (xp.add(i * cols), &mut out[i..]);
+                    let (xi, o) = (xp.add(i * cols), out.add(i * n + j));
                     // The tail: 2 ..= `$max - 1` rows in one tile (the `tails` listed).
                     match m - i {
-                        $($tail => tile::<$tail>(format, row, xi, cols, o),)+
-                        // One row left: redo the row before it in a tile of two.
-                        1 => tile::<2>(format, row, xi.sub(cols), cols, &mut out[i - 1..]),
+                        $($tail => tile::<F, $tail>(row, nb, xi, cols, o, n),)+
+                        // One row left: redo the row before it in a tile of two (a row's sum
+                        // does not depend on the tile it is in, so the redone one is the same).
+                        1 => tile::<F, 2>(row, nb, xi.sub(cols), cols, o.sub(n), n),
                         _ => {}
                     }
                 }
@@ -430,7 +538,7 @@ macro_rules! rows_times_x {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{BlockFormat, Row, BLOCK};
+    use super::{quant_bytes, RawRow, BLOCK, Q4_0, Q4_1, Q8_0};
     use crate::simd::x86::hsum;
 
     /// Low and high 8 bytes of `v` (signed bytes) as f32.
@@ -447,24 +555,23 @@ mod avx2 {
     /// 24-31), without scale or offset: Q4 nibbles as 0..15, Q8 bytes as -128..127.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn quants(format: BlockFormat, q: *const u8) -> [__m256; 4] {
+    unsafe fn quants<const F: u8>(q: *const u8) -> [__m256; 4] {
         // SAFETY: the caller upholds this function's contract (the CPU has its target features;
         // every pointer and index stays inside the buffers the caller passed, as it says at the call).
         unsafe {
-            let (lo, hi) = match format {
-                BlockFormat::Q8_0 => (
+            let (lo, hi) = if F == Q8_0 {
+                (
                     _mm_loadu_si128(q as *const __m128i),
                     _mm_loadu_si128(q.add(16) as *const __m128i),
-                ),
-                BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
-                    let qs = _mm_loadu_si128(q as *const __m128i);
-                    let nib = _mm_set1_epi8(0x0F);
-                    // Elements 0..16, then 16..32.
-                    (
-                        _mm_and_si128(qs, nib),
-                        _mm_and_si128(_mm_srli_epi16::<4>(qs), nib),
-                    )
-                }
+                )
+            } else {
+                let qs = _mm_loadu_si128(q as *const __m128i);
+                let nib = _mm_set1_epi8(0x0F);
+                // Elements 0..16, then 16..32.
+                (
+                    _mm_and_si128(qs, nib),
+                    _mm_and_si128(_mm_srli_epi16::<4>(qs), nib),
+                )
             };
             let (a0, a1) = widen(lo);
             let (a2, a3) = widen(hi);
@@ -476,33 +583,34 @@ mod avx2 {
     /// computes them (`q d + m`, `(q - 8) d`, `q d`; multiply then add, no fma).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn weights(format: BlockFormat, row: Row<'_>, b: usize) -> [__m256; 4] {
+    unsafe fn weights<const F: u8>(row: RawRow, b: usize) -> [__m256; 4] {
         // SAFETY: the caller upholds this function's contract (the CPU has its target features;
         // every pointer and index stays inside the buffers the caller passed, as it says at the call).
         unsafe {
-            let mut q = quants(format, row.qs.as_ptr().add(b * format.quant_bytes()));
-            let d = _mm256_set1_ps(row.d[b]);
-            if format == BlockFormat::Q4_0 {
+            let mut q = quants::<F>(row.qs.add(b * quant_bytes(F)));
+            let d = _mm256_set1_ps(*row.d.add(b));
+            if F == Q4_0 {
                 let eight = _mm256_set1_ps(8.0);
                 q = q.map(|v| _mm256_sub_ps(v, eight));
             }
             let w = q.map(|v| _mm256_mul_ps(v, d));
-            if format == BlockFormat::Q4_1 {
-                let m = _mm256_set1_ps(row.m[b]);
+            if F == Q4_1 {
+                let m = _mm256_set1_ps(*row.m.add(b));
                 return w.map(|v| _mm256_add_ps(v, m));
             }
             w
         }
     }
 
-    /// Decodes a run of blocks of one row into f32 (`out`: 32 per block).
+    /// Decodes `out.len() / 32` blocks of `row` into f32.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn decode_run(format: BlockFormat, row: Row<'_>, out: &mut [f32]) {
+    pub(super) unsafe fn decode_run<const F: u8>(row: RawRow, out: &mut [f32]) {
         // SAFETY: the caller upholds this function's contract (the CPU has its target features;
         // every pointer and index stays inside the buffers the caller passed, as it says at the call).
         unsafe {
             for (b, o) in out.chunks_exact_mut(BLOCK).enumerate() {
-                for (i, w) in weights(format, row, b).into_iter().enumerate() {
+                for (i, w) in weights::<F>(row, b).into_iter().enumerate() {
                     _mm256_storeu_ps(o.as_mut_ptr().add(8 * i), w);
                 }
             }
@@ -517,50 +625,45 @@ mod avx2 {
     /// shared and [`tile`] takes over.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn single(
-        format: BlockFormat,
-        row: Row<'_>,
-        x: *const f32,
-        sums: &[f32],
-        cols: usize,
-    ) -> f32 {
+    unsafe fn single<const F: u8>(row: RawRow, nb: usize, x: *const f32, sums: *const f32) -> f32 {
         // SAFETY: the caller upholds this function's contract (the CPU has its target features;
         // every pointer and index stays inside the buffers the caller passed, as it says at the call).
         unsafe {
-            let qb = format.quant_bytes();
             let mut acc = _mm256_setzero_ps();
-            for b in 0..cols / BLOCK {
-                let q = quants(format, row.qs.as_ptr().add(b * qb));
+            for b in 0..nb {
+                let q = quants::<F>(row.qs.add(b * quant_bytes(F)));
                 let x = x.add(b * BLOCK);
                 let mut t = _mm256_mul_ps(q[0], _mm256_loadu_ps(x));
                 t = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(x.add(8)), t);
                 t = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(x.add(16)), t);
                 t = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(x.add(24)), t);
-                acc = _mm256_fmadd_ps(t, _mm256_broadcast_ss(&row.d[b]), acc);
+                acc = _mm256_fmadd_ps(t, _mm256_broadcast_ss(&*row.d.add(b)), acc);
             }
-            hsum(acc) + super::offset_term(format, row, sums)
+            hsum(acc) + super::offset_term::<F>(row, nb, sums)
         }
     }
 
-    /// `out[i] = W_row . x_i` for `R` (2..=4) rows of x starting at `xs`: each block decoded to
-    /// weights once, then 4 fma per row into 2 accumulators per row.
+    /// `out[r * stride] = W_row . x_r` for `R` (2..=4) rows of x starting at `xs`: each block
+    /// decoded to weights once, then 4 fma per row into 2 accumulators per row.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile<const R: usize>(
-        format: BlockFormat,
-        row: Row<'_>,
+    unsafe fn tile<const F: u8, const R: usize>(
+        row: RawRow,
+        nb: usize,
         xs: *const f32,
         cols: usize,
-        out: &mut [f32],
+        out: *mut f32,
+        stride: usize,
     ) {
         // SAFETY: the caller upholds this function's contract (the CPU has its target features;
         // every pointer and index stays inside the buffers the caller passed, as it says at the call).
         unsafe {
+            let xr: [*const f32; R] = std::array::from_fn(|r| xs.add(r * cols));
             let mut acc = [[_mm256_setzero_ps(); 2]; R];
-            for b in 0..cols / BLOCK {
-                let w = weights(format, row, b);
+            for b in 0..nb {
+                let w = weights::<F>(row, b);
                 for r in 0..R {
-                    let x = xs.add(r * cols + b * BLOCK);
+                    let x = xr[r].add(b * BLOCK);
                     acc[r][0] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(x), acc[r][0]);
                     acc[r][1] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x.add(8)), acc[r][1]);
                     acc[r][0] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x.add(16)), acc[r][0]);
@@ -568,7 +671,7 @@ mod avx2 {
                 }
             }
             for r in 0..R {
-                out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+                *out.add(r * stride) = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
             }
         }
     }
@@ -585,34 +688,31 @@ mod avx512 {
 
     use std::arch::x86_64::*;
 
-    use super::{BlockFormat, Row, BLOCK};
+    use super::{quant_bytes, RawRow, BLOCK, Q4_0, Q4_1, Q8_0};
 
     /// Quants (at `q`) as two registers (elements 0-15, 16-31).
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    unsafe fn quants(format: BlockFormat, q: *const u8) -> [__m512; 2] {
+    unsafe fn quants<const F: u8>(q: *const u8) -> [__m512; 2] {
         // SAFETY: the caller upholds this function's contract (the CPU has its target features;
         // every pointer and index stays inside the buffers the caller passed, as it says at the call).
         unsafe {
-            match format {
-                BlockFormat::Q8_0 => {
-                    let lo = _mm_loadu_si128(q as *const __m128i);
-                    let hi = _mm_loadu_si128(q.add(16) as *const __m128i);
-                    [
-                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)),
-                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)),
-                    ]
-                }
-                BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
-                    let qs = _mm_loadu_si128(q as *const __m128i);
-                    let nib = _mm_set1_epi8(0x0F);
-                    let lo = _mm_and_si128(qs, nib);
-                    let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), nib);
-                    [
-                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)),
-                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)),
-                    ]
-                }
+            if F == Q8_0 {
+                let lo = _mm_loadu_si128(q as *const __m128i);
+                let hi = _mm_loadu_si128(q.add(16) as *const __m128i);
+                [
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)),
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)),
+                ]
+            } else {
+                let qs = _mm_loadu_si128(q as *const __m128i);
+                let nib = _mm_set1_epi8(0x0F);
+                let lo = _mm_and_si128(qs, nib);
+                let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), nib);
+                [
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)),
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)),
+                ]
             }
         }
     }
@@ -620,33 +720,34 @@ mod avx512 {
     /// Block `b` of `row` as weights, exactly as `QTensor::dequantize` computes them.
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    unsafe fn weights(format: BlockFormat, row: Row<'_>, b: usize) -> [__m512; 2] {
+    unsafe fn weights<const F: u8>(row: RawRow, b: usize) -> [__m512; 2] {
         // SAFETY: the caller upholds this function's contract (the CPU has its target features;
         // every pointer and index stays inside the buffers the caller passed, as it says at the call).
         unsafe {
-            let mut q = quants(format, row.qs.as_ptr().add(b * format.quant_bytes()));
-            let d = _mm512_set1_ps(row.d[b]);
-            if format == BlockFormat::Q4_0 {
+            let mut q = quants::<F>(row.qs.add(b * quant_bytes(F)));
+            let d = _mm512_set1_ps(*row.d.add(b));
+            if F == Q4_0 {
                 let eight = _mm512_set1_ps(8.0);
                 q = q.map(|v| _mm512_sub_ps(v, eight));
             }
             let w = q.map(|v| _mm512_mul_ps(v, d));
-            if format == BlockFormat::Q4_1 {
-                let m = _mm512_set1_ps(row.m[b]);
+            if F == Q4_1 {
+                let m = _mm512_set1_ps(*row.m.add(b));
                 return w.map(|v| _mm512_add_ps(v, m));
             }
             w
         }
     }
 
-    /// Decodes a run of blocks of one row into f32 (`out`: 32 per block).
+    /// Decodes `out.len() / 32` blocks of `row` into f32.
+    #[inline]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    pub(super) unsafe fn decode_run(format: BlockFormat, row: Row<'_>, out: &mut [f32]) {
+    pub(super) unsafe fn decode_run<const F: u8>(row: RawRow, out: &mut [f32]) {
         // SAFETY: the caller upholds this function's contract (the CPU has its target features;
         // every pointer and index stays inside the buffers the caller passed, as it says at the call).
         unsafe {
             for (b, o) in out.chunks_exact_mut(BLOCK).enumerate() {
-                let w = weights(format, row, b);
+                let w = weights::<F>(row, b);
                 _mm512_storeu_ps(o.as_mut_ptr(), w[0]);
                 _mm512_storeu_ps(o.as_mut_ptr().add(16), w[1]);
             }
@@ -656,31 +757,23 @@ mod avx512 {
     /// One row of x, factored as in `avx2::single`.
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    unsafe fn single(
-        format: BlockFormat,
-        row: Row<'_>,
-        x: *const f32,
-        sums: &[f32],
-        cols: usize,
-    ) -> f32 {
+    unsafe fn single<const F: u8>(row: RawRow, nb: usize, x: *const f32, sums: *const f32) -> f32 {
         // SAFETY: the caller upholds this function's contract (the CPU has its target features;
         // every pointer and index stays inside the buffers the caller passed, as it says at the call).
         unsafe {
-            let qb = format.quant_bytes();
-            let nb = cols / BLOCK;
             let mut acc = _mm512_setzero_ps();
             for b in 0..nb {
-                let q = quants(format, row.qs.as_ptr().add(b * qb));
+                let q = quants::<F>(row.qs.add(b * quant_bytes(F)));
                 let x = x.add(b * BLOCK);
                 let t = _mm512_mul_ps(q[0], _mm512_loadu_ps(x));
                 let t = _mm512_fmadd_ps(q[1], _mm512_loadu_ps(x.add(16)), t);
-                acc = _mm512_fmadd_ps(t, _mm512_set1_ps(row.d[b]), acc);
+                acc = _mm512_fmadd_ps(t, _mm512_set1_ps(*row.d.add(b)), acc);
             }
             // The offset part (`offset_term`), 16 blocks per fma, into the same accumulator.
-            let (c, scale) = match format {
-                BlockFormat::Q4_1 => (row.m, 1.0),
-                BlockFormat::Q4_0 => (row.d, -8.0),
-                BlockFormat::Q8_0 => return _mm512_reduce_add_ps(acc),
+            let (c, scale) = match F {
+                Q4_1 => (row.m, 1.0),
+                Q4_0 => (row.d, -8.0),
+                _ => return _mm512_reduce_add_ps(acc),
             };
             let scale = _mm512_set1_ps(scale);
             for b in (0..nb).step_by(16) {
@@ -689,37 +782,40 @@ mod avx512 {
                 } else {
                     (1 << (nb - b)) - 1
                 };
-                let cv = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, c.as_ptr().add(b)), scale);
-                acc = _mm512_fmadd_ps(cv, _mm512_maskz_loadu_ps(k, sums.as_ptr().add(b)), acc);
+                let cv = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, c.add(b)), scale);
+                acc = _mm512_fmadd_ps(cv, _mm512_maskz_loadu_ps(k, sums.add(b)), acc);
             }
             _mm512_reduce_add_ps(acc)
         }
     }
 
-    /// `R` (2..=8) rows of x: each block decoded to weights once, 2 fma per row.
+    /// `out[r * stride] = W_row . x_r` for `R` (2..=8) rows of x: each block decoded to weights
+    /// once, 2 fma per row.
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    unsafe fn tile<const R: usize>(
-        format: BlockFormat,
-        row: Row<'_>,
+    unsafe fn tile<const F: u8, const R: usize>(
+        row: RawRow,
+        nb: usize,
         xs: *const f32,
         cols: usize,
-        out: &mut [f32],
+        out: *mut f32,
+        stride: usize,
     ) {
         // SAFETY: the caller upholds this function's contract (the CPU has its target features;
         // every pointer and index stays inside the buffers the caller passed, as it says at the call).
         unsafe {
+            let xr: [*const f32; R] = std::array::from_fn(|r| xs.add(r * cols));
             let mut acc = [[_mm512_setzero_ps(); 2]; R];
-            for b in 0..cols / BLOCK {
-                let w = weights(format, row, b);
+            for b in 0..nb {
+                let w = weights::<F>(row, b);
                 for r in 0..R {
-                    let x = xs.add(r * cols + b * BLOCK);
+                    let x = xr[r].add(b * BLOCK);
                     acc[r][0] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(x), acc[r][0]);
                     acc[r][1] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(x.add(16)), acc[r][1]);
                 }
             }
             for r in 0..R {
-                out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+                *out.add(r * stride) = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
             }
         }
     }
@@ -803,6 +899,31 @@ mod tests {
                             "{f:?} m={m} {isa:?} element {i}: {g} vs {e}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// From two rows on, a row's result does not depend on the rows beside it (every tile
+    /// sums a row the same way; the driver's one-row tail relies on it, redoing a row in a
+    /// tile of two): each row of a 13-row product, bit for bit, against it in a pair.
+    #[test]
+    fn a_row_is_the_same_in_any_tile() {
+        let (n, k) = (40, 96);
+        for f in FORMATS {
+            let bm = BlockMatrix::quantize(f, n, k, &weights(n, k, 4)).unwrap();
+            let m = 13;
+            let x = weights(m, k, 5);
+            for isa in [Isa::Avx2, Isa::Avx512] {
+                if !Isa::test_has(isa) {
+                    continue;
+                }
+                let all = bm.matmul_with(&x, m, isa);
+                for i in 0..m {
+                    let other = (i + 5) % m;
+                    let pair = [&x[i * k..][..k], &x[other * k..][..k]].concat();
+                    let two = bm.matmul_with(&pair, 2, isa);
+                    assert_eq!(&two[..n], &all[i * n..][..n], "{f:?} {isa:?} row {i}");
                 }
             }
         }

@@ -3,7 +3,8 @@
 //!   operand): `LinearWeight::forward` takes the second form for 2-32 rows on the CPU;
 //! - Q4_1 blocks (the default GGUF's format) through `qmatmul` with f32 activations, and the
 //!   same blocks dequantized then multiplied densely: where the first stops paying is where
-//!   `LinearWeight` switches to the second (BENCHMARKS.md).
+//!   `LinearWeight` switches to the second (BENCHMARKS.md);
+//! - `linear_rows_stream`: 1 and 6 rows through 40 such block matrices in turn, out of cache.
 //!
 //!     RAYON_NUM_THREADS=2 cargo bench -p alora-model --bench linear_rows
 
@@ -57,6 +58,32 @@ fn bench(c: &mut Criterion) {
                 })
             },
         );
+    }
+    g.finish();
+
+    // The same shape out of cache, as a model step meets it: 40 such matrices (27 MB of
+    // blocks, beyond L2 and most of what L3 keeps between steps) one after another, on a rayon
+    // worker as `CausalLm::forward` runs them.
+    let mut g = c.benchmark_group("linear_rows_stream");
+    g.sample_size(10);
+    let mats: Vec<BlockMatrix> = (0..40)
+        .map(|_| {
+            let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
+            BlockMatrix::new(BlockFormat::Q4_1, 1536, 576, q.data().unwrap().into_owned()).unwrap()
+        })
+        .collect();
+    for rows in [1usize, 6] {
+        let x = Tensor::randn(0f32, 1.0, (rows, 576), &d).unwrap();
+        let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        g.bench_with_input(BenchmarkId::new("q4_1_40mats", rows), &rows, |b, &m| {
+            b.iter(|| {
+                rayon::scope(|_| {
+                    for bm in &mats {
+                        std::hint::black_box(bm.matmul(&xs, m));
+                    }
+                })
+            })
+        });
     }
     g.finish();
 }
