@@ -486,6 +486,7 @@ macro_rules! rows_times_x {
             }
         }
 
+        /// `rows_times_x` for one block format (`F`, one of the format consts).
         #[inline]
         #[target_feature(enable = $features)]
         unsafe fn rows_of<const F: u8>(
