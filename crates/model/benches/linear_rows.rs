@@ -66,12 +66,7 @@ fn bench(c: &mut Criterion) {
     // worker as `CausalLm::forward` runs them.
     let mut g = c.benchmark_group("linear_rows_stream");
     g.sample_size(10);
-    let mats: Vec<BlockMatrix> = (0..40)
-        .map(|_| {
-            let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
-            BlockMatrix::new(BlockFormat::Q4_1, 1536, 576, q.data().unwrap().into_owned()).unwrap()
-        })
-        .collect();
+    let mats: Vec<BlockMatrix> = (0..40).map(|_| blocks.clone()).collect();
     for rows in [1usize, 6] {
         let x = Tensor::randn(0f32, 1.0, (rows, 576), &d).unwrap();
         let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
